@@ -1,0 +1,155 @@
+"""Users, auth events, revoked tokens and last seen in PostgreSQL (the source of truth)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from chatnode.errors import Conflict, Unavailable
+
+QUERY_TIMEOUT_S = 5.0
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    mobile: str
+    name: str
+    password_hash: str
+    last_seen: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisCopy:
+    """What Redis holds for one user: name, whom they blocked, who blocked them."""
+
+    name: str
+    blocked: list[str]
+    blocked_by: list[str]
+
+
+async def create_pool(dsn: str, *, max_size: int = 10) -> Any:
+    return await asyncpg.create_pool(
+        dsn, min_size=1, max_size=max_size, timeout=QUERY_TIMEOUT_S, command_timeout=QUERY_TIMEOUT_S
+    )
+
+
+@asynccontextmanager
+async def connection(pool: Any) -> AsyncIterator[Any]:
+    """A pooled connection; an unreachable or failing database becomes Unavailable."""
+    try:
+        async with pool.acquire(timeout=QUERY_TIMEOUT_S) as conn:
+            yield conn
+    except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as e:
+        raise Unavailable("the database is unavailable") from e
+    except asyncpg.exceptions.CannotConnectNowError as e:
+        raise Unavailable("the database is starting") from e
+
+
+async def migrate(pool: Any) -> None:
+    """Apply schema.sql; every statement in it is idempotent."""
+    async with connection(pool) as conn:
+        await conn.execute("SELECT pg_advisory_lock(4242)")
+        try:
+            await conn.execute(SCHEMA_PATH.read_text())
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(4242)")
+
+
+async def create_user(pool: Any, mobile: str, name: str, password_hash: str, node: str) -> int:
+    """Insert a user and its signup event; Conflict if the number is taken."""
+    async with connection(pool) as conn, conn.transaction():
+        user_id = await conn.fetchval(
+            "INSERT INTO users (mobile_no, name, password_hash) VALUES ($1, $2, $3) "
+            "ON CONFLICT (mobile_no) DO NOTHING RETURNING id",
+            mobile,
+            name,
+            password_hash,
+        )
+        if user_id is None:
+            raise Conflict("this mobile number is already registered")
+        await conn.execute(
+            "INSERT INTO auth_events (user_id, kind, node) VALUES ($1, 'signup', $2)", user_id, node
+        )
+    return int(user_id)
+
+
+async def find_user(pool: Any, mobile: str) -> User | None:
+    async with connection(pool) as conn:
+        row = await conn.fetchrow(
+            "SELECT id, mobile_no, name, password_hash, last_seen FROM users WHERE mobile_no = $1",
+            mobile,
+        )
+    if row is None:
+        return None
+    return User(row["id"], row["mobile_no"], row["name"], row["password_hash"], row["last_seen"])
+
+
+async def record_event(pool: Any, user_id: int, kind: str, node: str) -> None:
+    async with connection(pool) as conn:
+        await conn.execute(
+            "INSERT INTO auth_events (user_id, kind, node) VALUES ($1, $2, $3)", user_id, kind, node
+        )
+
+
+async def redis_copy(pool: Any, mobile: str) -> RedisCopy | None:
+    """What Redis must hold for `mobile`, read from PostgreSQL; None if no such user."""
+    async with connection(pool) as conn:
+        row = await conn.fetchrow(
+            "SELECT u.name,"
+            " ARRAY(SELECT b.mobile_no FROM blocks k JOIN users b ON b.id = k.blocked_id"
+            "       WHERE k.blocker_id = u.id) AS blocked,"
+            " ARRAY(SELECT b.mobile_no FROM blocks k JOIN users b ON b.id = k.blocker_id"
+            "       WHERE k.blocked_id = u.id) AS blocked_by"
+            " FROM users u WHERE u.mobile_no = $1",
+            mobile,
+        )
+    if row is None:
+        return None
+    return RedisCopy(row["name"], list(row["blocked"]), list(row["blocked_by"]))
+
+
+async def revoke_token(pool: Any, user_id: int, jti: str, expires_at: datetime, node: str) -> None:
+    async with connection(pool) as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            jti,
+            expires_at,
+        )
+        await conn.execute(
+            "INSERT INTO auth_events (user_id, kind, node) VALUES ($1, 'logout', $2)", user_id, node
+        )
+        await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now()")
+
+
+async def is_revoked(pool: Any, jti: str) -> bool:
+    async with connection(pool) as conn:
+        return bool(await conn.fetchval("SELECT 1 FROM revoked_tokens WHERE jti = $1", jti))
+
+
+async def store_last_seen(pool: Any, seen: Iterable[tuple[str, int]]) -> None:
+    """Write last-seen times (mobile, ms since epoch) in one statement."""
+    pairs = list(seen)
+    if not pairs:
+        return
+    mobiles = [m for m, _ in pairs]
+    times = [datetime.fromtimestamp(ms / 1000, UTC) for _, ms in pairs]
+    async with connection(pool) as conn:
+        await conn.execute(
+            "UPDATE users u SET last_seen = v.ts FROM unnest($1::text[], $2::timestamptz[])"
+            " AS v(m, ts) WHERE u.mobile_no = v.m AND (u.last_seen IS NULL OR u.last_seen < v.ts)",
+            mobiles,
+            times,
+        )
+
+
+async def ping(pool: Any) -> None:
+    async with connection(pool) as conn:
+        await conn.fetchval("SELECT 1")

@@ -1,0 +1,186 @@
+"""Wires one node: pools, services, servers, background sweeps; start and stop order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from websockets.asyncio.server import Server, serve
+
+from chatnode import accounts, api, auth, logs, redisio
+from chatnode.config import Settings
+from chatnode.frames import MAX_FRAME_BYTES
+from chatnode.gateway import Gateway
+from chatnode.metrics import Metrics
+from chatnode.routing import Router
+
+log = logs.get(__name__)
+SEEN_FLUSH_S = 2.0
+WS_WRITE_LIMIT = 64 * 1024
+
+
+class StartupError(Exception):
+    """A dependency the node needs at start-up is unreachable."""
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages people read."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    user = f"{parts.username}:***@" if parts.username else ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}{host}{port}"))
+
+
+class Node:
+    """One chatnode process: HTTP API and WebSocket gateway on shared pools."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis: aioredis.Redis | None = None
+        self.pool: Any = None
+        self.passwords: auth.Passwords | None = None
+        self.gateway: Gateway | None = None
+        self.batcher: redisio.Batcher | None = None
+        self._ws_server: Server | None = None
+        self._http: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        self.redis = redisio.connect(s.redis_url)
+        try:
+            async with asyncio.timeout(5):
+                await self.redis.ping()
+        except Exception as exc:
+            raise StartupError(f"cannot reach Redis at {safe_url(s.redis_url)}: {exc}") from None
+        try:
+            self.pool = await accounts.create_pool(s.database_url)
+        except Exception as exc:
+            raise StartupError(
+                f"cannot reach PostgreSQL at {safe_url(s.database_url)}: {exc}"
+            ) from None
+        self.batcher = redisio.Batcher(self.redis)
+        metrics = Metrics()
+        router = Router(self.redis, self.batcher, s.node_id)
+        tokens = auth.Tokens(s.jwt_secret, s.token_ttl_s)
+        self.passwords = auth.Passwords(s.bcrypt_rounds)
+        self.gateway = Gateway(s, self.batcher, self.pool, router, tokens, metrics)
+        router.listener = self.gateway
+        self._tasks = [
+            asyncio.create_task(router.listen(), name="pubsub"),
+            asyncio.create_task(
+                self._every(self._redeliver_tick(), self.gateway.redeliver), name="redeliver"
+            ),
+            asyncio.create_task(
+                self._every_async(s.route_ttl_s / 3, self.gateway.refresh_routes), name="routes"
+            ),
+            asyncio.create_task(self._every_async(SEEN_FLUSH_S, self._flush_seen), name="seen"),
+        ]
+        async with asyncio.timeout(5):
+            await router.connected.wait()
+        services = api.Services(s, self.batcher, self.pool, router, tokens, self.passwords, metrics)
+        self._http = web.AppRunner(api.build(services), access_log=None, handle_signals=False)
+        await self._http.setup()
+        await web.TCPSite(self._http, s.host, s.http_port, shutdown_timeout=2).start()
+        self._ws_server = await serve(
+            self.gateway.handler,
+            s.host,
+            s.ws_port,
+            process_request=self.gateway.process_request,
+            compression=None,
+            max_size=MAX_FRAME_BYTES,
+            max_queue=16,
+            write_limit=WS_WRITE_LIMIT,
+            ping_interval=s.heartbeat_s,
+            ping_timeout=s.heartbeat_s,
+            close_timeout=2,
+            open_timeout=10,
+            server_header=None,
+        )
+        log.info("node_started", http_port=s.http_port, ws_port=s.ws_port, host=s.host)
+
+    def _redeliver_tick(self) -> float:
+        return max(0.1, min(self.settings.redelivery_s / 4, 5.0))
+
+    async def _every(self, period: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                fn()
+            except Exception:
+                log.exception("sweep_failed", sweep=getattr(fn, "__name__", "?"))
+
+    async def _every_async(self, period: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await fn()
+            except Exception as exc:
+                log.warning(
+                    "sweep_failed", sweep=getattr(fn, "__name__", "?"), error=type(exc).__name__
+                )
+
+    async def _flush_seen(self) -> None:
+        assert self.gateway is not None
+        pending, self.gateway.seen_to_store = self.gateway.seen_to_store, {}
+        try:
+            await accounts.store_last_seen(self.pool, pending.items())
+        except Exception:
+            for mobile, ms in pending.items():  # keep them for the next flush
+                self.gateway.seen_to_store.setdefault(mobile, ms)
+            raise
+
+    async def stop(self) -> None:
+        """Drain sockets with 1012, then close servers and pools in reverse order."""
+        if self.gateway is not None:
+            await self.gateway.drain()
+        if self._ws_server is not None:
+            self._ws_server.close(close_connections=False)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    await self._ws_server.wait_closed()
+        if self._http is not None:
+            await self._http.cleanup()
+        if self.gateway is not None and self.pool is not None:
+            with contextlib.suppress(Exception):
+                await self._flush_seen()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.passwords is not None:
+            self.passwords.close()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(3):
+                    await self.pool.close()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+        log.info("node_stopped")
+
+
+async def run(settings: Settings) -> None:
+    """Run one node until SIGTERM or SIGINT, then drain and stop."""
+    node = Node(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        await stop.wait()
+        log.info("node_draining")
+    finally:
+        await node.stop()

@@ -1,0 +1,115 @@
+"""Passwords (bcrypt, off the event loop, bounded) and tokens (HS256 JWTs) -> the user."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import bcrypt
+import jwt
+
+from chatnode import accounts, keys
+from chatnode.errors import Unauthorized, Unavailable
+from chatnode.redisio import Batcher
+
+BCRYPT_WORKERS = 2
+BCRYPT_WAIT_S = 10.0
+MAX_PASSWORD_BYTES = 72
+
+
+class Passwords:
+    """bcrypt on a small thread pool; callers queue on a semaphore with a timeout."""
+
+    def __init__(self, rounds: int, workers: int = BCRYPT_WORKERS) -> None:
+        self._rounds = rounds
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
+        self._slots = asyncio.Semaphore(workers)
+        self._dummy: bytes | None = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        try:
+            async with asyncio.timeout(BCRYPT_WAIT_S):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise Unavailable("too many logins in progress, try again") from None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._slots.release()
+
+    async def hash(self, password: str) -> str:
+        salt = bcrypt.gensalt(self._rounds)
+        hashed: bytes = await self._run(bcrypt.hashpw, password.encode(), salt)
+        return hashed.decode()
+
+    async def verify(self, password: str, hashed: str | None) -> bool:
+        """Check a password; with no hash, burn the same time so unknown users don't show."""
+        if hashed is None:
+            if self._dummy is None:
+                self._dummy = (await self.hash("not-a-real-password")).encode()
+            await self._run(bcrypt.checkpw, password.encode(), self._dummy)
+            return False
+        return bool(await self._run(bcrypt.checkpw, password.encode(), hashed.encode()))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    mobile: str
+    jti: str
+    expires_at: int
+
+
+class Tokens:
+    """Issue and check HS256 JWTs; revocation lives in Redis with PostgreSQL as fallback."""
+
+    def __init__(self, secret: str, ttl_s: int) -> None:
+        self._secret = secret
+        self.ttl_s = ttl_s
+
+    def issue(self, mobile: str) -> tuple[str, Claims]:
+        now = int(time.time())
+        claims = Claims(mobile, secrets.token_urlsafe(16), now + self.ttl_s)
+        payload = {"sub": mobile, "jti": claims.jti, "iat": now, "exp": claims.expires_at}
+        return jwt.encode(payload, self._secret, algorithm="HS256"), claims
+
+    def decode(self, token: str) -> Claims:
+        try:
+            payload = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                options={"require": ["sub", "jti", "exp"]},
+            )
+        except jwt.PyJWTError:
+            raise Unauthorized() from None
+        sub, jti, exp = payload.get("sub"), payload.get("jti"), payload.get("exp")
+        if not isinstance(sub, str) or not isinstance(jti, str) or not isinstance(exp, int):
+            raise Unauthorized()
+        return Claims(sub, jti, exp)
+
+
+async def authenticate(tokens: Tokens, batcher: Batcher, pool: Any, token: str | None) -> Claims:
+    """The claims of a valid, unexpired, unrevoked token; Unauthorized otherwise."""
+    if not token:
+        raise Unauthorized("a bearer token is required")
+    claims = tokens.decode(token)
+    try:
+        revoked = bool(await batcher.run("EXISTS", keys.revoked(claims.jti)))
+    except Unavailable:
+        revoked = await accounts.is_revoked(pool, claims.jti)
+    if revoked:
+        raise Unauthorized("this token was revoked")
+    return claims
+
+
+def bearer(header: str | None) -> str | None:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    return None

@@ -1,0 +1,97 @@
+"""Settings: one frozen object built once from the environment and the command line."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/chatnode"
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_WS_PORT = 8765
+DEFAULT_HEARTBEAT_S = 30.0
+DEFAULT_BCRYPT_ROUNDS = 12
+DEFAULT_TOKEN_TTL_S = 86400
+DEFAULT_REDELIVERY_S = 30.0
+DEFAULT_INBOX_LIMIT = 10000
+DEFAULT_ROUTE_TTL_S = 60
+DEFAULT_HOST = "127.0.0.1"
+SECRET_FIELDS = frozenset({"jwt_secret", "database_url", "redis_url"})
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed."""
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    jwt_secret: str = ""
+    node_id: str = field(default_factory=default_node_id)
+    host: str = DEFAULT_HOST
+    http_port: int = DEFAULT_HTTP_PORT
+    ws_port: int = DEFAULT_WS_PORT
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    bcrypt_rounds: int = DEFAULT_BCRYPT_ROUNDS
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
+    redelivery_s: float = DEFAULT_REDELIVERY_S
+    inbox_limit: int = DEFAULT_INBOX_LIMIT
+    route_ttl_s: int = DEFAULT_ROUTE_TTL_S
+    log_format: str = "json"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from CHATNODE_* variables, then apply non-None overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"CHATNODE_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        if self.heartbeat_s <= 0 or self.redelivery_s <= 0:
+            raise ConfigError("CHATNODE_HEARTBEAT_S and CHATNODE_REDELIVERY_S must be > 0")
+        if not 4 <= self.bcrypt_rounds <= 31:
+            raise ConfigError("CHATNODE_BCRYPT_ROUNDS must be between 4 and 31")
+        if self.token_ttl_s <= 0 or self.inbox_limit <= 0 or self.route_ttl_s <= 0:
+            raise ConfigError("token TTL, inbox limit and route TTL must be > 0")
+        if not self.node_id or "|" in self.node_id:
+            raise ConfigError("CHATNODE_NODE_ID must be non-empty and must not contain '|'")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={'***' if f.name in SECRET_FIELDS else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"Settings({shown})"
+
+    __str__ = __repr__
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    kind = str(kind)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"CHATNODE_{name.upper()} must be a number, got {raw!r}") from None
+    return raw

@@ -1,0 +1,177 @@
+"""One typed value per client frame; parsing with validation, and server frame encoding.
+
+No I/O here: the gateway feeds text in and writes the bytes out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from chatnode.errors import Code
+
+MOBILE_RE = re.compile(r"^\+?[0-9]{7,15}\Z")
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+MSG_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
+MAX_FRAME_BYTES = 64 * 1024
+MAX_BODY_BYTES = 16384
+MAX_IDS_PER_FRAME = 1000
+TYPING_STATES = ("start", "stop")
+
+
+def is_mobile(value: object) -> bool:
+    return isinstance(value, str) and MOBILE_RE.match(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    id: str
+    to: str
+    body: str
+    type: Literal["send"] = "send"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    msg_ids: tuple[str, ...]
+    type: Literal["ack"] = "ack"
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    to: str
+    ids: tuple[str, ...]
+    type: Literal["read"] = "read"
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    to: str
+    state: str
+    type: Literal["typing"] = "typing"
+
+
+ClientFrame = Send | Ack | Read | Typing
+
+
+class FrameError(Exception):
+    """A refused frame: its code, a message for people, and the frame's id if it had one."""
+
+    def __init__(self, code: Code, message: str, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+def parse_client(data: str | bytes, me: str) -> ClientFrame:
+    """Decode and validate one client frame sent by user `me`."""
+    if isinstance(data, bytes):
+        raise FrameError(Code.INVALID_FRAME, "frames must be UTF-8 JSON text, not binary")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise FrameError(Code.INVALID_FRAME, "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise FrameError(Code.INVALID_FRAME, "frame must be a JSON object")
+    raw_id = obj.get("id")
+    ref = raw_id if isinstance(raw_id, str) else None
+    kind = obj.get("type")
+    if kind == "send":
+        return _send(obj, me, ref)
+    if kind == "ack":
+        return Ack(_id_list(obj, "msgIds", MSG_ID_RE, ref))
+    if kind == "read":
+        return Read(_recipient(obj, me, ref), _id_list(obj, "ids", CLIENT_ID_RE, ref))
+    if kind == "typing":
+        state = obj.get("state")
+        if state not in TYPING_STATES:
+            raise FrameError(Code.INVALID_FRAME, "state must be 'start' or 'stop'", ref)
+        return Typing(_recipient(obj, me, ref), state)
+    raise FrameError(Code.INVALID_FRAME, "unknown or missing frame type", ref)
+
+
+def _send(obj: dict[str, Any], me: str, ref: str | None) -> Send:
+    if ref is None or CLIENT_ID_RE.match(ref) is None:
+        raise FrameError(Code.INVALID_FRAME, "id must be 1-64 chars of [A-Za-z0-9_-]", ref)
+    to = _recipient(obj, me, ref)
+    body = obj.get("body")
+    if not isinstance(body, str) or body == "":
+        raise FrameError(Code.INVALID_FRAME, "body must be a non-empty string", ref)
+    try:
+        size = len(body.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise FrameError(Code.INVALID_FRAME, "body is not valid UTF-8", ref) from None
+    if size > MAX_BODY_BYTES:
+        raise FrameError(Code.TOO_LARGE, f"body is over {MAX_BODY_BYTES} bytes", ref)
+    return Send(ref, to, body)
+
+
+def _recipient(obj: dict[str, Any], me: str, ref: str | None) -> str:
+    to = obj.get("to")
+    if not is_mobile(to):
+        raise FrameError(Code.INVALID_FRAME, "to must be a mobile number", ref)
+    assert isinstance(to, str)
+    if to == me:
+        raise FrameError(Code.INVALID_FRAME, "to must not be yourself", ref)
+    return to
+
+
+def _id_list(
+    obj: dict[str, Any], name: str, pattern: re.Pattern[str], ref: str | None
+) -> tuple[str, ...]:
+    values = obj.get(name)
+    if not isinstance(values, list) or not 0 < len(values) <= MAX_IDS_PER_FRAME:
+        raise FrameError(
+            Code.INVALID_FRAME, f"{name} must be a list of 1 to {MAX_IDS_PER_FRAME} ids", ref
+        )
+    for value in values:
+        if not isinstance(value, str) or pattern.match(value) is None:
+            raise FrameError(Code.INVALID_FRAME, f"{name} holds a malformed id", ref)
+    return tuple(dict.fromkeys(values))
+
+
+# Server frames: small functions returning the encoded text, one per frame type.
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def hello(mobile: str, node: str, heartbeat: float) -> str:
+    beat: float | int = int(heartbeat) if float(heartbeat).is_integer() else heartbeat
+    return _dump({"type": "hello", "mobileNo": mobile, "node": node, "heartbeat": beat})
+
+
+def accepted(client_id: str, msg_id: str, ts: int) -> str:
+    return _dump({"type": "accepted", "id": client_id, "msgId": msg_id, "ts": ts})
+
+
+def message(msg_id: str, client_id: str, sender: str, body: str, ts: int) -> str:
+    return _dump(
+        {
+            "type": "message",
+            "msgId": msg_id,
+            "id": client_id,
+            "from": sender,
+            "body": body,
+            "ts": ts,
+        }
+    )
+
+
+def receipt(msg_id: str, status: str, by: str, ids: list[str], ts: int) -> str:
+    return _dump(
+        {"type": "receipt", "msgId": msg_id, "status": status, "by": by, "ids": ids, "ts": ts}
+    )
+
+
+def typing(sender: str, state: str) -> str:
+    return _dump({"type": "typing", "from": sender, "state": state})
+
+
+def error(code: str, message: str, ref: str | None) -> str:
+    return _dump({"type": "error", "code": code, "message": message, "ref": ref})

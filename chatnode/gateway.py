@@ -1,0 +1,419 @@
+"""The WebSocket gateway: handshake auth, frames in, inbox entries and replies out.
+
+Each socket has a reader (its handler) and, only while it has frames to write, a
+writer task draining a bounded outbox; an idle socket costs no task beyond its handler.
+Delivery reads the inbox through the consumer group; wake-ups for one socket coalesce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import deque
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from chatnode import auth, frames, inbox, keys, logs, presence
+from chatnode.config import Settings
+from chatnode.errors import ChatError, CloseCode, Unauthorized, Unavailable
+from chatnode.metrics import Metrics
+from chatnode.redisio import Batcher
+from chatnode.routing import Router
+
+log = logs.get(__name__)
+
+OUTBOX_LOW = 256  # read more from the inbox only below this many queued frames
+OUTBOX_MAX = 4096  # a client this far behind is disconnected, not waited on
+SEND_TIMEOUT_S = 10.0
+MAX_INVALID_FRAMES = 20
+CLOSE_WAIT_S = 5.0
+
+
+class Session:
+    """One authenticated socket and its delivery state."""
+
+    __slots__ = (
+        "closed",
+        "cursor",
+        "dirty",
+        "invalid",
+        "jti",
+        "mobile",
+        "outbox",
+        "reading",
+        "route",
+        "sid",
+        "unacked",
+        "writing",
+        "ws",
+    )
+
+    def __init__(self, ws: ServerConnection, mobile: str, jti: str, node_id: str) -> None:
+        self.ws = ws
+        self.mobile = mobile
+        self.jti = jti
+        self.sid = secrets.token_hex(6)
+        self.route = keys.route_value(node_id, self.sid)
+        self.outbox: deque[str] = deque()
+        self.unacked: dict[str, tuple[inbox.Entry, float]] = {}
+        self.cursor = "0"  # pending entries first, then '>' for new ones
+        self.dirty = False
+        self.reading = False
+        self.writing = False
+        self.closed = False
+        self.invalid = 0
+
+
+class Gateway:
+    """All sockets of this node; also the Listener for what other nodes publish."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        batcher: Batcher,
+        pool: Any,
+        router: Router,
+        tokens: auth.Tokens,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.batcher = batcher
+        self.pool = pool
+        self.router = router
+        self.tokens = tokens
+        self.metrics = metrics
+        self.sessions: dict[str, Session] = {}
+        self.seen_to_store: dict[str, int] = {}
+        self._claims: dict[ServerConnection, auth.Claims] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.accepting = True
+
+    # -- handshake -----------------------------------------------------------------
+
+    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Authenticate in the handshake: a bad token gets HTTP 401 and no socket."""
+        url = urlsplit(request.path)
+        if url.path.rstrip("/") != "/ws":
+            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if not self.accepting:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "node restarting\n")
+        token = parse_qs(url.query).get("token", [None])[0] or auth.bearer(
+            _header(request.headers, "Authorization")
+        )
+        try:
+            claims = await auth.authenticate(self.tokens, self.batcher, self.pool, token)
+        except Unauthorized:
+            return conn.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+        except Unavailable:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
+        self._claims[conn] = claims
+        return None
+
+    # -- one socket ----------------------------------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        claims = self._claims.pop(ws)
+        s = Session(ws, claims.mobile, claims.jti, self.node_id)
+        previous = self.sessions.get(s.mobile)
+        self.sessions[s.mobile] = s
+        if previous is not None:
+            self.close(previous, CloseCode.REPLACED, "replaced by a newer connection")
+        self.metrics.sockets.inc()
+        bound = log.bind(user=s.mobile, session=s.sid)
+        try:
+            try:
+                old = await presence.claim(
+                    self.batcher, s.mobile, s.route, self.settings.route_ttl_s
+                )
+                await inbox.ensure_group(self.batcher, s.mobile)
+            except ChatError:
+                await ws.close(CloseCode.INTERNAL, "unavailable")
+                return
+            self._kick_elsewhere(s, old)
+            self.push(s, frames.hello(s.mobile, self.node_id, self.settings.heartbeat_s))
+            self.wake(s)
+            bound.info("socket_open")
+            async for data in ws:
+                if s.closed:
+                    break
+                await self._on_frame(s, data)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            bound.exception("socket_failed")
+            await ws.close(CloseCode.INTERNAL, "internal error")
+        finally:
+            await self._cleanup(s)
+            bound.info("socket_closed", code=ws.close_code)
+
+    def _kick_elsewhere(self, s: Session, old: str | None) -> None:
+        parsed = keys.parse_route(old)
+        if parsed is not None and old != s.route and parsed[0] != self.node_id:
+            self.router.send(parsed[0], f"k|{s.mobile}|{parsed[1]}")
+
+    async def _cleanup(self, s: Session) -> None:
+        s.closed = True
+        if self.sessions.get(s.mobile) is s:
+            del self.sessions[s.mobile]
+        self.metrics.sockets.dec()
+        ms = presence.now_ms()
+        self.seen_to_store[s.mobile] = ms
+        try:
+            await presence.release(self.batcher, s.mobile, s.route, ms)
+        except Exception as exc:  # the route expires on its own
+            log.warning("route_release_failed", user=s.mobile, error=type(exc).__name__)
+
+    def close(self, s: Session, code: int, reason: str) -> None:
+        """Close a socket from outside its handler; safe to call twice."""
+        if s.closed:
+            return
+        s.closed = True
+        self._spawn(s.ws.close(code, reason))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- frames in -----------------------------------------------------------------
+
+    async def _on_frame(self, s: Session, data: str | bytes) -> None:
+        try:
+            frame = frames.parse_client(data, s.mobile)
+        except frames.FrameError as exc:
+            s.invalid += 1
+            self._refuse(s, exc.code, exc.message, exc.ref)
+            if s.invalid >= MAX_INVALID_FRAMES:
+                self.close(s, CloseCode.POLICY, "too many invalid frames")
+            return
+        s.invalid = 0
+        try:
+            match frame:
+                case frames.Send():
+                    await self._send(s, frame)
+                case frames.Ack():
+                    await self._ack(s, frame)
+                case frames.Read():
+                    await self._read_receipt(s, frame)
+                case frames.Typing():
+                    await self._typing(s, frame)
+        except ChatError as exc:
+            ref = frame.id if isinstance(frame, frames.Send) else None
+            self._refuse(s, exc.code, exc.message, ref)
+
+    def _refuse(self, s: Session, code: str, message: str, ref: str | None) -> None:
+        self.metrics.refused.labels(code).inc()
+        self.push(s, frames.error(code, message, ref))
+
+    async def _send(self, s: Session, frame: frames.Send) -> None:
+        started = time.perf_counter()
+        stored = await inbox.enqueue_message(
+            self.batcher, self.pool, s.mobile, frame, presence.now_ms(), self.settings.inbox_limit
+        )
+        self.push(s, frames.accepted(frame.id, stored.msg_id, stored.ts))
+        if stored.route:
+            self.router.wake(stored.route, frame.to)
+        self.metrics.accepted.inc()
+        self.metrics.send_latency.observe(time.perf_counter() - started)
+
+    async def _ack(self, s: Session, frame: frames.Ack) -> None:
+        done = [(m, s.unacked.pop(m)) for m in frame.msg_ids if m in s.unacked]
+        if not done:
+            return
+        by_sender: dict[str, list[str]] = {}
+        for _, (entry, _sent) in done:
+            if entry.kind == "m":
+                by_sender.setdefault(entry.sender, []).append(entry.client_id)
+        ts = presence.now_ms()
+        senders = list(by_sender)
+        jobs = [
+            inbox.enqueue_receipt(
+                self.batcher, self.pool, snd, s.mobile, "delivered", by_sender[snd], ts
+            )
+            for snd in senders
+        ]
+        results = await asyncio.gather(
+            *jobs, inbox.ack(self.batcher, s.mobile, [m for m, _ in done]), return_exceptions=True
+        )
+        if isinstance(results[-1], BaseException):
+            s.unacked.update(done)  # still pending in Redis: keep redelivering
+            raise Unavailable("could not ack, send the ack again")
+        self.metrics.acked.inc(len(done))
+        for snd, route in zip(senders, results[:-1], strict=True):
+            if isinstance(route, str) and route:
+                self.router.wake(route, snd)
+
+    async def _read_receipt(self, s: Session, frame: frames.Read) -> None:
+        route = await inbox.enqueue_receipt(
+            self.batcher,
+            self.pool,
+            frame.to,
+            s.mobile,
+            "read",
+            list(frame.ids),
+            presence.now_ms(),
+        )
+        if route:
+            self.router.wake(route, frame.to)
+
+    async def _typing(self, s: Session, frame: frames.Typing) -> None:
+        route = await presence.typing_route(self.batcher, s.mobile, frame.to)
+        self.router.to_route(route, f"t|{frame.to}|{s.mobile}|{frame.state}")
+
+    # -- frames out ----------------------------------------------------------------
+
+    def push(self, s: Session, frame: str) -> None:
+        """Queue a frame for the socket; a client too far behind is disconnected."""
+        if s.closed:
+            return
+        if len(s.outbox) >= OUTBOX_MAX:
+            self.close(s, CloseCode.POLICY, "client is not reading")
+            return
+        s.outbox.append(frame)
+        if not s.writing:
+            s.writing = True
+            self._spawn(self._write(s))
+
+    async def _write(self, s: Session) -> None:
+        try:
+            while s.outbox and not s.closed:
+                frame = s.outbox.popleft()
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await s.ws.send(frame)
+                if s.dirty and not s.reading and len(s.outbox) < OUTBOX_LOW:
+                    self.wake(s)
+        except (ConnectionClosed, TimeoutError):
+            self.close(s, CloseCode.POLICY, "client is not reading")
+        finally:
+            s.writing = False
+
+    def wake(self, s: Session) -> None:
+        """Something may be waiting in the inbox: read it once, however often woken."""
+        if s.closed:
+            return
+        s.dirty = True
+        if not s.reading and len(s.outbox) < OUTBOX_LOW:
+            s.reading = True
+            self._spawn(self._read_inbox(s))
+
+    async def _read_inbox(self, s: Session) -> None:
+        try:
+            while s.dirty and not s.closed and len(s.outbox) < OUTBOX_LOW:
+                s.dirty = False
+                cursor = s.cursor
+                entries = await inbox.read(self.batcher, s.mobile, cursor)
+                if cursor != ">":
+                    s.cursor = entries[-1].msg_id if entries else ">"
+                    s.dirty = True
+                elif len(entries) >= inbox.READ_COUNT:
+                    s.dirty = True
+                self._deliver(s, entries)
+        except Exception as exc:  # Redis away: the sweeper wakes dirty sessions again
+            s.dirty = True
+            log.warning("inbox_read_failed", user=s.mobile, error=type(exc).__name__)
+        finally:
+            s.reading = False
+
+    def _deliver(self, s: Session, entries: list[inbox.Entry]) -> None:
+        now = time.monotonic()
+        gone = []
+        for entry in entries:
+            if not entry.kind:
+                gone.append(entry.msg_id)
+                continue
+            s.unacked.pop(entry.msg_id, None)
+            s.unacked[entry.msg_id] = (entry, now)
+            self.push(s, entry.frame)
+        if entries:
+            self.metrics.delivered.inc(len(entries) - len(gone))
+        if gone:
+            self.batcher.call("XACK", keys.inbox(s.mobile), keys.GROUP, *gone).add_done_callback(
+                _ignore
+            )
+
+    # -- node-wide sweeps (one task each, never one per socket) --------------------
+
+    def redeliver(self) -> None:
+        """Resend entries unacked for longer than the redelivery timeout."""
+        now = time.monotonic()
+        deadline = now - self.settings.redelivery_s
+        for s in list(self.sessions.values()):
+            if s.dirty and not s.reading:
+                self.wake(s)
+            stale = []
+            for entry, sent in s.unacked.values():
+                if sent > deadline:
+                    break  # insertion order is send order
+                stale.append(entry)
+            for entry in stale:
+                del s.unacked[entry.msg_id]
+                s.unacked[entry.msg_id] = (entry, now)
+                self.push(s, entry.frame)
+
+    async def refresh_routes(self) -> None:
+        """Push back every route's TTL in one pipeline; a lost route means replaced."""
+        sessions = [s for s in self.sessions.values() if not s.closed]
+        ms = presence.now_ms()
+        ttl = self.settings.route_ttl_s
+        results = await asyncio.gather(
+            *(presence.refresh(self.batcher, s.mobile, s.route, ttl, ms) for s in sessions),
+            return_exceptions=True,
+        )
+        for s, result in zip(sessions, results, strict=True):
+            if result == 0:
+                self.close(s, CloseCode.REPLACED, "replaced by a newer connection")
+
+    # -- what other nodes tell us (routing.Listener) -------------------------------
+
+    def on_wake(self, mobiles: list[str]) -> None:
+        for mobile in mobiles:
+            s = self.sessions.get(mobile)
+            if s is not None:
+                self.wake(s)
+
+    def on_kick(self, mobile: str, session: str) -> None:
+        s = self.sessions.get(mobile)
+        if s is not None and s.sid == session:
+            self.close(s, CloseCode.REPLACED, "replaced by a newer connection")
+
+    def on_logout(self, mobile: str, jti: str) -> None:
+        s = self.sessions.get(mobile)
+        if s is not None and s.jti == jti:
+            self.close(s, CloseCode.LOGGED_OUT, "logged out")
+
+    def on_typing(self, to: str, sender: str, state: str) -> None:
+        s = self.sessions.get(to)
+        if s is not None:
+            self.push(s, frames.typing(sender, state))
+
+    def on_resync(self) -> None:
+        for s in list(self.sessions.values()):
+            self.wake(s)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop accepting and close every socket with 1012 (reconnect elsewhere)."""
+        self.accepting = False
+        for s in list(self.sessions.values()):
+            self.close(s, CloseCode.RESTARTING, "node restarting")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=CLOSE_WAIT_S)
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    value = headers.get(name)
+    return str(value) if value is not None else None
+
+
+def _ignore(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
