@@ -1,0 +1,66 @@
+"""Session fixtures: one stack (Redis, PostgreSQL) and one two-node cluster for all tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tests.integration.harness import Api, NodeProc, Stack, start_stack
+
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("chatnode")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+async def stack(workdir: Path) -> AsyncIterator[Stack]:
+    s = await start_stack(workdir)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(stack: Stack, workdir: Path) -> Iterator[tuple[NodeProc, NodeProc]]:
+    """Two nodes sharing Redis and PostgreSQL, started once for the session."""
+    a = NodeProc(stack, "test-a", workdir).start()
+    b = NodeProc(stack, "test-b", workdir).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def api_a(http: aiohttp.ClientSession, cluster: tuple[NodeProc, NodeProc]) -> Api:
+    return Api(http, cluster[0].http)
+
+
+@pytest.fixture(scope="session")
+def api_b(http: aiohttp.ClientSession, cluster: tuple[NodeProc, NodeProc]) -> Api:
+    return Api(http, cluster[1].http)
+
+
+@pytest.fixture(scope="session")
+async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+    yield client
+    await client.aclose()

@@ -1,0 +1,309 @@
+"""Real Redis, real PostgreSQL and real node processes for the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from chatnode import devstack
+
+TEST_DB = "chatnode_test"
+JWT_SECRET = "test-secret-" + "x" * 32
+NODE_ENV = {
+    "CHATNODE_JWT_SECRET": JWT_SECRET,
+    "CHATNODE_BCRYPT_ROUNDS": "4",
+    "CHATNODE_HEARTBEAT_S": "2",
+    "CHATNODE_REDELIVERY_S": "2",
+    "CHATNODE_INBOX_LIMIT": "25",
+    "CHATNODE_ROUTE_TTL_S": "6",
+    "CHATNODE_LOG_FORMAT": "json",
+}
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    database_url: str
+    owned: list[Any] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for service in reversed(self.owned):
+            service.stop()
+
+
+async def _redis_answers(url: str) -> bool:
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+async def _ensure_database(admin_url: str, name: str) -> bool:
+    try:
+        conn = await asyncpg.connect(admin_url, timeout=3)
+    except Exception:
+        return False
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f'CREATE DATABASE "{name}"')
+        return True
+    finally:
+        await conn.close()
+
+
+async def start_stack(tmp: Path) -> Stack:
+    """Use the machine's Redis and PostgreSQL when they answer, else start private ones."""
+    redis_url = os.environ.get("CHATNODE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    owned: list[Any] = []
+    if not await _redis_answers(redis_url):
+        server = devstack.RedisServer(tmp / "redis", fsync="everysec").start()
+        owned.append(server)
+        redis_url = server.url
+    database_url = os.environ.get("CHATNODE_TEST_DATABASE_URL", "")
+    if not database_url:
+        admin = "postgresql://127.0.0.1:5432/postgres"
+        if await _ensure_database(admin, TEST_DB):
+            database_url = f"postgresql://127.0.0.1:5432/{TEST_DB}"
+        else:
+            pg = devstack.PostgresServer(tmp / "postgres", database=TEST_DB).start()
+            owned.append(pg)
+            database_url = pg.url
+    stack = Stack(redis_url, database_url, owned)
+    done = subprocess.run(
+        [sys.executable, "-m", "chatnode", "migrate"],
+        env={**os.environ, "CHATNODE_DATABASE_URL": database_url},
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    if done.returncode != 0:
+        stack.stop()
+        raise RuntimeError(f"migrate failed: {done.stderr}")
+    return stack
+
+
+class NodeProc:
+    """One `chatnode serve` process on free ports."""
+
+    def __init__(self, stack: Stack, node_id: str, log_dir: Path, **env: str) -> None:
+        self.node_id = node_id
+        self.http_port = devstack.free_port()
+        self.ws_port = devstack.free_port()
+        self.env = {
+            **os.environ, **NODE_ENV,
+            "CHATNODE_REDIS_URL": stack.redis_url,
+            "CHATNODE_DATABASE_URL": stack.database_url,
+            **env,
+        }
+        self.log_path = log_dir / f"{node_id}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/ws"
+
+    def start(self) -> NodeProc:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chatnode", "serve", "--node-id", self.node_id,
+             "--http-port", str(self.http_port), "--ws-port", str(self.ws_port)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node {self.node_id} exited: {self.log_path.read_text()[-2000:]}")
+            if devstack.port_open(self.ws_port, timeout=0.2) and devstack.port_open(self.http_port):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"node {self.node_id} did not start")
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+_counter = random.randrange(10**6)
+
+
+def new_mobile() -> str:
+    """A number no earlier test used: random prefix, counter suffix."""
+    global _counter
+    _counter += 1
+    return f"+9{random.randrange(10**5):05d}{_counter % 10**6:06d}"
+
+
+class Api:
+    """JSON over HTTP to one node."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.base = base
+
+    async def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None,
+        raw: bytes | None = None, params: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any], Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        async with self.session.request(
+            method, self.base + path, data=data, headers=headers, params=params,
+            timeout=aiohttp.ClientTimeout(total=15),
+        ) as resp:
+            text = await resp.read()
+            try:
+                parsed = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                parsed = {"raw": text.decode(errors="replace")}
+            return resp.status, parsed, resp.headers
+
+
+@dataclass
+class User:
+    mobile: str
+    name: str
+    password: str
+    token: str
+
+
+async def new_user(api: Api, name: str = "Tester", password: str = "password123") -> User:
+    mobile = new_mobile()
+    status, body, _ = await api.call("POST", "/auth/signup",
+                                     {"name": name, "mobileNo": mobile, "password": password})
+    assert status == 201, body
+    status, body, _ = await api.call("POST", "/auth/login", {"mobileNo": mobile, "password": password})
+    assert status == 200, body
+    return User(mobile, name, password, body["token"])
+
+
+class Client:
+    """A test WebSocket client that keeps frames it skipped."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.hello: dict[str, Any] = {}
+        self.backlog: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, url: str, token: str) -> Client:
+        ws = await websockets.connect(f"{url}?token={token}", open_timeout=10, max_size=2**20)
+        client = cls(ws)
+        client.hello = await client.recv()
+        assert client.hello["type"] == "hello", client.hello
+        return client
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = 10) -> dict[str, Any]:
+        if self.backlog:
+            return self.backlog.pop(0)
+        async with asyncio.timeout(timeout):
+            data = await self.ws.recv()
+        frame: dict[str, Any] = orjson.loads(data)
+        return frame
+
+    async def recv_type(self, kind: str, timeout: float = 10, **match: Any) -> dict[str, Any]:
+        """The next frame of this type (and these field values); others are kept for later."""
+        return await self.recv_where(
+            lambda f: f["type"] == kind and all(f.get(k) == v for k, v in match.items()), timeout
+        )
+
+    async def recv_where(self, wanted: Any, timeout: float = 10) -> dict[str, Any]:
+        for i, frame in enumerate(self.backlog):
+            if wanted(frame):
+                del self.backlog[i]
+                return frame
+        kept: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    frame = orjson.loads(await self.ws.recv())
+                    if wanted(frame):
+                        return frame
+                    kept.append(frame)
+        finally:
+            self.backlog.extend(kept)
+
+    async def quiet(self, within: float, kind: str | None = None) -> list[dict[str, Any]]:
+        """Frames (of this type) arriving within `within` seconds; expected to be none."""
+        got: list[dict[str, Any]] = [f for f in self.backlog if kind is None or f["type"] == kind]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while True:
+                    frame = orjson.loads(await self.ws.recv())
+                    if kind is None or frame["type"] == kind:
+                        got.append(frame)
+                    else:
+                        self.backlog.append(frame)
+        return got
+
+    async def send_message(self, to: str, body: str, cid: str | None = None) -> dict[str, Any]:
+        """Send and return the answer to it: `accepted` or `error`."""
+        cid = cid or f"c{random.randrange(10**12)}"
+        await self.send({"type": "send", "id": cid, "to": to, "body": body})
+        return await self.recv_where(
+            lambda f: (f["type"] == "accepted" and f.get("id") == cid)
+            or (f["type"] == "error" and f.get("ref") == cid)
+        )
+
+    async def closed(self, timeout: float = 10) -> int | None:
+        """Read until the server closes the socket; its close code."""
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async with asyncio.timeout(timeout):
+                while True:
+                    self.backlog.append(orjson.loads(await self.ws.recv()))
+        return self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str, token: str) -> AsyncIterator[Client]:
+    client = await Client.connect(url, token)
+    try:
+        yield client
+    finally:
+        await client.close()
