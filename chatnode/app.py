@@ -52,6 +52,7 @@ class Node:
         self._ws_server: Server | None = None
         self._http: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
 
     async def start(self) -> None:
         s = self.settings
@@ -105,6 +106,7 @@ class Node:
             open_timeout=10,
             server_header=None,
         )
+        self.started = True
         log.info("node_started", http_port=s.http_port, ws_port=s.ws_port, host=s.host)
 
     def _redeliver_tick(self) -> float:
@@ -168,7 +170,8 @@ class Node:
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
-        log.info("node_stopped")
+        if self.started:
+            log.info("node_stopped")
 
 
 async def run(settings: Settings) -> None:

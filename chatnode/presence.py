@@ -46,7 +46,11 @@ def iso(ms: int) -> str:
 
 
 async def claim(batcher: Batcher, mobile: str, route: str, ttl_s: int) -> str | None:
-    """Point the user's route at this session; the previous holder's route, if any."""
+    """Point the user's route at this session; the previous holder's route, if any.
+
+    Last seen is stamped too, so a node that dies before its first refresh still
+    leaves a plausible time behind."""
+    batcher.fire("SET", keys.seen(mobile), now_ms(), "EX", keys.SEEN_TTL_S)
     old = await batcher.run("SET", keys.route(mobile), route, "EX", ttl_s, "GET")
     return str(old) if old else None
 
