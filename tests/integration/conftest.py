@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 from tests.integration.harness import Api, NodeProc, Stack, start_stack
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.fspath):

@@ -91,15 +91,22 @@ async def start_stack(tmp: Path) -> Stack:
             owned.append(pg)
             database_url = pg.url
     stack = Stack(redis_url, database_url, owned)
-    done = subprocess.run(
-        [sys.executable, "-m", "chatnode", "migrate"],
-        env={**os.environ, "CHATNODE_DATABASE_URL": database_url},
-        capture_output=True, text=True, timeout=60, check=False,
-    )
+    done = await asyncio.to_thread(_migrate, database_url)
     if done.returncode != 0:
         stack.stop()
         raise RuntimeError(f"migrate failed: {done.stderr}")
     return stack
+
+
+def _migrate(database_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatnode", "migrate"],
+        env={**os.environ, "CHATNODE_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 class NodeProc:
@@ -110,7 +117,8 @@ class NodeProc:
         self.http_port = devstack.free_port()
         self.ws_port = devstack.free_port()
         self.env = {
-            **os.environ, **NODE_ENV,
+            **os.environ,
+            **NODE_ENV,
             "CHATNODE_REDIS_URL": stack.redis_url,
             "CHATNODE_DATABASE_URL": stack.database_url,
             **env,
@@ -129,15 +137,29 @@ class NodeProc:
     def start(self) -> NodeProc:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatnode", "serve", "--node-id", self.node_id,
-             "--http-port", str(self.http_port), "--ws-port", str(self.ws_port)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "chatnode",
+                "serve",
+                "--node-id",
+                self.node_id,
+                "--http-port",
+                str(self.http_port),
+                "--ws-port",
+                str(self.ws_port),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"node {self.node_id} exited: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"node {self.node_id} exited: {self.log_path.read_text()[-2000:]}"
+                )
             if devstack.port_open(self.ws_port, timeout=0.2) and devstack.port_open(self.http_port):
                 return self
             time.sleep(0.05)
@@ -180,15 +202,24 @@ class Api:
         self.base = base
 
     async def call(
-        self, method: str, path: str, body: Any = None, token: str | None = None,
-        raw: bytes | None = None, params: dict[str, str] | None = None,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        raw: bytes | None = None,
+        params: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any], Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
         if data is not None:
             headers["Content-Type"] = "application/json"
         async with self.session.request(
-            method, self.base + path, data=data, headers=headers, params=params,
+            method,
+            self.base + path,
+            data=data,
+            headers=headers,
+            params=params,
             timeout=aiohttp.ClientTimeout(total=15),
         ) as resp:
             text = await resp.read()
@@ -209,10 +240,13 @@ class User:
 
 async def new_user(api: Api, name: str = "Tester", password: str = "password123") -> User:
     mobile = new_mobile()
-    status, body, _ = await api.call("POST", "/auth/signup",
-                                     {"name": name, "mobileNo": mobile, "password": password})
+    status, body, _ = await api.call(
+        "POST", "/auth/signup", {"name": name, "mobileNo": mobile, "password": password}
+    )
     assert status == 201, body
-    status, body, _ = await api.call("POST", "/auth/login", {"mobileNo": mobile, "password": password})
+    status, body, _ = await api.call(
+        "POST", "/auth/login", {"mobileNo": mobile, "password": password}
+    )
     assert status == 200, body
     return User(mobile, name, password, body["token"])
 
@@ -284,8 +318,10 @@ class Client:
         cid = cid or f"c{random.randrange(10**12)}"
         await self.send({"type": "send", "id": cid, "to": to, "body": body})
         return await self.recv_where(
-            lambda f: (f["type"] == "accepted" and f.get("id") == cid)
-            or (f["type"] == "error" and f.get("ref") == cid)
+            lambda f: (
+                (f["type"] == "accepted" and f.get("id") == cid)
+                or (f["type"] == "error" and f.get("ref") == cid)
+            )
         )
 
     async def closed(self, timeout: float = 10) -> int | None:

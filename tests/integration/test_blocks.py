@@ -42,7 +42,9 @@ async def test_blocker_send_is_refused_until_unblock(api_a: Api, cluster: Cluste
     await block(api_a, n, you)
     async with connected(cluster[1].ws, n.token) as nc:
         refused = await nc.send_message(you.mobile, "hi", cid="b2")
-        assert refused["type"] == "error" and refused["code"] == "blocked" and refused["ref"] == "b2"
+        assert (
+            refused["type"] == "error" and refused["code"] == "blocked" and refused["ref"] == "b2"
+        )
         status, _, _ = await api_a.call(
             "DELETE", "/block-action/unblock", token=n.token, params={"mobileNo": you.mobile}
         )
@@ -56,11 +58,13 @@ async def test_lastseen_hidden_from_blocked_user(api_a: Api, cluster: Cluster) -
     you, n, third = await new_user(api_a), await new_user(api_a), await new_user(api_a)
     async with connected(cluster[0].ws, n.token):
         await block(api_a, n, you)
-        status, body, _ = await api_a.call("GET", "/profile/lastseen", token=you.token,
-                                           params={"mobileNo": n.mobile})
+        status, body, _ = await api_a.call(
+            "GET", "/profile/lastseen", token=you.token, params={"mobileNo": n.mobile}
+        )
         assert status == 200 and "lastSeen" not in body["data"]
-        status, body, _ = await api_a.call("GET", "/profile/lastseen", token=third.token,
-                                           params={"mobileNo": n.mobile})
+        status, body, _ = await api_a.call(
+            "GET", "/profile/lastseen", token=third.token, params={"mobileNo": n.mobile}
+        )
         assert body["data"]["lastSeen"] == "online"
 
 

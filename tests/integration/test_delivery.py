@@ -26,8 +26,14 @@ async def test_g1_accepted_means_stored_and_kept_until_acked(
     # Bob connects on the other node and does not ack: the entry stays.
     async with connected(cluster[1].ws, bob.token) as b:
         msg = await b.recv_type("message")
-        assert msg == {"type": "message", "msgId": acc["msgId"], "id": "g1",
-                       "from": alice.mobile, "body": "stored?", "ts": acc["ts"]}
+        assert msg == {
+            "type": "message",
+            "msgId": acc["msgId"],
+            "id": "g1",
+            "from": alice.mobile,
+            "body": "stored?",
+            "ts": acc["ts"],
+        }
     assert await redis.xlen(keys.inbox(bob.mobile)) == 1
     async with connected(cluster[0].ws, bob.token) as b:
         again = await b.recv_type("message")
@@ -42,7 +48,9 @@ async def test_g1_live_delivery_across_nodes(api_a: Api, cluster: Cluster) -> No
     async with connected(cluster[0].ws, alice.token) as a, connected(cluster[1].ws, bob.token) as b:
         acc = await a.send_message(bob.mobile, "live")
         msg = await b.recv_type("message")
-        assert msg["msgId"] == acc["msgId"] and msg["from"] == alice.mobile and msg["body"] == "live"
+        assert (
+            msg["msgId"] == acc["msgId"] and msg["from"] == alice.mobile and msg["body"] == "live"
+        )
 
 
 async def test_g2_redelivered_while_connected_if_not_acked(api_a: Api, cluster: Cluster) -> None:
@@ -140,11 +148,17 @@ async def test_acking_unknown_or_foreign_ids_does_nothing(
     assert await redis.xlen(keys.inbox(bob.mobile)) == 1
 
 
-async def test_typing_forwarded_not_stored(api_a: Api, cluster: Cluster, redis: aioredis.Redis) -> None:
+async def test_typing_forwarded_not_stored(
+    api_a: Api, cluster: Cluster, redis: aioredis.Redis
+) -> None:
     alice, bob = await new_user(api_a), await new_user(api_a)
     async with connected(cluster[0].ws, alice.token) as a, connected(cluster[1].ws, bob.token) as b:
         await a.send({"type": "typing", "to": bob.mobile, "state": "start"})
-        assert await b.recv_type("typing") == {"type": "typing", "from": alice.mobile, "state": "start"}
+        assert await b.recv_type("typing") == {
+            "type": "typing",
+            "from": alice.mobile,
+            "state": "start",
+        }
         await a.send({"type": "typing", "to": bob.mobile, "state": "stop"})
         assert (await b.recv_type("typing"))["state"] == "stop"
     assert await redis.xlen(keys.inbox(bob.mobile)) == 0

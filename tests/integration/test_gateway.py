@@ -18,7 +18,9 @@ async def handshake_status(url: str, **kwargs: object) -> int:
 
 
 @pytest.mark.parametrize("query", ["", "?token=", "?token=garbage", "?token=a.b.c"])
-async def test_handshake_without_valid_token_is_401(cluster: tuple[NodeProc, NodeProc], query: str) -> None:
+async def test_handshake_without_valid_token_is_401(
+    cluster: tuple[NodeProc, NodeProc], query: str
+) -> None:
     assert await handshake_status(cluster[0].ws + query) == 401
 
 
@@ -35,7 +37,9 @@ async def test_handshake_with_expired_token_is_401(cluster: tuple[NodeProc, Node
     assert await handshake_status(cluster[0].ws + "?token=" + token) == 401
 
 
-async def test_handshake_with_revoked_token_is_401(api_a: Api, cluster: tuple[NodeProc, NodeProc]) -> None:
+async def test_handshake_with_revoked_token_is_401(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
     user = await new_user(api_a)
     await api_a.call("POST", "/auth/logout", token=user.token)
     assert await handshake_status(cluster[1].ws + "?token=" + user.token) == 401
@@ -56,7 +60,11 @@ async def test_bearer_header_and_hello(api_a: Api, cluster: tuple[NodeProc, Node
     ("frame", "code", "ref"),
     [
         ('{"type":"send","id":"a1","to":"bad","body":"x"}', "invalid_frame", "a1"),
-        ('{"type":"send","id":"bad id!","to":"+15551234567","body":"x"}', "invalid_frame", "bad id!"),
+        (
+            '{"type":"send","id":"bad id!","to":"+15551234567","body":"x"}',
+            "invalid_frame",
+            "bad id!",
+        ),
         ('{"type":"send","id":"a2","to":"+15551234567","body":""}', "invalid_frame", "a2"),
         ('{"type":"send","id":7,"to":"+15551234567","body":"x"}', "invalid_frame", None),
         ('{"type":"nope","id":"a3"}', "invalid_frame", "a3"),
@@ -94,26 +102,36 @@ async def test_binary_frame_is_invalid(api_a: Api, cluster: tuple[NodeProc, Node
         assert (await c.recv_type("error"))["code"] == "invalid_frame"
 
 
-async def test_unknown_recipient_and_too_large(api_a: Api, cluster: tuple[NodeProc, NodeProc]) -> None:
+async def test_unknown_recipient_and_too_large(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
     user = await new_user(api_a)
     other = await new_user(api_a)
     async with connected(cluster[0].ws, user.token) as c:
         reply = await c.send_message(new_mobile(), "hello?", cid="u1")
-        assert reply["type"] == "error" and reply["code"] == "unknown_recipient" and reply["ref"] == "u1"
+        assert (
+            reply["type"] == "error"
+            and reply["code"] == "unknown_recipient"
+            and reply["ref"] == "u1"
+        )
         reply = await c.send_message(other.mobile, "é" * 8193, cid="big1")  # 16386 bytes
         assert reply["type"] == "error" and reply["code"] == "too_large" and reply["ref"] == "big1"
         reply = await c.send_message(other.mobile, "é" * 8192, cid="big2")  # 16384 bytes
         assert reply["type"] == "accepted"
 
 
-async def test_frame_over_64k_closes_with_1009(api_a: Api, cluster: tuple[NodeProc, NodeProc]) -> None:
+async def test_frame_over_64k_closes_with_1009(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
     user = await new_user(api_a)
     c = await Client.connect(cluster[0].ws, user.token)
     await c.ws.send('{"type":"send","id":"x","to":"+15551234567","body":"' + "a" * 70000 + '"}')
     assert await c.closed() == 1009
 
 
-async def test_repeated_invalid_frames_close_with_1008(api_a: Api, cluster: tuple[NodeProc, NodeProc]) -> None:
+async def test_repeated_invalid_frames_close_with_1008(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
     user = await new_user(api_a)
     c = await Client.connect(cluster[1].ws, user.token)
     for _ in range(40):

@@ -29,13 +29,17 @@ async def test_signin_is_an_alias_of_signup(api_a: Api, api_b: Api) -> None:
         "POST", "/auth/signin", {"name": "Bo", "mobileNo": mobile, "password": "secret123"}
     )
     assert status == 201 and body["success"] is True
-    status, body, _ = await api_b.call("POST", "/auth/login", {"mobileNo": mobile, "password": "secret123"})
+    status, body, _ = await api_b.call(
+        "POST", "/auth/login", {"mobileNo": mobile, "password": "secret123"}
+    )
     assert status == 200
 
 
 async def test_signup_taken_number_is_409_on_any_node(api_a: Api, api_b: Api) -> None:
     mobile = new_mobile()
-    await api_a.call("POST", "/auth/signup", {"name": "A", "mobileNo": mobile, "password": "secret123"})
+    await api_a.call(
+        "POST", "/auth/signup", {"name": "A", "mobileNo": mobile, "password": "secret123"}
+    )
     status, body, _ = await api_b.call(
         "POST", "/auth/signup", {"name": "B", "mobileNo": mobile, "password": "secret999"}
     )
@@ -92,8 +96,12 @@ async def test_login_returns_token_and_integer_expiry(api_a: Api) -> None:
 
 async def test_login_unknown_number_and_wrong_password_answer_alike(api_a: Api) -> None:
     user = await new_user(api_a)
-    s1, wrong, _ = await api_a.call("POST", "/auth/login", {"mobileNo": user.mobile, "password": "nope-nope"})
-    s2, unknown, _ = await api_a.call("POST", "/auth/login", {"mobileNo": new_mobile(), "password": "nope-nope"})
+    s1, wrong, _ = await api_a.call(
+        "POST", "/auth/login", {"mobileNo": user.mobile, "password": "nope-nope"}
+    )
+    s2, unknown, _ = await api_a.call(
+        "POST", "/auth/login", {"mobileNo": new_mobile(), "password": "nope-nope"}
+    )
     assert_error(s1, wrong, 401, "invalid_credentials")
     assert (s1, wrong) == (s2, unknown)
 
@@ -114,8 +122,12 @@ async def test_login_missing_fields_is_400(api_a: Api) -> None:
     ],
 )
 @pytest.mark.parametrize("token", [None, "not-a-jwt", "a.b.c"])
-async def test_auth_endpoints_refuse_bad_tokens(api_a: Api, method: str, path: str, token: str | None) -> None:
-    status, body, _ = await api_a.call(method, path, {"blockedUserMobileNo": "+15551234567"}, token=token)
+async def test_auth_endpoints_refuse_bad_tokens(
+    api_a: Api, method: str, path: str, token: str | None
+) -> None:
+    status, body, _ = await api_a.call(
+        method, path, {"blockedUserMobileNo": "+15551234567"}, token=token
+    )
     assert_error(status, body, 401, "unauthorized")
 
 
@@ -133,9 +145,13 @@ async def test_logout_revokes_the_token_on_every_node(api_a: Api, api_b: Api) ->
 async def test_block_list_unblock(api_a: Api, api_b: Api) -> None:
     me = await new_user(api_a)
     other = await new_user(api_a, name="Other")
-    status, body, _ = await api_a.call("POST", "/block-action/block", {"blockedUserMobileNo": other.mobile}, me.token)
+    status, body, _ = await api_a.call(
+        "POST", "/block-action/block", {"blockedUserMobileNo": other.mobile}, me.token
+    )
     assert status == 200 and body["success"] is True
-    status, _, _ = await api_b.call("POST", "/block-action/block", {"blockedUserMobileNo": other.mobile}, me.token)
+    status, _, _ = await api_b.call(
+        "POST", "/block-action/block", {"blockedUserMobileNo": other.mobile}, me.token
+    )
     assert status == 200  # idempotent
     status, body, _ = await api_b.call("GET", "/block-action/list", token=me.token)
     assert status == 200 and body["data"] == [{"mobileNo": other.mobile, "username": "Other"}]
@@ -153,11 +169,17 @@ async def test_block_list_unblock(api_a: Api, api_b: Api) -> None:
 
 async def test_block_errors(api_a: Api) -> None:
     me = await new_user(api_a)
-    status, body, _ = await api_a.call("POST", "/block-action/block", {"blockedUserMobileNo": new_mobile()}, me.token)
+    status, body, _ = await api_a.call(
+        "POST", "/block-action/block", {"blockedUserMobileNo": new_mobile()}, me.token
+    )
     assert_error(status, body, 404, "not_found")
-    status, body, _ = await api_a.call("POST", "/block-action/block", {"blockedUserMobileNo": me.mobile}, me.token)
+    status, body, _ = await api_a.call(
+        "POST", "/block-action/block", {"blockedUserMobileNo": me.mobile}, me.token
+    )
     assert_error(status, body, 400, "invalid_request")
-    status, body, _ = await api_a.call("POST", "/block-action/block", {"blockedUserMobileNo": "bad"}, me.token)
+    status, body, _ = await api_a.call(
+        "POST", "/block-action/block", {"blockedUserMobileNo": "bad"}, me.token
+    )
     assert_error(status, body, 400, "invalid_request")
     status, body, _ = await api_a.call(
         "DELETE", "/block-action/unblock", token=me.token, params={"mobileNo": new_mobile()}
@@ -170,12 +192,18 @@ async def test_block_errors(api_a: Api) -> None:
 async def test_lastseen_answers(api_a: Api) -> None:
     me = await new_user(api_a)
     other = await new_user(api_a, name="Never")
-    status, body, _ = await api_a.call("GET", "/profile/lastseen", token=me.token, params={"mobileNo": other.mobile})
+    status, body, _ = await api_a.call(
+        "GET", "/profile/lastseen", token=me.token, params={"mobileNo": other.mobile}
+    )
     assert status == 200
     assert body["data"] == {"username": "Never", "mobileNo": other.mobile}  # never connected
-    status, body, _ = await api_a.call("GET", "/profile/lastseen", token=me.token, params={"mobileNo": new_mobile()})
+    status, body, _ = await api_a.call(
+        "GET", "/profile/lastseen", token=me.token, params={"mobileNo": new_mobile()}
+    )
     assert_error(status, body, 404, "not_found")
-    status, body, _ = await api_a.call("GET", "/profile/lastseen", token=me.token, params={"mobileNo": "x"})
+    status, body, _ = await api_a.call(
+        "GET", "/profile/lastseen", token=me.token, params={"mobileNo": "x"}
+    )
     assert_error(status, body, 400, "invalid_request")
 
 

@@ -20,24 +20,40 @@ from tests.integration.harness import JWT_SECRET, Api, Client, NodeProc, Stack, 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "chatnode", *args],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 def test_serve_without_secret_refuses_to_start(stack: Stack) -> None:
     env = {k: v for k, v in os.environ.items() if k != "CHATNODE_JWT_SECRET"}
-    done = subprocess.run([sys.executable, "-m", "chatnode", "serve"], env=env,
-                          capture_output=True, text=True, timeout=30, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "chatnode", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert done.returncode != 0
     assert "CHATNODE_JWT_SECRET" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_unreachable_redis_is_one_clear_line(stack: Stack) -> None:
     port = devstack.free_port()
-    done = run_cli("serve", "--http-port", str(devstack.free_port()), "--ws-port",
-                   str(devstack.free_port()), CHATNODE_JWT_SECRET=JWT_SECRET,
-                   CHATNODE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
-                   CHATNODE_DATABASE_URL=stack.database_url)
+    done = run_cli(
+        "serve",
+        "--http-port",
+        str(devstack.free_port()),
+        "--ws-port",
+        str(devstack.free_port()),
+        CHATNODE_JWT_SECRET=JWT_SECRET,
+        CHATNODE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        CHATNODE_DATABASE_URL=stack.database_url,
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Redis" in lines[0] and str(port) in lines[0], done.stderr
@@ -45,10 +61,16 @@ def test_unreachable_redis_is_one_clear_line(stack: Stack) -> None:
 
 def test_unreachable_postgres_is_one_clear_line(stack: Stack) -> None:
     port = devstack.free_port()
-    done = run_cli("serve", "--http-port", str(devstack.free_port()), "--ws-port",
-                   str(devstack.free_port()), CHATNODE_JWT_SECRET=JWT_SECRET,
-                   CHATNODE_REDIS_URL=stack.redis_url,
-                   CHATNODE_DATABASE_URL=f"postgresql://u:hunter2@127.0.0.1:{port}/x")
+    done = run_cli(
+        "serve",
+        "--http-port",
+        str(devstack.free_port()),
+        "--ws-port",
+        str(devstack.free_port()),
+        CHATNODE_JWT_SECRET=JWT_SECRET,
+        CHATNODE_REDIS_URL=stack.redis_url,
+        CHATNODE_DATABASE_URL=f"postgresql://u:hunter2@127.0.0.1:{port}/x",
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "PostgreSQL" in lines[0] and str(port) in lines[0], done.stderr

@@ -19,14 +19,17 @@ Cluster = tuple[NodeProc, NodeProc]
 
 
 async def lastseen(api: Api, viewer_token: str, mobile: str) -> str | None:
-    status, body, _ = await api.call("GET", "/profile/lastseen", token=viewer_token,
-                                     params={"mobileNo": mobile})
+    status, body, _ = await api.call(
+        "GET", "/profile/lastseen", token=viewer_token, params={"mobileNo": mobile}
+    )
     assert status == 200, body
     value: str | None = body["data"].get("lastSeen")
     return value
 
 
-async def test_online_while_connected_then_last_seen_time(api_a: Api, api_b: Api, cluster: Cluster) -> None:
+async def test_online_while_connected_then_last_seen_time(
+    api_a: Api, api_b: Api, cluster: Cluster
+) -> None:
     viewer, user = await new_user(api_a), await new_user(api_a)
     async with connected(cluster[0].ws, user.token):
         assert await lastseen(api_b, viewer.token, user.mobile) == "online"
@@ -38,15 +41,18 @@ async def test_online_while_connected_then_last_seen_time(api_a: Api, api_b: Api
     assert abs((when - before).total_seconds()) < 5
 
 
-async def test_connection_that_stops_answering_pings_is_closed(api_a: Api, cluster: Cluster) -> None:
+async def test_connection_that_stops_answering_pings_is_closed(
+    api_a: Api, cluster: Cluster
+) -> None:
     """A connection that never answers pings is closed within two heartbeats (2 s here)."""
     viewer, user = await new_user(api_a), await new_user(api_a)
     sock = socket.create_connection(("127.0.0.1", cluster[0].ws_port), timeout=5)
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
-        (f"GET /ws?token={user.token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        .encode()
+        (
+            f"GET /ws?token={user.token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
     )
     assert b" 101 " in sock.recv(4096).split(b"\r\n")[0]
     try:
@@ -59,7 +65,9 @@ async def test_connection_that_stops_answering_pings_is_closed(api_a: Api, clust
         sock.close()
 
 
-async def test_g8_new_connection_on_other_node_replaces_old_with_4001(api_a: Api, cluster: Cluster) -> None:
+async def test_g8_new_connection_on_other_node_replaces_old_with_4001(
+    api_a: Api, cluster: Cluster
+) -> None:
     user, other = await new_user(api_a), await new_user(api_a)
     first = await Client.connect(cluster[0].ws, user.token)
     async with connected(cluster[1].ws, user.token) as second:
@@ -76,7 +84,9 @@ async def test_g8_same_node_replacement_with_4001(api_a: Api, cluster: Cluster) 
         assert await first.closed() == 4001
 
 
-async def test_logout_closes_sockets_of_that_token_with_4003(api_a: Api, api_b: Api, cluster: Cluster) -> None:
+async def test_logout_closes_sockets_of_that_token_with_4003(
+    api_a: Api, api_b: Api, cluster: Cluster
+) -> None:
     user = await new_user(api_a)
     c = await Client.connect(cluster[0].ws, user.token)
     status, _, _ = await api_b.call("POST", "/auth/logout", token=user.token)

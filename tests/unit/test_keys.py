@@ -1,0 +1,119 @@
+"""chatnode.keys: one hash tag per user, so a user's keys share a Redis Cluster slot."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from chatnode import keys
+from chatnode.frames import CLIENT_ID_RE, MOBILE_RE
+
+ALICE = "+15550000001"
+BOB = "15550000002"
+
+mobiles = st.from_regex(MOBILE_RE)
+client_ids = st.from_regex(CLIENT_ID_RE)
+
+
+def hash_tag(key: str) -> str | None:
+    """The part Redis Cluster hashes: between the first '{' and the next '}', if non-empty."""
+    start = key.find("{")
+    if start == -1:
+        return None
+    end = key.find("}", start + 1)
+    if end in (-1, start + 1):
+        return None
+    return key[start + 1 : end]
+
+
+def user_keys(mobile: str) -> list[str]:
+    return [
+        keys.account(mobile),
+        keys.blocks(mobile),
+        keys.inbox(mobile),
+        keys.route(mobile),
+        keys.seen(mobile),
+        keys.dedupe(mobile, BOB, "c-1"),
+    ]
+
+
+@pytest.mark.parametrize("mobile", [ALICE, BOB, "1234567", "+123456789012345"])
+def test_every_key_of_a_user_has_the_users_hash_tag(mobile: str) -> None:
+    for key in user_keys(mobile):
+        assert key.startswith("{u:" + mobile + "}")
+        assert hash_tag(key) == "u:" + mobile
+
+
+def test_keys_of_one_user_are_all_different() -> None:
+    found = user_keys(ALICE)
+    assert len(set(found)) == len(found)
+
+
+def test_keys_of_different_users_differ() -> None:
+    assert keys.inbox(ALICE) != keys.inbox(BOB)
+    assert keys.inbox("1234567") != keys.inbox("+1234567")
+
+
+@given(mobiles)
+def test_all_of_a_users_keys_share_one_cluster_slot(mobile: str) -> None:
+    slots = {key_slot(k.encode()) for k in user_keys(mobile)}
+    assert slots == {key_slot(keys.inbox(mobile).encode())}
+
+
+@given(recipient=mobiles, sender=mobiles, client_id=client_ids)
+def test_dedupe_key_lives_in_the_recipients_slot(
+    recipient: str, sender: str, client_id: str
+) -> None:
+    key = keys.dedupe(recipient, sender, client_id)
+    assert hash_tag(key) == "u:" + recipient
+    assert key_slot(key.encode()) == key_slot(keys.inbox(recipient).encode())
+
+
+@given(recipient=mobiles, sender=mobiles, client_id=client_ids)
+def test_dedupe_key_names_sender_and_client_id(recipient: str, sender: str, client_id: str) -> None:
+    key = keys.dedupe(recipient, sender, client_id)
+    assert key.endswith(f":{sender}:{client_id}")
+    # a different sender or id gets a different key
+    assert key != keys.dedupe(recipient, sender + "0", client_id)
+    assert key != keys.dedupe(recipient, sender, client_id + "x")
+
+
+def test_dedupe_is_not_symmetric_in_sender_and_recipient() -> None:
+    assert keys.dedupe(ALICE, BOB, "c-1") != keys.dedupe(BOB, ALICE, "c-1")
+    assert hash_tag(keys.dedupe(ALICE, BOB, "c-1")) == "u:" + ALICE
+
+
+def test_blocked_marker_cannot_be_a_mobile_number() -> None:
+    marker = keys.blocked_marker(ALICE)
+    assert marker == "<" + ALICE
+    assert MOBILE_RE.match(marker) is None
+
+
+def test_global_keys_have_no_user_tag() -> None:
+    assert hash_tag(keys.revoked("jti-1")) is None
+    assert keys.revoked("jti-1") == "chatnode:revoked:jti-1"
+    assert keys.node_channel("node-a") == "chatnode:node:node-a"
+
+
+@given(
+    node=st.text(min_size=1).filter(lambda s: "|" not in s),
+    session=st.text(),
+)
+def test_parse_route_undoes_route_value(node: str, session: str) -> None:
+    assert keys.parse_route(keys.route_value(node, session)) == (node, session)
+
+
+def test_route_value_format() -> None:
+    assert keys.route_value("node-a", "s1") == "node-a|s1"
+    assert keys.parse_route("node-a|s1") == ("node-a", "s1")
+
+
+def test_session_may_hold_a_bar() -> None:
+    assert keys.parse_route(keys.route_value("n", "a|b")) == ("n", "a|b")
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_parse_route_of_nothing_is_none(value: str | None) -> None:
+    assert keys.parse_route(value) is None
