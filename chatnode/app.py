@@ -29,14 +29,26 @@ class StartupError(Exception):
 
 
 def safe_url(url: str) -> str:
-    """The URL without its password, for messages people read."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its password (in the user part or the query), for people to read."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    hidden_user = at and ":" in userinfo
+    hidden_query = "password=" in parts.query.lower()
+    if not (hidden_user or hidden_query):
         return url
-    host = parts.hostname or ""
-    user = f"{parts.username}:***@" if parts.username else ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}{host}{port}"))
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}" if hidden_user else parts.netloc
+    query = (
+        "&".join(
+            "password=***" if item.lower().startswith("password=") else item
+            for item in parts.query.split("&")
+        )
+        if parts.query
+        else ""
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class Node:

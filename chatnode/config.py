@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -66,7 +67,7 @@ class Settings:
         return replace(self, **changes)
 
     def validate(self) -> None:
-        if self.heartbeat_s <= 0 or self.redelivery_s <= 0:
+        if not (0 < self.heartbeat_s < math.inf and 0 < self.redelivery_s < math.inf):
             raise ConfigError("CHATNODE_HEARTBEAT_S and CHATNODE_REDELIVERY_S must be > 0")
         if not 4 <= self.bcrypt_rounds <= 31:
             raise ConfigError("CHATNODE_BCRYPT_ROUNDS must be between 4 and 31")

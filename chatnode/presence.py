@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chatnode import accounts, blocks, keys
 from chatnode.errors import NotFound, Unavailable
 from chatnode.redisio import Batcher, Script
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # KEYS: route, seen. ARGV: our route value, ttl, now ms, seen ttl.
 # 1: still ours (TTL pushed back); 0: another session holds the user now.
@@ -38,11 +40,8 @@ def now_ms() -> int:
 
 def iso(ms: int) -> str:
     """Milliseconds since the epoch as ISO-8601 UTC with a Z."""
-    return (
-        datetime.fromtimestamp(ms / 1000, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    when = EPOCH + timedelta(milliseconds=ms)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def claim(batcher: Batcher, mobile: str, route: str, ttl_s: int) -> str | None:

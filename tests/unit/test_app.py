@@ -55,22 +55,10 @@ def test_url_without_password_is_unchanged(url: str) -> None:
     assert safe_url(url) == url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: safe_url rebuilds the netloc from .hostname, which drops the brackets "
-    "of an IPv6 literal: 'u:***@::1:5432' is not a usable or readable address",
-)
 def test_ipv6_host_keeps_its_brackets() -> None:
     assert safe_url("postgresql://u:hunter2@[::1]:5432/db") == "postgresql://u:***@[::1]:5432/db"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a password given as a query parameter (libpq, asyncpg and redis-py all "
-    "accept ?password=...) is printed as is",
-)
 @pytest.mark.parametrize(
     "url",
     [
@@ -82,13 +70,6 @@ def test_password_in_query_is_hidden(url: str) -> None:
     assert "hunter2" not in safe_url(url)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG: safe_url raises ValueError when a URL with a password has a bad port; "
-    "it is called inside the start-up/migrate error handlers, so the node dies with a "
-    "traceback instead of one clear line",
-)
 def test_bad_port_does_not_raise() -> None:
     out = safe_url("postgresql://chat:hunter2@db:notaport/chatnode")
     assert "hunter2" not in out
