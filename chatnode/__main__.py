@@ -160,7 +160,7 @@ def _start_dev_node(i: int, http: int, ws: int, env: dict[str, str]) -> Any:
         "--node-id",
         f"dev-{i + 1}",
     ]
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # dev stops it in order
     for _ in range(200):
         if devstack.port_open(ws) or proc.poll() is not None:
             break

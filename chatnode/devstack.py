@@ -108,7 +108,10 @@ class RedisServer:
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Own session: a Ctrl-C meant for `chatnode dev` must not stop Redis before the nodes.
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         _wait_port(self.port, self.proc, "redis-server")
         return self
 
@@ -151,6 +154,14 @@ class PostgresServer:
         if os.geteuid() == 0:
             self.data_dir.chmod(0o755)
             shutil.chown(self.data_dir, _service_user())
+            reachable = subprocess.run(
+                self._as_owner(["test", "-w", str(self.data_dir)]), check=False
+            )
+            if reachable.returncode != 0:
+                raise StackError(
+                    f"PostgreSQL runs as '{_service_user()}' under root and cannot reach "
+                    f"{self.data_dir}; use a data folder every user can traverse"
+                )
         if not (pgdata / "PG_VERSION").exists():
             self._run(
                 [
@@ -208,7 +219,13 @@ class PostgresServer:
         return self
 
     def _run(self, args: list[str]) -> None:
-        done = subprocess.run(self._as_owner(args), capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            self._as_owner(args),
+            capture_output=True,
+            text=True,
+            check=False,
+            start_new_session=True,  # the postmaster must not get dev's Ctrl-C
+        )
         if done.returncode != 0:
             raise StackError(f"{Path(args[0]).name} failed: {(done.stderr or done.stdout).strip()}")
 

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ class Stack:
     def stop(self) -> None:
         for service in reversed(self.owned):
             service.stop()
+            if isinstance(service, devstack.PostgresServer):
+                shutil.rmtree(service.data_dir, ignore_errors=True)
 
 
 async def _redis_answers(url: str) -> bool:
@@ -77,17 +81,26 @@ async def start_stack(tmp: Path) -> Stack:
     """Use the machine's Redis and PostgreSQL when they answer, else start private ones."""
     redis_url = os.environ.get("CHATNODE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     owned: list[Any] = []
-    if not await _redis_answers(redis_url):
+    embedded = os.environ.get("CHATNODE_TEST_EMBEDDED") == "1"  # prove the no-services path
+    if embedded or not await _redis_answers(redis_url):
         server = devstack.RedisServer(tmp / "redis", fsync="everysec").start()
         owned.append(server)
         redis_url = server.url
     database_url = os.environ.get("CHATNODE_TEST_DATABASE_URL", "")
     if not database_url:
         admin = "postgresql://127.0.0.1:5432/postgres"
-        if await _ensure_database(admin, TEST_DB):
+        if not embedded and await _ensure_database(admin, TEST_DB):
             database_url = f"postgresql://127.0.0.1:5432/{TEST_DB}"
         else:
-            pg = devstack.PostgresServer(tmp / "postgres", database=TEST_DB).start()
+            # PostgreSQL runs unprivileged when we are root: give it a folder it can reach.
+            pg_dir = Path(tempfile.mkdtemp(prefix="chatnode-pg-"))
+            os.chmod(pg_dir, 0o755)
+            try:
+                pg = devstack.PostgresServer(pg_dir, database=TEST_DB).start()
+            except Exception:
+                for service in owned:
+                    service.stop()
+                raise
             owned.append(pg)
             database_url = pg.url
     stack = Stack(redis_url, database_url, owned)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,3 +132,70 @@ async def test_redis_away_readyz_503_sends_unavailable_then_recovers(
     finally:
         node.stop()
         redis.stop()
+
+
+def _consecutive_free_ports(count: int) -> int:
+    for _ in range(50):
+        base = devstack.free_port()
+        if base + count < 65535 and not any(
+            devstack.port_open(base + i, timeout=0.05) for i in range(count)
+        ):
+            return base
+    raise RuntimeError("no free port range")
+
+
+@pytest.mark.timeout(120)
+async def test_dev_starts_embedded_services_and_two_nodes_and_stops_on_ctrl_c(
+    http: aiohttp.ClientSession,
+) -> None:
+    """`chatnode dev` with nothing configured: embedded Redis and PostgreSQL, the schema,
+    two nodes whose URLs it prints; SIGINT (Ctrl-C) stops everything and exits 0."""
+    data = Path(tempfile.mkdtemp(prefix="chatnode-dev-"))
+    os.chmod(data, 0o755)
+    http_base, ws_base = _consecutive_free_ports(2), _consecutive_free_ports(2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATNODE_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "chatnode",
+        "dev",
+        "--nodes",
+        "2",
+        "--http-port",
+        str(http_base),
+        "--ws-port",
+        str(ws_base),
+        "--data-dir",
+        str(data / "state"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    try:
+        lines: list[str] = []
+        async with asyncio.timeout(90):
+            while not lines or "is up" not in lines[-1]:
+                line = (await proc.stdout.readline()).decode()
+                assert line, f"dev exited early: {lines}"
+                lines.append(line)
+        for i in range(2):
+            assert f"http://127.0.0.1:{http_base + i}" in "".join(lines)
+            assert f"ws://127.0.0.1:{ws_base + i}/ws" in "".join(lines)
+            api = Api(http, f"http://127.0.0.1:{http_base + i}")
+            assert (await api.call("GET", "/readyz"))[0] == 200
+        user = await new_user(Api(http, f"http://127.0.0.1:{http_base}"))
+        c = await Client.connect(f"ws://127.0.0.1:{ws_base + 1}/ws", user.token)
+        assert c.hello["node"] == "dev-2"
+        await c.close()
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            assert await proc.wait() == 0
+        for port in (http_base, http_base + 1, ws_base, ws_base + 1):
+            assert not devstack.port_open(port)
+        assert (data / "state" / "redis" / "appendonlydir").exists()  # AOF on
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
