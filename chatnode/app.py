@@ -80,8 +80,8 @@ class Node:
             raise StartupError(
                 f"cannot reach PostgreSQL at {safe_url(s.database_url)}: {exc}"
             ) from None
-        self.batcher = redisio.Batcher(self.redis)
         metrics = Metrics()
+        self.batcher = redisio.Batcher(s.redis_url, on_pipeline=metrics.count_pipeline)
         router = Router(self.redis, self.batcher, s.node_id)
         tokens = auth.Tokens(s.jwt_secret, s.token_ttl_s)
         self.passwords = auth.Passwords(s.bcrypt_rounds)

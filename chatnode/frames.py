@@ -134,23 +134,24 @@ def _id_list(
     return tuple(dict.fromkeys(values))
 
 
-# Server frames: small functions returning the encoded text, one per frame type.
+# Server frames: small functions returning the encoded UTF-8 JSON, one per frame type.
 
 
-def _dump(obj: dict[str, Any]) -> str:
-    return orjson.dumps(obj).decode()
+def _dump(obj: dict[str, Any]) -> bytes:
+    """UTF-8 JSON, written as a text frame as is."""
+    return orjson.dumps(obj)
 
 
-def hello(mobile: str, node: str, heartbeat: float) -> str:
+def hello(mobile: str, node: str, heartbeat: float) -> bytes:
     beat: float | int = int(heartbeat) if float(heartbeat).is_integer() else heartbeat
     return _dump({"type": "hello", "mobileNo": mobile, "node": node, "heartbeat": beat})
 
 
-def accepted(client_id: str, msg_id: str, ts: int) -> str:
+def accepted(client_id: str, msg_id: str, ts: int) -> bytes:
     return _dump({"type": "accepted", "id": client_id, "msgId": msg_id, "ts": ts})
 
 
-def message(msg_id: str, client_id: str, sender: str, body: str, ts: int) -> str:
+def message(msg_id: str, client_id: str, sender: str, body: str, ts: int) -> bytes:
     return _dump(
         {
             "type": "message",
@@ -163,15 +164,15 @@ def message(msg_id: str, client_id: str, sender: str, body: str, ts: int) -> str
     )
 
 
-def receipt(msg_id: str, status: str, by: str, ids: list[str], ts: int) -> str:
+def receipt(msg_id: str, status: str, by: str, ids: list[str], ts: int) -> bytes:
     return _dump(
         {"type": "receipt", "msgId": msg_id, "status": status, "by": by, "ids": ids, "ts": ts}
     )
 
 
-def typing(sender: str, state: str) -> str:
+def typing(sender: str, state: str) -> bytes:
     return _dump({"type": "typing", "from": sender, "state": state})
 
 
-def error(code: str, message: str, ref: str | None) -> str:
+def error(code: str, message: str, ref: str | None) -> bytes:
     return _dump({"type": "error", "code": code, "message": message, "ref": ref})

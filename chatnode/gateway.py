@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -19,6 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from chatnode import auth, frames, inbox, keys, logs, presence
 from chatnode.config import Settings
@@ -29,9 +29,8 @@ from chatnode.routing import Router
 
 log = logs.get(__name__)
 
-OUTBOX_LOW = 256  # read more from the inbox only below this many queued frames
-OUTBOX_MAX = 4096  # a client this far behind is disconnected, not waited on
-SEND_TIMEOUT_S = 10.0
+OUT_BUFFER_LOW = 256 * 1024  # read more from the inbox only below this many unsent bytes
+OUT_BUFFER_MAX = 4 * 1024 * 1024  # a client this far behind is disconnected
 MAX_INVALID_FRAMES = 20
 CLOSE_WAIT_S = 5.0
 
@@ -61,12 +60,12 @@ class Session:
         self.jti = jti
         self.sid = secrets.token_hex(6)
         self.route = keys.route_value(node_id, self.sid)
-        self.outbox: deque[str] = deque()
+        self.outbox: list[bytes] = []
         self.unacked: dict[str, tuple[inbox.Entry, float]] = {}
         self.cursor = "0"  # pending entries first, then '>' for new ones
         self.dirty = False
         self.reading = False
-        self.writing = False
+        self.writing = False  # queued for the end-of-turn flush
         self.closed = False
         self.invalid = 0
 
@@ -94,6 +93,8 @@ class Gateway:
         self.seen_to_store: dict[str, int] = {}
         self._claims: dict[ServerConnection, auth.Claims] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._to_flush: list[Session] = []
+        self._flush_scheduled = False
         self.accepting = True
 
     # -- handshake -----------------------------------------------------------------
@@ -175,6 +176,7 @@ class Gateway:
         """Close a socket from outside its handler; safe to call twice."""
         if s.closed:
             return
+        self._flush(s)  # an error frame queued just before still goes out
         s.closed = True
         self._spawn(s.ws.close(code, reason))
 
@@ -268,61 +270,89 @@ class Gateway:
         route = await presence.typing_route(self.batcher, s.mobile, frame.to)
         self.router.to_route(route, f"t|{frame.to}|{s.mobile}|{frame.state}")
 
-    # -- frames out ----------------------------------------------------------------
+    # -- frames out ---------------------------------------------------------------
+    #
+    # Frames queued for a socket during one event-loop turn are encoded by websockets'
+    # sans-I/O protocol and written with one transport write at the end of the turn: no
+    # writer task, no coroutine per frame. The transport's buffer is the bound: a client
+    # that lets it grow past OUT_BUFFER_MAX is disconnected, not waited on.
 
-    def push(self, s: Session, frame: str) -> None:
-        """Queue a frame for the socket; a client too far behind is disconnected."""
+    def push(self, s: Session, frame: bytes) -> None:
+        """Queue a frame; it is written at the end of this event-loop turn."""
         if s.closed:
-            return
-        if len(s.outbox) >= OUTBOX_MAX:
-            self.close(s, CloseCode.POLICY, "client is not reading")
             return
         s.outbox.append(frame)
         if not s.writing:
             s.writing = True
-            self._spawn(self._write(s))
+            self._to_flush.append(s)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_all)
 
-    async def _write(self, s: Session) -> None:
-        try:
-            while s.outbox and not s.closed:
-                frame = s.outbox.popleft()
-                async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await s.ws.send(frame)
-                if s.dirty and not s.reading and len(s.outbox) < OUTBOX_LOW:
-                    self.wake(s)
-        except (ConnectionClosed, TimeoutError):
-            self.close(s, CloseCode.POLICY, "client is not reading")
-        finally:
+    def _flush_all(self) -> None:
+        self._flush_scheduled = False
+        sessions, self._to_flush = self._to_flush, []
+        for s in sessions:
             s.writing = False
+            self._flush(s)
+
+    def _flush(self, s: Session) -> None:
+        if not s.outbox:
+            return
+        frames_, s.outbox = s.outbox, []
+        ws = s.ws
+        if ws.protocol.state is not State.OPEN:
+            return
+        try:
+            for frame in frames_:
+                ws.protocol.send_text(frame)
+            data = b"".join(ws.protocol.data_to_send())
+            if data:
+                ws.transport.write(data)
+        except Exception as exc:  # the socket is going away; its handler cleans up
+            log.info("socket_write_failed", user=s.mobile, error=type(exc).__name__)
+            self.close(s, CloseCode.INTERNAL, "write failed")
+            return
+        if ws.transport.get_write_buffer_size() > OUT_BUFFER_MAX:
+            self.close(s, CloseCode.POLICY, "client is not reading")
+
+    def _backlogged(self, s: Session) -> bool:
+        return bool(s.ws.transport.get_write_buffer_size() > OUT_BUFFER_LOW)
 
     def wake(self, s: Session) -> None:
         """Something may be waiting in the inbox: read it once, however often woken."""
         if s.closed:
             return
         s.dirty = True
-        if not s.reading and len(s.outbox) < OUTBOX_LOW:
-            s.reading = True
-            self._spawn(self._read_inbox(s))
+        if s.reading or self._backlogged(s):
+            return  # the read in flight loops again; a full buffer waits for the sweep
+        s.reading = True
+        s.dirty = False
+        cursor = s.cursor
+        inbox.read(self.batcher, s.mobile, cursor).add_done_callback(
+            lambda fut: self._on_read(s, cursor, fut)
+        )
 
-    async def _read_inbox(self, s: Session) -> None:
-        try:
-            while s.dirty and not s.closed and len(s.outbox) < OUTBOX_LOW:
-                s.dirty = False
-                cursor = s.cursor
-                entries = await inbox.read(self.batcher, s.mobile, cursor)
-                if cursor != ">":
-                    s.cursor = entries[-1].msg_id if entries else ">"
-                    s.dirty = True
-                elif len(entries) >= inbox.READ_COUNT:
-                    s.dirty = True
-                self._deliver(s, entries)
-        except Exception as exc:  # Redis away: the sweeper wakes dirty sessions again
+    def _on_read(self, s: Session, cursor: str, fut: asyncio.Future[list[inbox.Entry]]) -> None:
+        s.reading = False
+        if fut.cancelled() or fut.exception() is not None:
+            s.dirty = True  # Redis away: the sweep wakes dirty sessions again
+            if not fut.cancelled():
+                log.warning("inbox_read_failed", user=s.mobile, error=repr(fut.exception()))
+            return
+        entries = fut.result()
+        if cursor != ">":
+            s.cursor = entries[-1].msg_id if entries else ">"
             s.dirty = True
-            log.warning("inbox_read_failed", user=s.mobile, error=type(exc).__name__)
-        finally:
-            s.reading = False
+        elif len(entries) >= inbox.READ_COUNT:
+            s.dirty = True
+        self._deliver(s, entries)
+        if s.dirty:
+            self.wake(s)
 
     def _deliver(self, s: Session, entries: list[inbox.Entry]) -> None:
+        if s.closed:
+            return
         now = time.monotonic()
         gone = []
         for entry in entries:
@@ -332,12 +362,10 @@ class Gateway:
             s.unacked.pop(entry.msg_id, None)
             s.unacked[entry.msg_id] = (entry, now)
             self.push(s, entry.frame)
-        if entries:
+        if len(entries) > len(gone):
             self.metrics.delivered.inc(len(entries) - len(gone))
         if gone:
-            self.batcher.call("XACK", keys.inbox(s.mobile), keys.GROUP, *gone).add_done_callback(
-                _ignore
-            )
+            self.batcher.fire("XACK", keys.inbox(s.mobile), keys.GROUP, *gone)
 
     # -- node-wide sweeps (one task each, never one per socket) --------------------
 
@@ -346,7 +374,7 @@ class Gateway:
         now = time.monotonic()
         deadline = now - self.settings.redelivery_s
         for s in list(self.sessions.values()):
-            if s.dirty and not s.reading:
+            if s.dirty:
                 self.wake(s)
             stale = []
             for entry, sent in s.unacked.values():

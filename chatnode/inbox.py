@@ -6,6 +6,7 @@ user's device acks it (XACK + XDEL). Scripts touch only the owner's hash-tagged 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,7 @@ class Entry:
     kind: str  # "m" message, "r" receipt
     sender: str
     client_id: str
-    frame: str
+    frame: bytes
 
 
 async def _with_reload(
@@ -152,37 +153,49 @@ async def ensure_group(batcher: Batcher, mobile: str) -> None:
             raise
 
 
-async def read(batcher: Batcher, mobile: str, cursor: str, count: int = READ_COUNT) -> list[Entry]:
-    """Read through the group: cursor '0'-style ids give pending entries, '>' new ones."""
-    try:
-        reply = await batcher.run(
-            "XREADGROUP",
-            "GROUP",
-            keys.GROUP,
-            keys.CONSUMER,
-            "COUNT",
-            count,
-            "STREAMS",
-            keys.inbox(mobile),
-            cursor,
-        )
-    except ResponseError as exc:
-        if "NOGROUP" not in str(exc):
-            raise
-        await ensure_group(batcher, mobile)
-        return []
-    if not reply:
-        return []
-    entries: list[Entry] = []
-    for _stream, items in reply:
-        for msg_id, fields in items:
-            entries.append(decode(msg_id, fields))
-    return entries
+def read(
+    batcher: Batcher, mobile: str, cursor: str, count: int = READ_COUNT
+) -> asyncio.Future[list[Entry]]:
+    """Read through the group: an id as cursor gives pending entries, '>' new ones."""
+    result: asyncio.Future[list[Entry]] = asyncio.get_running_loop().create_future()
+
+    def done(fut: asyncio.Future[Any]) -> None:
+        if result.done():
+            return
+        if fut.cancelled():
+            result.cancel()
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                # Redis lost the stream: recreate the group; the caller reads again later
+                batcher.fire("XGROUP", "CREATE", keys.inbox(mobile), keys.GROUP, "0", "MKSTREAM")
+            result.set_exception(exc)
+            return
+        entries = [
+            decode(msg_id, fields) for _, items in fut.result() or () for msg_id, fields in items
+        ]
+        result.set_result(entries)
+
+    batcher.call(
+        "XREADGROUP",
+        "GROUP",
+        keys.GROUP,
+        keys.CONSUMER,
+        "COUNT",
+        count,
+        "STREAMS",
+        keys.inbox(mobile),
+        cursor,
+    ).add_done_callback(done)
+    return result
 
 
-def decode(msg_id: str, fields: dict[str, str] | None) -> Entry:
-    if not fields:  # deleted while pending: nothing to send, ack it away
-        return Entry(msg_id, "", "", "", "")
+def decode(msg_id: str, raw: list[str] | dict[str, str] | None) -> Entry:
+    """One stream entry (its field list as Redis sends it) as an Entry with its frame."""
+    if not raw:  # deleted while pending: nothing to send, ack it away
+        return Entry(msg_id, "", "", "", b"")
+    fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
     sender = fields.get("f", "")
     client_id = fields.get("i", "")
     ts = int(fields.get("t", "0"))

@@ -47,5 +47,16 @@ class Metrics:
             registry=r,
         )
 
+        self.redis_pipelines = Counter(
+            "chatnode_redis_pipelines", "Pipelines sent to Redis by the batcher", registry=r
+        )
+        self.redis_commands = Counter(
+            "chatnode_redis_commands", "Commands sent to Redis inside those pipelines", registry=r
+        )
+
+    def count_pipeline(self, commands: int) -> None:
+        self.redis_pipelines.inc()
+        self.redis_commands.inc(commands)
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

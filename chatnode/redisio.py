@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from chatnode import logs
 from chatnode.errors import Unavailable
 
+log = logs.get(__name__)
+
 COMMAND_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 2.0
 MAX_BATCH = 1000
-MAX_INFLIGHT = 4
+MAX_INFLIGHT = 1
+BATCH_WINDOW_S = float(os.environ.get("CHATNODE_BENCH_WINDOW", "0.001"))
 
 
 def connect(url: str, *, max_connections: int = 32) -> aioredis.Redis:
@@ -46,18 +56,98 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
+class Link:
+    """One Redis connection for the batcher: hiredis packs the pipeline and parses replies.
+
+    redis-py spends ~50 us of Python per command packing arguments and wrapping each read
+    in a timeout; here a pipeline is one write, one timeout and a C parser."""
+
+    def __init__(self, url: str, timeout: float = COMMAND_TIMEOUT_S) -> None:
+        opts = parse_url(url)
+        if opts.get("connection_class") not in (None, UnixDomainSocketConnection):
+            raise ValueError("the batcher speaks plain TCP or a unix socket to Redis")
+        self._opts = opts
+        self._timeout = timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser: Any = None
+
+    async def _connect(self) -> None:
+        opts = self._opts
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            if opts.get("path"):
+                self._reader, self._writer = await asyncio.open_unix_connection(opts["path"])
+            else:
+                self._reader, self._writer = await asyncio.open_connection(
+                    opts.get("host", "127.0.0.1"), opts.get("port", 6379)
+                )
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._parser = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
+        hello: list[tuple[Any, ...]] = []
+        if opts.get("password"):
+            user = opts.get("username")
+            hello.append(("AUTH", user, opts["password"]) if user else ("AUTH", opts["password"]))
+        if opts.get("db"):
+            hello.append(("SELECT", opts["db"]))
+        if hello:
+            for reply in await self._roundtrip(hello):
+                if isinstance(reply, Exception):
+                    raise RedisConnectionError(f"Redis refused the connection: {reply}")
+
+    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send commands as one pipeline; replies in order, errors as exception values."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._writer is None:
+                    await self._connect()
+                return await self._roundtrip(commands)
+        except BaseException:
+            self.close()  # a half-read pipeline leaves the stream unusable
+            raise
+
+    async def _roundtrip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        assert self._writer is not None and self._reader is not None
+        self._writer.write(b"".join([hiredis.pack_command(c) for c in commands]))
+        parser = self._parser
+        replies: list[Any] = []
+        want = len(commands)
+        while len(replies) < want:
+            reply = parser.gets()
+            if reply is False:
+                data = await self._reader.read(1 << 16)
+                if not data:
+                    raise RedisConnectionError("Redis closed the connection")
+                parser.feed(data)
+                continue
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                reply = NoScriptError(str(reply))
+            replies.append(reply)
+        return replies
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
 class Batcher:
     """Sends every command submitted during one event-loop turn as one pipeline."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        url: str,
         *,
         max_batch: int = MAX_BATCH,
         max_inflight: int = MAX_INFLIGHT,
         timeout: float = COMMAND_TIMEOUT_S,
+        on_pipeline: Callable[[int], None] | None = None,
+        window: float = BATCH_WINDOW_S,
     ) -> None:
-        self.client = client
+        self._window = window
+        self._links = [Link(url, timeout) for _ in range(max_inflight)]
+        self._on_pipeline = on_pipeline
         self._max_batch = max_batch
         self._max_inflight = max_inflight
         self._timeout = timeout
@@ -65,8 +155,6 @@ class Batcher:
         self._scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self.pipelines = 0
-        self.commands = 0
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future resolves with its reply or its error."""
@@ -75,7 +163,7 @@ class Batcher:
         self._pending.append((args, fut))
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)
+            loop.call_later(self._window, self._flush)
         return fut
 
     def fire(self, *args: Any) -> None:
@@ -91,13 +179,22 @@ class Batcher:
         except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable("Redis is unavailable") from exc
 
-    async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a Lua script by SHA, loading it once if Redis does not know it yet."""
-        try:
-            return await self.run("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self.run("SCRIPT", "LOAD", script.source)
-            return await self.run("EVALSHA", script.sha, len(keys), *keys, *args)
+    def script(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        """Run a Lua script by SHA; on NOSCRIPT, load it and retry in the same pipeline."""
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+        def first(fut: asyncio.Future[Any]) -> None:
+            if not fut.cancelled() and isinstance(fut.exception(), NoScriptError):
+                self.fire("SCRIPT", "LOAD", script.source)
+                self.call(*command).add_done_callback(lambda again: _settle(result, again))
+            else:
+                _settle(result, fut)
+
+        self.call(*command).add_done_callback(first)
+        return result
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -110,38 +207,50 @@ class Batcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        link = self._links.pop()
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for args, _ in batch:
-                pipe.execute_command(*args)
-            try:
-                async with asyncio.timeout(self._timeout):
-                    replies = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError, TimeoutError) as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(Unavailable("Redis is unavailable"))
-                        fut.exception()  # waiters that timed out must not warn
-                del exc
-                return
-            self.pipelines += 1
-            self.commands += len(batch)
-            for (_, fut), reply in zip(batch, replies, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(reply, Exception):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
+            replies = await link.execute([args for args, _ in batch])
+        except Exception as exc:  # every waiter hears of it; none hangs
+            if not isinstance(exc, RedisError | OSError | TimeoutError):
+                log.exception("pipeline_failed")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(Unavailable("Redis is unavailable"))
+                    fut.exception()  # waiters that gave up must not warn
+            return
         finally:
+            self._links.append(link)
             self._inflight -= 1
             if self._pending and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
+        if self._on_pipeline is not None:
+            self._on_pipeline(len(batch))
+        for (_, fut), reply in zip(batch, replies, strict=True):
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(reply)
+                fut.exception()
+            else:
+                fut.set_result(reply)
 
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self._timeout)
+        for link in self._links:
+            link.close()
+
+
+def _settle(result: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
+    if result.done():
+        return
+    if source.cancelled():
+        result.cancel()
+    elif (exc := source.exception()) is not None:
+        result.set_exception(exc)
+    else:
+        result.set_result(source.result())
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

@@ -464,9 +464,9 @@ def test_lone_surrogate_in_the_text_itself_is_invalid_not_a_crash() -> None:
 # --- server frames ---------------------------------------------------------------------
 
 
-def decoded(text: str) -> dict[str, Any]:
-    assert isinstance(text, str)
-    obj = json.loads(text)
+def decoded(data: bytes) -> dict[str, Any]:
+    assert isinstance(data, bytes)
+    obj = json.loads(data.decode("utf-8"))  # sent as a text frame: must be UTF-8
     assert isinstance(obj, dict)
     return obj
 
