@@ -14,6 +14,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -235,23 +236,40 @@ class Gateway:
             if entry.kind == "m":
                 by_sender.setdefault(entry.sender, []).append(entry.client_id)
         ts = presence.now_ms()
-        senders = list(by_sender)
-        jobs = [
-            inbox.enqueue_receipt(
-                self.batcher, self.pool, snd, s.mobile, "delivered", by_sender[snd], ts
-            )
-            for snd in senders
-        ]
-        results = await asyncio.gather(
-            *jobs, inbox.ack(self.batcher, s.mobile, [m for m, _ in done]), return_exceptions=True
-        )
-        if isinstance(results[-1], BaseException):
+        for sender, ids in by_sender.items():  # queued before the ack: at least once
+            self._receipt(sender, s.mobile, "delivered", ids, ts)
+        try:
+            await inbox.ack(self.batcher, s.mobile, [m for m, _ in done])
+        except (ChatError, RedisError):
             s.unacked.update(done)  # still pending in Redis: keep redelivering
-            raise Unavailable("could not ack, send the ack again")
+            raise Unavailable("could not ack, send the ack again") from None
         self.metrics.acked.inc(len(done))
-        for snd, route in zip(senders, results[:-1], strict=True):
-            if isinstance(route, str) and route:
-                self.router.wake(route, snd)
+
+    def _receipt(self, owner: str, by: str, status: str, ids: list[str], ts: int) -> None:
+        """Queue a receipt for `owner` and wake them; no task unless Redis lacks `owner`."""
+
+        def done(fut: asyncio.Future[list[Any]]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                log.warning("receipt_failed", user=owner, error=repr(fut.exception()))
+                return
+            reply = fut.result()
+            if reply[0] == "ok" and reply[1]:
+                self.router.wake(reply[1], owner)
+            elif reply[0] == "unknown":  # reload from PostgreSQL, then try again
+                self._spawn(self._receipt_slow(owner, by, status, ids, ts))
+
+        inbox.submit_receipt(self.batcher, owner, by, status, ids, ts).add_done_callback(done)
+
+    async def _receipt_slow(
+        self, owner: str, by: str, status: str, ids: list[str], ts: int
+    ) -> None:
+        try:
+            route = await inbox.enqueue_receipt(self.batcher, self.pool, owner, by, status, ids, ts)
+        except ChatError as exc:
+            log.warning("receipt_failed", user=owner, error=exc.code)
+            return
+        if route:
+            self.router.wake(route, owner)
 
     async def _read_receipt(self, s: Session, frame: frames.Read) -> None:
         route = await inbox.enqueue_receipt(

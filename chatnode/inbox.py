@@ -127,6 +127,17 @@ async def enqueue_message(
     return Stored(str(reply[1]), int(reply[2]), str(reply[3]))
 
 
+def submit_receipt(
+    batcher: Batcher, owner: str, by: str, status: str, ids: list[str], ts: int
+) -> asyncio.Future[list[Any]]:
+    """Queue the receipt script; its reply is ['ok', route], ['dropped'] or ['unknown']."""
+    return batcher.script(
+        RECEIPT,
+        [keys.account(owner), keys.blocks(owner), keys.inbox(owner), keys.route(owner)],
+        [by, status, ",".join(ids), ts],
+    )
+
+
 async def enqueue_receipt(
     batcher: Batcher, pool: Any, owner: str, by: str, status: str, ids: list[str], ts: int
 ) -> str | None:

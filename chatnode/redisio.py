@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,7 @@ log = logs.get(__name__)
 COMMAND_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 MAX_BATCH = 1000
-MAX_INFLIGHT = 1
-BATCH_WINDOW_S = float(os.environ.get("CHATNODE_BENCH_WINDOW", "0.001"))
+MAX_INFLIGHT = 4  # pipelines in flight at once, each on its own connection
 
 
 def connect(url: str, *, max_connections: int = 32) -> aioredis.Redis:
@@ -143,9 +141,7 @@ class Batcher:
         max_inflight: int = MAX_INFLIGHT,
         timeout: float = COMMAND_TIMEOUT_S,
         on_pipeline: Callable[[int], None] | None = None,
-        window: float = BATCH_WINDOW_S,
     ) -> None:
-        self._window = window
         self._links = [Link(url, timeout) for _ in range(max_inflight)]
         self._on_pipeline = on_pipeline
         self._max_batch = max_batch
@@ -163,7 +159,7 @@ class Batcher:
         self._pending.append((args, fut))
         if not self._scheduled:
             self._scheduled = True
-            loop.call_later(self._window, self._flush)
+            loop.call_soon(self._flush)
         return fut
 
     def fire(self, *args: Any) -> None:
