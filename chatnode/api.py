@@ -11,13 +11,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from chatnode import accounts, auth, blocks, keys, logs, presence
+from chatnode import accounts, auth, blocks, keys, logs, presence, ratelimit
 from chatnode.config import Settings
 from chatnode.errors import (
     ChatError,
     Code,
     InvalidCredentials,
     InvalidRequest,
+    RateLimited,
     Unavailable,
 )
 from chatnode.frames import is_mobile
@@ -82,6 +83,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every failure, aiohttp's own included, as the JSON error envelope."""
     try:
         return await handler(request)
+    except RateLimited as exc:
+        return fail(exc.code, exc.message, 429, {"Retry-After": str(exc.retry_after)})
     except ChatError as exc:
         return fail(exc.code, exc.message, exc.status)
     except web.HTTPException as exc:
@@ -173,12 +176,23 @@ async def login(request: web.Request) -> web.Response:
     password = string_field(body, "password")
     if not isinstance(mobile, str):
         raise InvalidRequest("mobileNo must be a string")
+    number = mobile if is_mobile(mobile) else "malformed"
+    limits = login_limits(svc.settings, number, request.remote or "unknown")
+    for kind, subject, limit in limits:
+        verdict = await ratelimit.peek(svc.batcher, kind, subject, limit)
+        if not verdict.allowed:
+            raise RateLimited(
+                "too many failed logins, try again later", retry_after=verdict.retry_after
+            )
     user = await accounts.find_user(svc.pool, mobile) if is_mobile(mobile) else None
     try:
         good = await svc.passwords.verify(password, user.password_hash if user else None)
     except UnicodeEncodeError:
         good = False
     if user is None or not good:
+        window = svc.settings.login_fail_window_s
+        for kind, subject, limit in limits:
+            await ratelimit.hit(svc.batcher, kind, subject, limit, window)
         raise InvalidCredentials()
     token, claims = svc.tokens.issue(user.mobile)
     await accounts.record_event(svc.pool, user.id, "login", svc.settings.node_id)
@@ -200,6 +214,14 @@ async def logout(request: web.Request) -> web.Response:
     svc.router.to_route(route, f"l|{claims.mobile}|{claims.jti}")
     log.info("logout", user=claims.mobile)
     return ok(message="logged out")
+
+
+def login_limits(settings: Settings, mobile: str, address: str) -> list[tuple[str, str, int]]:
+    """Failed-login counters a login is judged by: per number and per client address."""
+    return [
+        ("login-number", mobile, settings.login_fails_per_number),
+        ("login-address", address, settings.login_fails_per_address),
+    ]
 
 
 def _now() -> int:

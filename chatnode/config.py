@@ -20,6 +20,17 @@ DEFAULT_REDELIVERY_S = 30.0
 DEFAULT_INBOX_LIMIT = 10000
 DEFAULT_ROUTE_TTL_S = 60
 DEFAULT_HOST = "127.0.0.1"
+# Rate limits (README, "Limits"); failed logins and connections are counted in Redis.
+DEFAULT_LOGIN_FAILS_PER_NUMBER = 10
+DEFAULT_LOGIN_FAILS_PER_ADDRESS = 200
+DEFAULT_LOGIN_FAIL_WINDOW_S = 900
+DEFAULT_CONNECTS_PER_ADDRESS = 2000
+DEFAULT_CONNECT_WINDOW_S = 10
+DEFAULT_SEND_RATE = 100.0
+DEFAULT_SEND_BURST = 200
+DEFAULT_FRAME_RATE = 1000.0
+DEFAULT_FRAME_BURST = 2000
+DEFAULT_REFUSALS_BEFORE_CLOSE = 100
 SECRET_FIELDS = frozenset({"jwt_secret", "database_url", "redis_url"})
 
 
@@ -47,6 +58,16 @@ class Settings:
     inbox_limit: int = DEFAULT_INBOX_LIMIT
     route_ttl_s: int = DEFAULT_ROUTE_TTL_S
     log_format: str = "json"
+    login_fails_per_number: int = DEFAULT_LOGIN_FAILS_PER_NUMBER
+    login_fails_per_address: int = DEFAULT_LOGIN_FAILS_PER_ADDRESS
+    login_fail_window_s: int = DEFAULT_LOGIN_FAIL_WINDOW_S
+    connects_per_address: int = DEFAULT_CONNECTS_PER_ADDRESS
+    connect_window_s: int = DEFAULT_CONNECT_WINDOW_S
+    send_rate: float = DEFAULT_SEND_RATE
+    send_burst: int = DEFAULT_SEND_BURST
+    frame_rate: float = DEFAULT_FRAME_RATE
+    frame_burst: int = DEFAULT_FRAME_BURST
+    refusals_before_close: int = DEFAULT_REFUSALS_BEFORE_CLOSE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -73,6 +94,20 @@ class Settings:
             raise ConfigError("CHATNODE_BCRYPT_ROUNDS must be between 4 and 31")
         if self.token_ttl_s <= 0 or self.inbox_limit <= 0 or self.route_ttl_s <= 0:
             raise ConfigError("token TTL, inbox limit and route TTL must be > 0")
+        limits = (
+            self.login_fails_per_number,
+            self.login_fails_per_address,
+            self.login_fail_window_s,
+            self.connects_per_address,
+            self.connect_window_s,
+            self.send_burst,
+            self.frame_burst,
+            self.refusals_before_close,
+        )
+        if min(limits) <= 0 or not (
+            0 < self.send_rate < math.inf and 0 < self.frame_rate < math.inf
+        ):
+            raise ConfigError("rate limits must be positive numbers")
         if not self.node_id or "|" in self.node_id:
             raise ConfigError("CHATNODE_NODE_ID must be non-empty and must not contain '|'")
 

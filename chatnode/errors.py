@@ -94,6 +94,15 @@ class Unavailable(ChatError):
     default_message = "a backing service is unavailable, try again later"
 
 
+class RateLimited(ChatError):
+    code = Code.RATE_LIMITED
+    default_message = "too many requests, slow down"
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class InvalidFrame(ChatError):
     code = Code.INVALID_FRAME
     default_message = "invalid frame"

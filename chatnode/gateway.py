@@ -21,9 +21,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from chatnode import auth, frames, inbox, keys, logs, presence
+from chatnode import auth, frames, inbox, keys, logs, presence, ratelimit
 from chatnode.config import Settings
-from chatnode.errors import ChatError, CloseCode, Unauthorized, Unavailable
+from chatnode.errors import ChatError, CloseCode, Code, Unauthorized, Unavailable
 from chatnode.metrics import Metrics
 from chatnode.redisio import Batcher
 from chatnode.routing import Router
@@ -43,20 +43,28 @@ class Session:
         "closed",
         "cursor",
         "dirty",
+        "frame_bucket",
         "invalid",
         "jti",
         "mobile",
         "outbox",
         "reading",
+        "refused",
         "route",
+        "send_bucket",
         "sid",
         "unacked",
         "writing",
         "ws",
     )
 
-    def __init__(self, ws: ServerConnection, mobile: str, jti: str, node_id: str) -> None:
+    def __init__(
+        self, ws: ServerConnection, mobile: str, jti: str, node_id: str, settings: Settings
+    ) -> None:
         self.ws = ws
+        self.send_bucket = ratelimit.Bucket(settings.send_rate, settings.send_burst)
+        self.frame_bucket = ratelimit.Bucket(settings.frame_rate, settings.frame_burst)
+        self.refused = 0  # rate-limit refusals in a row
         self.mobile = mobile
         self.jti = jti
         self.sid = secrets.token_hex(6)
@@ -107,6 +115,21 @@ class Gateway:
             return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
         if not self.accepting:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "node restarting\n")
+        address = str(conn.remote_address[0]) if conn.remote_address else "unknown"
+        try:
+            verdict = await ratelimit.hit(
+                self.batcher,
+                "connect-address",
+                address,
+                self.settings.connects_per_address,
+                self.settings.connect_window_s,
+            )
+        except ChatError:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
+        if not verdict.allowed:
+            response = conn.respond(HTTPStatus.TOO_MANY_REQUESTS, "rate_limited\n")
+            response.headers["Retry-After"] = str(verdict.retry_after)
+            return response
         token = parse_qs(url.query).get("token", [None])[0] or auth.bearer(
             _header(request.headers, "Authorization")
         )
@@ -123,7 +146,7 @@ class Gateway:
 
     async def handler(self, ws: ServerConnection) -> None:
         claims = self._claims.pop(ws)
-        s = Session(ws, claims.mobile, claims.jti, self.node_id)
+        s = Session(ws, claims.mobile, claims.jti, self.node_id, self.settings)
         previous = self.sessions.get(s.mobile)
         self.sessions[s.mobile] = s
         if previous is not None:
@@ -189,6 +212,9 @@ class Gateway:
     # -- frames in -----------------------------------------------------------------
 
     async def _on_frame(self, s: Session, data: str | bytes) -> None:
+        if not s.frame_bucket.take():
+            self._rate_limited(s, None)
+            return
         try:
             frame = frames.parse_client(data, s.mobile)
         except frames.FrameError as exc:
@@ -201,6 +227,10 @@ class Gateway:
         try:
             match frame:
                 case frames.Send():
+                    if not s.send_bucket.take():
+                        self._rate_limited(s, frame.id)
+                        return
+                    s.refused = 0
                     await self._send(s, frame)
                 case frames.Ack():
                     await self._ack(s, frame)
@@ -211,6 +241,13 @@ class Gateway:
         except ChatError as exc:
             ref = frame.id if isinstance(frame, frames.Send) else None
             self._refuse(s, exc.code, exc.message, ref)
+
+    def _rate_limited(self, s: Session, ref: str | None) -> None:
+        """Refuse one frame; a client that keeps flooding past the limit is closed (1008)."""
+        s.refused += 1
+        self._refuse(s, Code.RATE_LIMITED, "too many frames, slow down", ref)
+        if s.refused >= self.settings.refusals_before_close:
+            self.close(s, CloseCode.POLICY, "flooding")
 
     def _refuse(self, s: Session, code: str, message: str, ref: str | None) -> None:
         self.metrics.refused.labels(code).inc()

@@ -331,12 +331,13 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.monotonic()
     sent = 0
     seq = 0
+    run = os.urandom(4).hex()
     while (elapsed := time.monotonic() - start) < duration:
         due = int(rate * elapsed) - sent
         for _ in range(max(0, due)):
             peer = peers[seq % len(peers)]
             seq += 1
-            cid = f"b{seq}"
+            cid = f"{run}-{seq}"  # fresh per run: a reused id is a retry, stored once
             now = time.time()
             peer.pending[cid] = now
             await peer.ws.send(
