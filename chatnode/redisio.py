@@ -98,6 +98,8 @@ class Link:
         """Send commands as one pipeline; replies in order, errors as exception values."""
         try:
             async with asyncio.timeout(self._timeout):
+                if self._stale():
+                    self.close()
                 if self._writer is None:
                     await self._connect()
                 return await self._roundtrip(commands)
@@ -123,6 +125,13 @@ class Link:
                 reply = NoScriptError(str(reply))
             replies.append(reply)
         return replies
+
+    def _stale(self) -> bool:
+        """Redis closed this idle connection (a restart): reconnect before writing to it."""
+        reader, writer = self._reader, self._writer
+        return writer is not None and (
+            writer.is_closing() or (reader is not None and reader.at_eof())
+        )
 
     def close(self) -> None:
         if self._writer is not None:

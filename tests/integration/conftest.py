@@ -28,8 +28,19 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 async def stack(workdir: Path) -> AsyncIterator[Stack]:
     s = await start_stack(workdir)
+    await forget_rate_limits(s.redis_url)
     yield s
     s.stop()
+
+
+async def forget_rate_limits(url: str) -> None:
+    """Every test client is 127.0.0.1: start each session with its counters at zero."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        async for key in client.scan_iter("chatnode:rl:*", count=1000):
+            await client.delete(key)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")
