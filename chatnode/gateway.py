@@ -453,6 +453,8 @@ class Gateway:
         for s, result in zip(sessions, results, strict=True):
             if result == 0:
                 self.close(s, CloseCode.REPLACED, "replaced by a newer connection")
+            elif result == 2:  # sends while the route was missing published no wake-up
+                self.wake(s)
 
     # -- what other nodes tell us (routing.Listener) -------------------------------
 

@@ -13,14 +13,16 @@ from chatnode.redisio import Batcher, Script
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # KEYS: route, seen. ARGV: our route value, ttl, now ms, seen ttl.
-# 1: still ours (TTL pushed back); 0: another session holds the user now.
+# 1: still ours (TTL pushed back); 0: another session holds the user now;
+# 2: the route was gone (Redis lost it) and is back: entries may have waited unannounced.
 REFRESH = Script(
     """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-return 1
+if cur then return 1 end
+return 2
 """
 )
 

@@ -356,3 +356,111 @@ async def connected(url: str, token: str) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.close()
+
+
+def stream_id(msg_id: str) -> tuple[int, int]:
+    ms, _, seq = msg_id.partition("-")
+    return int(ms), int(seq)
+
+
+class Resilient:
+    """A client as the protocol asks: reconnects to any node, resends unaccepted sends
+    with the same id, acks everything, and deduplicates deliveries by msgId."""
+
+    def __init__(self, user: User, urls: list[str]) -> None:
+        self.user = user
+        self.urls = urls
+        self.ws: ClientConnection | None = None
+        self.sent: dict[str, tuple[str, str]] = {}  # cid -> (to, body)
+        self.accepted: dict[str, str] = {}  # cid -> msgId
+        self.seen: list[dict[str, Any]] = []  # first deliveries, in arrival order
+        self.seen_ids: set[str] = set()
+        self.deliveries = 0
+        self.errors: list[dict[str, Any]] = []
+        self.reconnects = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._next = 0
+
+    async def connect(self, deadline_s: float = 60) -> None:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            url = self.urls[self._next % len(self.urls)]
+            self._next += 1
+            try:
+                ws = await websockets.connect(f"{url}?token={self.user.token}", open_timeout=5)
+                hello = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+                assert hello["type"] == "hello"
+                break
+            except (OSError, TimeoutError, websockets.WebSocketException):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        self.ws = ws
+        self._reader = asyncio.create_task(self._read(ws))
+        for cid, (to, body) in list(self.sent.items()):
+            if cid not in self.accepted:  # unknown fate: resend with the same id
+                await self._send_raw(cid, to, body)
+
+    def on_node(self, url: str) -> None:
+        self._next = self.urls.index(url)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
+                frame = orjson.loads(raw)
+                kind = frame["type"]
+                if kind == "accepted":
+                    self.accepted[frame["id"]] = frame["msgId"]
+                elif kind in ("message", "receipt"):
+                    self.deliveries += 1
+                    if frame["msgId"] not in self.seen_ids:
+                        self.seen_ids.add(frame["msgId"])
+                        self.seen.append(frame)
+                    await ws.send(
+                        orjson.dumps({"type": "ack", "msgIds": [frame["msgId"]]}).decode()
+                    )
+                elif kind == "error":
+                    self.errors.append(frame)
+        except websockets.ConnectionClosed:
+            pass
+        if self.ws is ws:
+            self.reconnects += 1
+            await self.connect()
+
+    async def _send_raw(self, cid: str, to: str, body: str) -> None:
+        assert self.ws is not None
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await self.ws.send(
+                orjson.dumps({"type": "send", "id": cid, "to": to, "body": body}).decode()
+            )
+
+    async def send(self, to: str, body: str, cid: str) -> None:
+        self.sent[cid] = (to, body)
+        await self._send_raw(cid, to, body)
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [f for f in self.seen if f["type"] == "message"]
+
+    async def close(self) -> None:
+        ws, self.ws = self.ws, None
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if ws is not None:
+            await ws.close()
+
+
+async def settle(clients: list[Resilient], expect: Any, timeout: float = 60) -> None:
+    """Wait until `expect()` holds, resending unaccepted sends now and then."""
+    deadline = time.monotonic() + timeout
+    last_resend = time.monotonic()
+    while not expect():
+        assert time.monotonic() < deadline, "the cluster did not settle"
+        await asyncio.sleep(0.2)
+        if time.monotonic() - last_resend > 3:
+            last_resend = time.monotonic()
+            for c in clients:
+                for cid, (to, body) in list(c.sent.items()):
+                    if cid not in c.accepted:
+                        await c._send_raw(cid, to, body)
