@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from chatnode import accounts, auth, blocks, keys, logs, presence, ratelimit
+from chatnode import accounts, auth, blocks, keys, logs, openapi, presence, ratelimit
 from chatnode.config import Settings
 from chatnode.errors import (
     ChatError,
@@ -295,6 +295,10 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(openapi.document()), content_type="application/json")
+
+
 def build(services: Services) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[SERVICES] = services
@@ -309,4 +313,5 @@ def build(services: Services) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_json)
     return app

@@ -54,6 +54,23 @@ def cluster(stack: Stack, workdir: Path) -> Iterator[tuple[NodeProc, NodeProc]]:
 
 
 @pytest.fixture(scope="session")
+def isolated(stack: Stack, workdir: Path) -> Iterator[NodeProc]:
+    """A node on its own Redis database with wide login limits, for the fuzzers: their
+    thousands of failed logins from 127.0.0.1 must not rate-limit the other tests."""
+    base, _, _ = stack.redis_url.rpartition("/")
+    own = Stack(f"{base}/1", stack.database_url)
+    node = NodeProc(
+        own,
+        "isolated",
+        workdir,
+        CHATNODE_LOGIN_FAILS_PER_ADDRESS="1000000",
+        CHATNODE_LOGIN_FAILS_PER_NUMBER="1000000",
+    ).start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session

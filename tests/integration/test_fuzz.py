@@ -156,8 +156,8 @@ class Socket:
 
 
 @pytest.fixture(scope="module")
-def fuzz_target(cluster: tuple[NodeProc, NodeProc]) -> tuple[NodeProc, Socket, str, str]:
-    node = cluster[0]
+def fuzz_target(isolated: NodeProc) -> tuple[NodeProc, Socket, str, str]:
+    node = isolated
     me, token = make_user(node.http)
     peer, _ = make_user(node.http)
     return node, Socket(node.ws, token), me, peer

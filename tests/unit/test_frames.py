@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -429,7 +430,10 @@ def test_ref_is_the_id_exactly_when_it_is_a_string(value: dict[str, Any]) -> Non
     try:
         frame = parse_client(json.dumps(value), ME)
     except FrameError as err:
-        raw = value.get("id")
+        try:  # a lone surrogate is not UTF-8: such a frame is not JSON, so it has no id
+            raw = orjson.loads(json.dumps(value)).get("id")
+        except orjson.JSONDecodeError:
+            raw = None
         assert err.ref == (raw if isinstance(raw, str) else None)
     else:
         assert frame.type == value["type"]
