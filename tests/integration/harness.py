@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -464,3 +465,11 @@ async def settle(clients: list[Resilient], expect: Any, timeout: float = 60) -> 
                 for cid, (to, body) in list(c.sent.items()):
                     if cid not in c.accepted:
                         await c._send_raw(cid, to, body)
+
+
+def report(scenario: str, **figures: Any) -> None:
+    """Append one scenario's figures to $CHATNODE_CHAOS_REPORT (scripts/chaos reads it)."""
+    path = os.environ.get("CHATNODE_CHAOS_REPORT")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"scenario": scenario, **figures}) + "\n")

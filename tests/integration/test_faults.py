@@ -18,6 +18,7 @@ from tests.integration.harness import (
     Resilient,
     Stack,
     new_user,
+    report,
     settle,
     stream_id,
 )
@@ -27,20 +28,38 @@ ROOMY = {"CHATNODE_INBOX_LIMIT": "10000"}  # unacked entries pile up while acks 
 PER_SENDER = 30  # 2 * PAIRS * PER_SENDER = 480 messages, most of them in flight at the kill
 
 
-def check_every_accepted_arrived_once_in_order(clients: list[Resilient]) -> int:
+def check_every_accepted_arrived_once_in_order(
+    clients: list[Resilient], scenario: str, fault_at: float
+) -> int:
     """Every accepted (sender, id) reached its recipient exactly once after dedupe by
-    msgId, one msgId per client id, and each inbox came in the order it was stored."""
+    msgId, one msgId per client id, and each inbox came in the order it was stored.
+    The figures go to the chaos report (scripts/chaos) before they are asserted."""
     by_mobile = {c.user.mobile: c for c in clients}
-    total = 0
+    accepted = delivered = duplicated = 0
     for c in clients:
         for cid, msg_id in c.accepted.items():
             to = by_mobile[c.sent[cid][0]]
-            got = [m for m in to.messages() if m["from"] == c.user.mobile and m["id"] == cid]
-            assert [m["msgId"] for m in got] == [msg_id], (c.user.mobile, cid, got)
-            total += 1
+            got = {
+                m["msgId"] for m in to.messages() if m["from"] == c.user.mobile and m["id"] == cid
+            }
+            accepted += 1
+            delivered += msg_id in got
+            duplicated += len(got) > 1
+    redelivered = sum(c.deliveries for c in clients) - sum(len(c.seen) for c in clients)
+    report(
+        scenario,
+        accepted=accepted,
+        delivered=delivered,
+        lost=accepted - delivered,
+        duplicated=duplicated,
+        redelivered=redelivered,
+        recover_s=round(time.monotonic() - fault_at, 2),
+    )
+    assert (accepted - delivered, duplicated) == (0, 0)
+    for c in clients:
         order = [stream_id(m["msgId"]) for m in c.seen]
         assert order == sorted(order), f"{c.user.mobile} got its inbox out of order"
-    return total
+    return accepted
 
 
 async def run_traffic(
@@ -70,11 +89,12 @@ def two_nodes(stack: Stack, workdir: Path) -> Iterator[tuple[NodeProc, NodeProc]
 
 
 @pytest.mark.timeout(120)
-async def test_sigkill_a_node_mid_traffic_loses_nothing(
-    two_nodes: tuple[NodeProc, NodeProc], http: aiohttp.ClientSession
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_node_killed_mid_traffic_loses_nothing(
+    two_nodes: tuple[NodeProc, NodeProc], http: aiohttp.ClientSession, sig: int
 ) -> None:
-    """SIGKILL one node while 480 messages flow between users on both nodes: clients
-    reconnect to the other node; every accepted message arrives once, in order."""
+    """SIGKILL (or SIGTERM) one node while 480 messages flow between users on both nodes:
+    clients reconnect to the other node; every accepted message arrives once, in order."""
     doomed, survivor = two_nodes
     api = Api(http, survivor.http)
     urls = [doomed.ws, survivor.ws]
@@ -88,8 +108,11 @@ async def test_sigkill_a_node_mid_traffic_loses_nothing(
     for c in clients:
         await c.connect()
 
+    fault_at = [0.0]
+
     async def kill() -> None:
-        doomed.signal(signal.SIGKILL)
+        fault_at[0] = time.monotonic()
+        doomed.signal(sig)
 
     fault = asyncio.ensure_future(kill())
     await run_traffic(clients, pairs, fault, at=PER_SENDER // 3)
@@ -102,7 +125,11 @@ async def test_sigkill_a_node_mid_traffic_loses_nothing(
 
     try:
         await settle(clients, settled)
-        assert check_every_accepted_arrived_once_in_order(clients) == sent == 2 * PAIRS * PER_SENDER
+        name = f"{signal.Signals(sig).name} a node mid-traffic"
+        assert check_every_accepted_arrived_once_in_order(clients, name, fault_at[0]) == sent
+        assert sent == 2 * PAIRS * PER_SENDER
+        if sig == signal.SIGTERM:
+            assert await asyncio.to_thread(doomed.wait) == 0  # drained and exited cleanly
         assert sum(c.reconnects for c in clients) >= PAIRS  # the doomed node's users moved
     finally:
         for c in clients:
@@ -133,7 +160,10 @@ async def test_redis_restarted_mid_traffic_loses_no_accepted_message(
         for c in clients:
             await c.connect()
 
+        fault_at = [0.0]
+
         async def outage() -> None:
+            fault_at[0] = time.monotonic()
             redis.stop(kill=True)
             await asyncio.sleep(0.5)
             for node in nodes:
@@ -153,7 +183,8 @@ async def test_redis_restarted_mid_traffic_loses_no_accepted_message(
             return sum(len(c.messages()) for c in clients) >= sent
 
         await settle(clients, settled)
-        assert check_every_accepted_arrived_once_in_order(clients) == sent
+        name = "Redis restarted (appendfsync always) mid-traffic"
+        assert check_every_accepted_arrived_once_in_order(clients, name, fault_at[0]) == sent
         for node in nodes:
             assert (await Api(http, node.http).call("GET", "/readyz"))[0] == 200
         for c in clients:
@@ -184,6 +215,7 @@ async def test_redis_restarted_empty_lifts_no_block_and_loses_no_account(
         nc = Resilient(n, [node.ws])
         await f.connect()
         await nc.connect()
+        fault_at = time.monotonic()
         redis.stop(kill=True)
         redis.start()
         while (await api.call("GET", "/readyz"))[0] != 200:
@@ -206,6 +238,15 @@ async def test_redis_restarted_empty_lifts_no_block_and_loses_no_account(
         assert f.messages()[0]["body"] == "hello friend"
         await asyncio.sleep(1)
         assert nc.messages() == []  # the block held
+        report(
+            "Redis restarted empty (blocks, accounts from PostgreSQL)",
+            accepted=1,
+            delivered=len(f.messages()),
+            lost=1 - len(f.messages()),
+            duplicated=0,
+            redelivered=0,
+            recover_s=round(time.monotonic() - fault_at, 2),
+        )
         status, _, _ = await api.call(
             "POST", "/auth/login", {"mobileNo": friend.mobile, "password": friend.password}
         )
@@ -240,6 +281,7 @@ async def test_postgres_down_refuses_logins_but_chat_goes_on(
         a, b = Resilient(alice, [node.ws]), Resilient(bob, [node.ws])
         await a.connect()
         await b.connect()
+        fault_at = time.monotonic()
         await asyncio.to_thread(pg.stop)
         status, body, _ = await api.call(
             "POST", "/auth/login", {"mobileNo": alice.mobile, "password": alice.password}
@@ -262,6 +304,15 @@ async def test_postgres_down_refuses_logins_but_chat_goes_on(
             "POST", "/auth/login", {"mobileNo": alice.mobile, "password": alice.password}
         )
         assert status == 200
+        report(
+            "PostgreSQL down: chat goes on, logins 503",
+            accepted=len(a.accepted),
+            delivered=len(b.messages()),
+            lost=len(a.accepted) - len(b.messages()),
+            duplicated=0,
+            redelivered=0,
+            recover_s=round(time.monotonic() - fault_at, 2),
+        )
         await a.close()
         await b.close()
         node.stop()
@@ -323,6 +374,15 @@ async def test_client_that_stops_reading_costs_only_its_own_connection(
         for i in range(50):
             await a.send(bob.mobile, f"hi {i}", f"ok{i}")
         await settle([a, f], lambda: len(b.messages()) == 50 and len(f.accepted) == 4000)
+        report(
+            "client stops reading: others unaffected",
+            accepted=len(a.accepted),
+            delivered=len(b.messages()),
+            lost=len(a.accepted) - len(b.messages()),
+            duplicated=0,
+            redelivered=0,
+            recover_s=0,
+        )
         grown = rss(node.proc.pid) - base  # type: ignore[union-attr]
         assert grown < 48 * 2**20, f"node grew {grown / 2**20:.1f} MiB for one stuck client"
         viewer = alice.token
