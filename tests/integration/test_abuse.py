@@ -128,3 +128,26 @@ async def test_frame_sender_comes_from_the_token(
         got = [await b.recv() for _ in range(2)]
     assert {g["type"] for g in got} == {"message", "receipt"}
     assert all(g.get("from", g.get("by")) == mallory.mobile for g in got)
+
+
+async def test_passwords_tokens_and_bodies_never_reach_a_log(
+    api_a: Api, api_b: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
+    password = "Sekr3t-" + new_mobile()[1:]
+    user = await new_user(api_a, password=password)
+    other = await new_user(api_b)
+    body = "body-marker-" + new_mobile()[1:]
+    async with connected(cluster[1].ws, user.token) as c:
+        await c.send_message(other.mobile, body)
+        await c.ws.send("not json " + password)
+        await c.recv_type("error")
+    await api_a.call("POST", "/auth/login", {"mobileNo": user.mobile, "password": password + "x"})
+    with pytest.raises(websockets.InvalidStatus):
+        async with websockets.connect(cluster[0].ws + "?token=" + user.token + "x"):
+            pass
+    await api_b.call("POST", "/auth/logout", token=user.token)
+    await asyncio.sleep(0.5)
+    logs = "".join(node.log_path.read_text() for node in cluster)
+    assert user.mobile in logs  # the logs are there and carry the user
+    for secret in (password, user.token, body):
+        assert secret not in logs
