@@ -151,6 +151,10 @@ async def signup(request: web.Request) -> web.Response:
     password = string_field(body, "password")
     if not 1 <= len(name) <= 64 or not name.strip():
         raise InvalidRequest("name must be 1-64 characters")
+    if any(ch < " " or ch == "\x7f" for ch in name):
+        raise InvalidRequest("name must not contain control characters")
+    if "\x00" in password:  # bcrypt would silently cut the password there
+        raise InvalidRequest("password must not contain NUL characters")
     if not 8 <= len(password.encode("utf-8", "surrogatepass")) <= auth.MAX_PASSWORD_BYTES:
         raise InvalidRequest("password must be 8-72 UTF-8 bytes")
     try:
@@ -185,10 +189,7 @@ async def login(request: web.Request) -> web.Response:
                 "too many failed logins, try again later", retry_after=verdict.retry_after
             )
     user = await accounts.find_user(svc.pool, mobile) if is_mobile(mobile) else None
-    try:
-        good = await svc.passwords.verify(password, user.password_hash if user else None)
-    except UnicodeEncodeError:
-        good = False
+    good = await svc.passwords.verify(password, user.password_hash if user else None)
     if user is None or not good:
         window = svc.settings.login_fail_window_s
         for kind, subject, limit in limits:

@@ -47,13 +47,20 @@ class Passwords:
         return hashed.decode()
 
     async def verify(self, password: str, hashed: str | None) -> bool:
-        """Check a password; with no hash, burn the same time so unknown users don't show."""
-        if hashed is None:
+        """Check a password. With no hash, or a password no signup could have set, burn the
+        same time anyway, so answers and timing don't tell which numbers exist."""
+        try:
+            raw: bytes | None = password.encode()
+        except UnicodeEncodeError:
+            raw = None
+        usable = raw is not None and len(raw) <= MAX_PASSWORD_BYTES and b"\x00" not in raw
+        if hashed is None or not usable:
             if self._dummy is None:
                 self._dummy = (await self.hash("not-a-real-password")).encode()
-            await self._run(bcrypt.checkpw, password.encode(), self._dummy)
+            await self._run(bcrypt.checkpw, b"not-the-password", self._dummy)
             return False
-        return bool(await self._run(bcrypt.checkpw, password.encode(), hashed.encode()))
+        assert raw is not None
+        return bool(await self._run(bcrypt.checkpw, raw, hashed.encode()))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -130,6 +131,12 @@ class Socket:
             assert json.loads(self.ws.recv(timeout=10))["type"] == "hello"
         return self.ws
 
+    def close(self) -> None:
+        """Close the socket and so its background thread."""
+        if self.ws is not None:
+            self.ws.close()
+            self.ws = None
+
     def answer(self, kind: str, data: str | bytes) -> tuple[str, Any]:
         """Send one payload, then a probe that always gets an error; what came back for
         the payload (a frame, or None for frames that need no answer), or the close code."""
@@ -156,11 +163,13 @@ class Socket:
 
 
 @pytest.fixture(scope="module")
-def fuzz_target(isolated: NodeProc) -> tuple[NodeProc, Socket, str, str]:
+def fuzz_target(isolated: NodeProc) -> Iterator[tuple[NodeProc, Socket, str, str]]:
     node = isolated
     me, token = make_user(node.http)
     peer, _ = make_user(node.http)
-    return node, Socket(node.ws, token), me, peer
+    sock = Socket(node.ws, token)
+    yield node, sock, me, peer
+    sock.close()
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))

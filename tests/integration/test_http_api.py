@@ -246,3 +246,27 @@ async def test_auth_events_record_signup_login_logout(api_a: Api, stack: Stack) 
         await conn.close()
     assert [r["kind"] for r in kinds] == ["signup", "login", "logout"]
     assert all(r["node"] == "test-a" for r in kinds)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "nul\u0000name", "mobileNo": "+15551230000", "password": "secret123"},
+        {"name": "tab\tname", "mobileNo": "+15551230000", "password": "secret123"},
+        {"name": "ok", "mobileNo": "+15551230000", "password": "secret\u0000123"},
+    ],
+)
+async def test_signup_control_characters_are_400_not_500(api_a: Api, body: dict) -> None:
+    """Found by schemathesis: PostgreSQL cannot store NUL, and bcrypt stops at it."""
+    status, answer, _ = await api_a.call("POST", "/auth/signup", body)
+    assert_error(status, answer, 400, "invalid_request")
+
+
+@pytest.mark.parametrize("password", ["x" * 100, "nul\u0000password", "é" * 40])
+async def test_login_with_impossible_password_is_401_not_500(api_a: Api, password: str) -> None:
+    """Found by schemathesis: bcrypt refuses over 72 bytes; such a login is just wrong."""
+    user = await new_user(api_a)
+    status, body, _ = await api_a.call(
+        "POST", "/auth/login", {"mobileNo": user.mobile, "password": password}
+    )
+    assert_error(status, body, 401, "invalid_credentials")
