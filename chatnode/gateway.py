@@ -58,12 +58,11 @@ class Session:
         "ws",
     )
 
-    def __init__(
-        self, ws: ServerConnection, mobile: str, jti: str, node_id: str, settings: Settings
-    ) -> None:
+    def __init__(self, ws: ServerConnection, mobile: str, jti: str, node_id: str) -> None:
         self.ws = ws
-        self.send_bucket = ratelimit.Bucket(settings.send_rate, settings.send_burst)
-        self.frame_bucket = ratelimit.Bucket(settings.frame_rate, settings.frame_burst)
+        # made on the first frame: an idle socket carries none (memory per idle phone)
+        self.send_bucket: ratelimit.Bucket | None = None
+        self.frame_bucket: ratelimit.Bucket | None = None
         self.refused = 0  # rate-limit refusals in a row
         self.mobile = mobile
         self.jti = jti
@@ -146,7 +145,7 @@ class Gateway:
 
     async def handler(self, ws: ServerConnection) -> None:
         claims = self._claims.pop(ws)
-        s = Session(ws, claims.mobile, claims.jti, self.node_id, self.settings)
+        s = Session(ws, claims.mobile, claims.jti, self.node_id)
         previous = self.sessions.get(s.mobile)
         self.sessions[s.mobile] = s
         if previous is not None:
@@ -212,6 +211,9 @@ class Gateway:
     # -- frames in -----------------------------------------------------------------
 
     async def _on_frame(self, s: Session, data: str | bytes) -> None:
+        if s.frame_bucket is None:
+            s.frame_bucket = ratelimit.Bucket(self.settings.frame_rate, self.settings.frame_burst)
+            s.send_bucket = ratelimit.Bucket(self.settings.send_rate, self.settings.send_burst)
         if not s.frame_bucket.take():
             self._rate_limited(s, None)
             return
@@ -227,7 +229,7 @@ class Gateway:
         try:
             match frame:
                 case frames.Send():
-                    if not s.send_bucket.take():
+                    if s.send_bucket is not None and not s.send_bucket.take():
                         self._rate_limited(s, frame.id)
                         return
                     s.refused = 0
