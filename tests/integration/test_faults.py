@@ -62,6 +62,21 @@ def check_every_accepted_arrived_once_in_order(
     return accepted
 
 
+async def connected_pairs(
+    api: Api, urls: list[str], count: int
+) -> tuple[list[tuple[Resilient, Resilient]], list[Resilient]]:
+    """`count` pairs of fresh users, the first of each on urls[0], the second on urls[1]."""
+    pairs = []
+    for _ in range(count):
+        a, b = Resilient(await new_user(api), urls), Resilient(await new_user(api), urls)
+        b.on_node(urls[1])
+        pairs.append((a, b))
+    clients = [c for pair in pairs for c in pair]
+    for c in clients:
+        await c.connect()
+    return pairs, clients
+
+
 async def run_traffic(
     clients: list[Resilient],
     pairs: list[tuple[Resilient, Resilient]],
@@ -97,16 +112,7 @@ async def test_node_killed_mid_traffic_loses_nothing(
     clients reconnect to the other node; every accepted message arrives once, in order."""
     doomed, survivor = two_nodes
     api = Api(http, survivor.http)
-    urls = [doomed.ws, survivor.ws]
-    pairs = []
-    for _ in range(PAIRS):
-        a = Resilient(await new_user(api), urls)
-        b = Resilient(await new_user(api), urls)
-        b.on_node(survivor.ws)
-        pairs.append((a, b))
-    clients = [c for pair in pairs for c in pair]
-    for c in clients:
-        await c.connect()
+    pairs, clients = await connected_pairs(api, [doomed.ws, survivor.ws], PAIRS)
 
     fault_at = [0.0]
 
@@ -151,14 +157,7 @@ async def test_redis_restarted_mid_traffic_loses_no_accepted_message(
     api = Api(http, nodes[0].http)
     urls = [n.ws for n in nodes]
     try:
-        pairs = []
-        for _ in range(4):
-            a, b = Resilient(await new_user(api), urls), Resilient(await new_user(api), urls)
-            b.on_node(urls[1])
-            pairs.append((a, b))
-        clients = [c for pair in pairs for c in pair]
-        for c in clients:
-            await c.connect()
+        pairs, clients = await connected_pairs(api, urls, 4)
 
         fault_at = [0.0]
 

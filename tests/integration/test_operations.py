@@ -44,8 +44,19 @@ def test_serve_without_secret_refuses_to_start(stack: Stack) -> None:
     assert "CHATNODE_JWT_SECRET" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_unreachable_redis_is_one_clear_line(stack: Stack) -> None:
+@pytest.mark.parametrize("dead", ["Redis", "PostgreSQL"])
+def test_unreachable_service_is_one_clear_line(stack: Stack, dead: str) -> None:
+    """A node that cannot reach Redis or PostgreSQL at start-up says which and where in
+    one line (no traceback, no password) and exits non-zero."""
     port = devstack.free_port()
+    urls = {
+        "CHATNODE_REDIS_URL": stack.redis_url,
+        "CHATNODE_DATABASE_URL": stack.database_url,
+    }
+    if dead == "Redis":
+        urls["CHATNODE_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    else:
+        urls["CHATNODE_DATABASE_URL"] = f"postgresql://u:hunter2@127.0.0.1:{port}/x"
     done = run_cli(
         "serve",
         "--http-port",
@@ -53,29 +64,11 @@ def test_unreachable_redis_is_one_clear_line(stack: Stack) -> None:
         "--ws-port",
         str(devstack.free_port()),
         CHATNODE_JWT_SECRET=JWT_SECRET,
-        CHATNODE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
-        CHATNODE_DATABASE_URL=stack.database_url,
+        **urls,
     )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Redis" in lines[0] and str(port) in lines[0], done.stderr
-
-
-def test_unreachable_postgres_is_one_clear_line(stack: Stack) -> None:
-    port = devstack.free_port()
-    done = run_cli(
-        "serve",
-        "--http-port",
-        str(devstack.free_port()),
-        "--ws-port",
-        str(devstack.free_port()),
-        CHATNODE_JWT_SECRET=JWT_SECRET,
-        CHATNODE_REDIS_URL=stack.redis_url,
-        CHATNODE_DATABASE_URL=f"postgresql://u:hunter2@127.0.0.1:{port}/x",
-    )
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "PostgreSQL" in lines[0] and str(port) in lines[0], done.stderr
+    assert len(lines) == 1 and dead in lines[0] and str(port) in lines[0], done.stderr
     assert "hunter2" not in done.stderr
 
 
