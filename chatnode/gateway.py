@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import weakref
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -99,7 +100,10 @@ class Gateway:
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.seen_to_store: dict[str, int] = {}
-        self._claims: dict[ServerConnection, auth.Claims] = {}
+        # handshake -> handler; weak, so a client gone between the two leaves nothing behind
+        self._claims: weakref.WeakKeyDictionary[ServerConnection, auth.Claims] = (
+            weakref.WeakKeyDictionary()
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._to_flush: list[Session] = []
         self._flush_scheduled = False

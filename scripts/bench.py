@@ -647,6 +647,8 @@ def main() -> None:
     p.add_argument("--login-storm", type=float, default=0, help="logins/s during the run")
     p.add_argument("--json-out", default="")
     args = p.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops every process we started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     cluster = start_cluster(args)
     results: list[dict[str, Any]] = []
