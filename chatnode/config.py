@@ -24,7 +24,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_LOGIN_FAILS_PER_NUMBER = 10
 DEFAULT_LOGIN_FAILS_PER_ADDRESS = 200
 DEFAULT_LOGIN_FAIL_WINDOW_S = 900
-DEFAULT_CONNECTS_PER_ADDRESS = 2000
+DEFAULT_CONNECTS_PER_ADDRESS = 20000
+DEFAULT_CONNECTS_PER_USER = 30
+DEFAULT_CONNECT_FAILS_PER_ADDRESS = 100
 DEFAULT_CONNECT_WINDOW_S = 10
 DEFAULT_SEND_RATE = 100.0
 DEFAULT_SEND_BURST = 200
@@ -62,6 +64,8 @@ class Settings:
     login_fails_per_address: int = DEFAULT_LOGIN_FAILS_PER_ADDRESS
     login_fail_window_s: int = DEFAULT_LOGIN_FAIL_WINDOW_S
     connects_per_address: int = DEFAULT_CONNECTS_PER_ADDRESS
+    connects_per_user: int = DEFAULT_CONNECTS_PER_USER
+    connect_fails_per_address: int = DEFAULT_CONNECT_FAILS_PER_ADDRESS
     connect_window_s: int = DEFAULT_CONNECT_WINDOW_S
     send_rate: float = DEFAULT_SEND_RATE
     send_burst: int = DEFAULT_SEND_BURST
@@ -99,6 +103,8 @@ class Settings:
             self.login_fails_per_address,
             self.login_fail_window_s,
             self.connects_per_address,
+            self.connects_per_user,
+            self.connect_fails_per_address,
             self.connect_window_s,
             self.send_burst,
             self.frame_burst,

@@ -119,29 +119,32 @@ class Gateway:
         if not self.accepting:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "node restarting\n")
         address = str(conn.remote_address[0]) if conn.remote_address else "unknown"
-        try:
-            verdict = await ratelimit.hit(
-                self.batcher,
-                "connect-address",
-                address,
-                self.settings.connects_per_address,
-                self.settings.connect_window_s,
-            )
-        except ChatError:
-            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
-        if not verdict.allowed:
-            response = conn.respond(HTTPStatus.TOO_MANY_REQUESTS, "rate_limited\n")
-            response.headers["Retry-After"] = str(verdict.retry_after)
-            return response
+        cfg = self.settings
         token = parse_qs(url.query).get("token", [None])[0] or auth.bearer(
             _header(request.headers, "Authorization")
         )
         try:
-            claims = await auth.authenticate(self.tokens, self.batcher, self.pool, token)
-        except Unauthorized:
-            return conn.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
-        except Unavailable:
+            # many users behind one address is normal; many bad tokens or one user
+            # reconnecting in a loop is not
+            limits = [("connect-address", address, cfg.connects_per_address)]
+            try:
+                claims = await auth.authenticate(self.tokens, self.batcher, self.pool, token)
+                limits.append(("connect-user", claims.mobile, cfg.connects_per_user))
+            except Unauthorized:
+                claims = None
+                limits.append(("connect-fail-address", address, cfg.connect_fails_per_address))
+            for kind, subject, limit in limits:
+                verdict = await ratelimit.hit(
+                    self.batcher, kind, subject, limit, cfg.connect_window_s
+                )
+                if not verdict.allowed:
+                    response = conn.respond(HTTPStatus.TOO_MANY_REQUESTS, "rate_limited\n")
+                    response.headers["Retry-After"] = str(verdict.retry_after)
+                    return response
+        except ChatError:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
+        if claims is None:
+            return conn.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
         self._claims[conn] = claims
         return None
 

@@ -15,7 +15,8 @@ from tests.integration.harness import Api, Client, NodeProc, Stack, connected, n
 LIMITS = {
     "CHATNODE_LOGIN_FAILS_PER_NUMBER": "3",
     "CHATNODE_LOGIN_FAILS_PER_ADDRESS": "8",
-    "CHATNODE_CONNECTS_PER_ADDRESS": "25",
+    "CHATNODE_CONNECTS_PER_USER": "10",
+    "CHATNODE_CONNECT_FAILS_PER_ADDRESS": "10",
     "CHATNODE_CONNECT_WINDOW_S": "4",
     "CHATNODE_SEND_RATE": "5",
     "CHATNODE_SEND_BURST": "10",
@@ -88,22 +89,31 @@ async def test_sends_per_user_are_limited_then_flooders_are_closed(
     assert await c.closed() == 1008
 
 
-async def test_new_connections_per_address_are_limited(
+async def handshake(url: str) -> int:
+    try:
+        async with websockets.connect(url) as ws:
+            await ws.recv()
+            return 101
+    except websockets.InvalidStatus as exc:
+        if exc.response.status_code == 429:
+            assert int(exc.response.headers["Retry-After"]) >= 1
+        return exc.response.status_code
+
+
+async def test_one_user_reconnecting_in_a_loop_is_limited_across_nodes(
     strict: tuple[NodeProc, NodeProc], http: aiohttp.ClientSession
 ) -> None:
-    api = Api(http, strict[1].http)
-    user = await new_user(api)
+    user = await new_user(Api(http, strict[1].http))
+    codes = [await handshake(f"{strict[i % 2].ws}?token={user.token}") for i in range(15)]
+    assert codes[:10] == [101] * 10 and codes[10:] == [429] * 5
+    other = await new_user(Api(http, strict[1].http))  # others from the same address: fine
+    assert await handshake(f"{strict[0].ws}?token={other.token}") == 101
+
+
+async def test_bad_tokens_from_one_address_are_limited(strict: tuple[NodeProc, NodeProc]) -> None:
     await asyncio.sleep(4.1)  # a fresh window
-    refused = 0
-    for i in range(30):
-        try:
-            async with websockets.connect(f"{strict[i % 2].ws}?token={user.token}") as ws:
-                await ws.recv()
-        except websockets.InvalidStatus as exc:
-            assert exc.response.status_code == 429
-            assert int(exc.response.headers["Retry-After"]) >= 1
-            refused += 1
-    assert refused >= 5
+    codes = [await handshake(f"{strict[i % 2].ws}?token=bad{i}") for i in range(15)]
+    assert set(codes) == {401, 429} and codes[0] == 401 and codes[-1] == 429
 
 
 async def test_frame_sender_comes_from_the_token(
