@@ -55,8 +55,8 @@ def cluster(stack: Stack, workdir: Path) -> Iterator[tuple[NodeProc, NodeProc]]:
 
 @pytest.fixture(scope="session")
 def isolated(stack: Stack, workdir: Path) -> Iterator[NodeProc]:
-    """A node on its own Redis database with wide login limits, for the fuzzers: their
-    thousands of failed logins from 127.0.0.1 must not rate-limit the other tests."""
+    """A node on its own Redis database with wide limits, for the fuzzers: their thousands
+    of failed logins and reconnects from 127.0.0.1 must not rate-limit other tests."""
     base, _, _ = stack.redis_url.rpartition("/")
     own = Stack(f"{base}/1", stack.database_url)
     node = NodeProc(
@@ -65,6 +65,7 @@ def isolated(stack: Stack, workdir: Path) -> Iterator[NodeProc]:
         workdir,
         CHATNODE_LOGIN_FAILS_PER_ADDRESS="1000000",
         CHATNODE_LOGIN_FAILS_PER_NUMBER="1000000",
+        CHATNODE_CONNECTS_PER_USER="1000000",
     ).start()
     yield node
     node.stop()
