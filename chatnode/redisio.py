@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ log = logs.get(__name__)
 
 COMMAND_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 2.0
 MAX_BATCH = 1000
 MAX_INFLIGHT = 4  # pipelines in flight at once, each on its own connection
 
@@ -69,8 +72,24 @@ class Link:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser: Any = None
+        self._backoff = 0.0  # seconds to wait after a failed connect; doubles to 2 s
+        self._retry_at = 0.0
 
     async def _connect(self) -> None:
+        """Connect, failing fast while backing off from an earlier failed attempt."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise RedisConnectionError("Redis is unreachable; backing off")
+        try:
+            await self._open()
+        except BaseException:
+            self.close()
+            self._backoff = min(max(self._backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
+            self._retry_at = time.monotonic() + self._backoff
+            raise
+        self._backoff = 0.0
+
+    async def _open(self) -> None:
         opts = self._opts
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             if opts.get("path"):
