@@ -69,9 +69,10 @@ async def unblock(pool: Any, batcher: Batcher, me: str, target: str) -> None:
             me,
             target,
         )
+    # SREM either way: a retry after a failed mirror must still lift the Redis copy
+    await _mirror(batcher, "SREM", me, target)
     if not deleted:
         raise NotFound("this number is unknown or not blocked")
-    await _mirror(batcher, "SREM", me, target)
 
 
 async def _mirror(batcher: Batcher, command: str, me: str, target: str) -> None:

@@ -34,6 +34,9 @@ log = logs.get(__name__)
 OUT_BUFFER_LOW = 256 * 1024  # read more from the inbox only below this many unsent bytes
 OUT_BUFFER_MAX = 4 * 1024 * 1024  # a client this far behind is disconnected
 MAX_INVALID_FRAMES = 20
+RECEIPT_RETRIES = 5
+RESCAN_AFTER_S = 3.0
+RECEIPT_RETRY_S = 1.0
 CLOSE_WAIT_S = 5.0
 
 
@@ -48,9 +51,11 @@ class Session:
         "invalid",
         "jti",
         "mobile",
+        "opened",
         "outbox",
         "reading",
         "refused",
+        "rescanned",
         "route",
         "send_bucket",
         "sid",
@@ -65,6 +70,8 @@ class Session:
         self.send_bucket: ratelimit.Bucket | None = None
         self.frame_bucket: ratelimit.Bucket | None = None
         self.refused = 0  # rate-limit refusals in a row
+        self.opened = time.monotonic()
+        self.rescanned = False
         self.mobile = mobile
         self.jti = jti
         self.sid = secrets.token_hex(6)
@@ -159,6 +166,8 @@ class Gateway:
             self.close(previous, CloseCode.REPLACED, "replaced by a newer connection")
         self.metrics.sockets.inc()
         bound = log.bind(user=s.mobile, session=s.sid)
+        # hello first: a wake-up or typing frame may reach this session while it claims
+        self.push(s, frames.hello(s.mobile, self.node_id, self.settings.heartbeat_s))
         try:
             try:
                 old = await presence.claim(
@@ -169,7 +178,6 @@ class Gateway:
                 await ws.close(CloseCode.INTERNAL, "unavailable")
                 return
             self._kick_elsewhere(s, old)
-            self.push(s, frames.hello(s.mobile, self.node_id, self.settings.heartbeat_s))
             self.wake(s)
             bound.info("socket_open")
             async for data in ws:
@@ -221,9 +229,6 @@ class Gateway:
         if s.frame_bucket is None:
             s.frame_bucket = ratelimit.Bucket(self.settings.frame_rate, self.settings.frame_burst)
             s.send_bucket = ratelimit.Bucket(self.settings.send_rate, self.settings.send_burst)
-        if not s.frame_bucket.take():
-            self._rate_limited(s, None)
-            return
         try:
             frame = frames.parse_client(data, s.mobile)
         except frames.FrameError as exc:
@@ -233,6 +238,10 @@ class Gateway:
                 self.close(s, CloseCode.POLICY, "too many invalid frames")
             return
         s.invalid = 0
+        ref = frame.id if isinstance(frame, frames.Send) else None
+        if not s.frame_bucket.take():
+            self._rate_limited(s, ref)
+            return
         try:
             match frame:
                 case frames.Send():
@@ -248,7 +257,6 @@ class Gateway:
                 case frames.Typing():
                     await self._typing(s, frame)
         except ChatError as exc:
-            ref = frame.id if isinstance(frame, frames.Send) else None
             self._refuse(s, exc.code, exc.message, ref)
 
     def _rate_limited(self, s: Session, ref: str | None) -> None:
@@ -275,6 +283,12 @@ class Gateway:
 
     async def _ack(self, s: Session, frame: frames.Ack) -> None:
         done = [(m, s.unacked.pop(m)) for m in frame.msg_ids if m in s.unacked]
+        taken = {m for m, _ in done}
+        unknown = [m for m in frame.msg_ids if m not in taken]
+        if unknown:  # delivered before this socket (a reconnect): look the entries up
+            for entry in await inbox.fetch(self.batcher, s.mobile, unknown):
+                if entry.kind:
+                    done.append((entry.msg_id, (entry, 0.0)))
         if not done:
             return
         by_sender: dict[str, list[str]] = {}
@@ -296,7 +310,7 @@ class Gateway:
 
         def done(fut: asyncio.Future[list[Any]]) -> None:
             if fut.cancelled() or fut.exception() is not None:
-                log.warning("receipt_failed", user=owner, error=repr(fut.exception()))
+                self._spawn(self._receipt_slow(owner, by, status, ids, ts))
                 return
             reply = fut.result()
             if reply[0] == "ok" and reply[1]:
@@ -309,13 +323,19 @@ class Gateway:
     async def _receipt_slow(
         self, owner: str, by: str, status: str, ids: list[str], ts: int
     ) -> None:
-        try:
-            route = await inbox.enqueue_receipt(self.batcher, self.pool, owner, by, status, ids, ts)
-        except ChatError as exc:
-            log.warning("receipt_failed", user=owner, error=exc.code)
+        """Retry a receipt that failed (or whose owner Redis lacked), a few times."""
+        for attempt in range(RECEIPT_RETRIES):
+            try:
+                route = await inbox.enqueue_receipt(
+                    self.batcher, self.pool, owner, by, status, ids, ts
+                )
+            except ChatError as exc:
+                log.warning("receipt_failed", user=owner, error=exc.code, attempt=attempt)
+                await asyncio.sleep(RECEIPT_RETRY_S * (attempt + 1))
+                continue
+            if route:
+                self.router.wake(route, owner)
             return
-        if route:
-            self.router.wake(route, owner)
 
     async def _read_receipt(self, s: Session, frame: frames.Read) -> None:
         route = await inbox.enqueue_receipt(
@@ -410,11 +430,11 @@ class Gateway:
             s.dirty = True
         elif len(entries) >= inbox.READ_COUNT:
             s.dirty = True
-        self._deliver(s, entries)
+        self._deliver(s, entries, pending=cursor != ">")
         if s.dirty:
             self.wake(s)
 
-    def _deliver(self, s: Session, entries: list[inbox.Entry]) -> None:
+    def _deliver(self, s: Session, entries: list[inbox.Entry], pending: bool = False) -> None:
         if s.closed:
             return
         now = time.monotonic()
@@ -423,6 +443,8 @@ class Gateway:
             if not entry.kind:
                 gone.append(entry.msg_id)
                 continue
+            if pending and entry.msg_id in s.unacked:
+                continue  # a re-read of pending entries: this one is out already
             s.unacked.pop(entry.msg_id, None)
             s.unacked[entry.msg_id] = (entry, now)
             self.push(s, entry.frame)
@@ -438,6 +460,12 @@ class Gateway:
         now = time.monotonic()
         deadline = now - self.settings.redelivery_s
         for s in list(self.sessions.values()):
+            if not s.rescanned and now - s.opened >= RESCAN_AFTER_S and not s.reading:
+                # Entries the previous holder's node read while its kick was in flight
+                # are pending for this user but were never read here: read pending again.
+                s.rescanned = True
+                s.cursor = "0"
+                s.dirty = True
             if s.dirty:
                 self.wake(s)
             stale = []

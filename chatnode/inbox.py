@@ -218,5 +218,13 @@ def decode(msg_id: str, raw: list[str] | dict[str, str] | None) -> Entry:
     return Entry(msg_id, "m", sender, client_id, frame)
 
 
+async def fetch(batcher: Batcher, mobile: str, msg_ids: list[str]) -> list[Entry]:
+    """The entries of `mobile`'s inbox with these ids (those still there), one pipeline."""
+    replies = await asyncio.gather(
+        *(batcher.call("XRANGE", keys.inbox(mobile), m, m) for m in msg_ids)
+    )
+    return [decode(item[0], item[1]) for reply in replies for item in reply or ()]
+
+
 async def ack(batcher: Batcher, mobile: str, msg_ids: list[str]) -> None:
     await batcher.script(ACK, [keys.inbox(mobile)], msg_ids)

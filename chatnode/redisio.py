@@ -254,7 +254,7 @@ class Batcher:
             if fut.done():
                 continue
             if isinstance(reply, Exception):
-                fut.set_exception(reply)
+                fut.set_exception(_meaning(reply))
                 fut.exception()
             else:
                 fut.set_result(reply)
@@ -264,6 +264,18 @@ class Batcher:
             await asyncio.wait(self._tasks, timeout=self._timeout)
         for link in self._links:
             link.close()
+
+
+EXPECTED_REPLY_ERRORS = ("NOSCRIPT", "BUSYGROUP", "NOGROUP")
+
+
+def _meaning(reply: Exception) -> Exception:
+    """Error replies the code handles stay as they are; any other (LOADING while Redis
+    reads its append-only file, OOM, ...) means Redis cannot serve us now."""
+    if isinstance(reply, NoScriptError) or str(reply).startswith(EXPECTED_REPLY_ERRORS):
+        return reply
+    log.warning("redis_error_reply", error=str(reply)[:200])
+    return Unavailable("Redis is unavailable")
 
 
 def _settle(result: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:

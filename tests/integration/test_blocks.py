@@ -84,3 +84,23 @@ async def test_redis_that_lost_its_copy_is_refilled_before_judging(
     async with connected(cluster[1].ws, n.token) as nc:
         refused = await nc.send_message(you.mobile, "hi")
         assert refused["type"] == "error" and refused["code"] == "blocked"
+
+
+async def test_unblock_retry_lifts_a_redis_copy_left_behind(
+    api_a: Api, cluster: Cluster, redis: aioredis.Redis
+) -> None:
+    """An unblock whose Redis step failed (the copy is still there) is retried by the
+    client: 404, since PostgreSQL has no block left, but the Redis copy is lifted."""
+    you, n = await new_user(api_a), await new_user(api_a)
+    await block(api_a, n, you)
+    params = {"mobileNo": you.mobile}
+    assert (await api_a.call("DELETE", "/block-action/unblock", token=n.token, params=params))[
+        0
+    ] == 200
+    await redis.sadd(keys.blocks(n.mobile), you.mobile)  # as if the SREM had failed
+    await redis.sadd(keys.blocks(you.mobile), keys.blocked_marker(n.mobile))
+    assert (await api_a.call("DELETE", "/block-action/unblock", token=n.token, params=params))[
+        0
+    ] == 404
+    async with connected(cluster[1].ws, n.token) as nc:
+        assert (await nc.send_message(you.mobile, "free again"))["type"] == "accepted"

@@ -182,3 +182,22 @@ async def test_g6_inbox_full_refuses_and_trims_nothing(
             await asyncio.sleep(0.3)
         retry = await a.send_message(bob.mobile, "one too many", cid="full1")
         assert retry["type"] == "accepted"
+
+
+async def test_ack_of_an_entry_delivered_on_an_earlier_connection_counts(
+    api_a: Api, cluster: Cluster, redis: aioredis.Redis
+) -> None:
+    """A device that got M, lost its socket, and acks M first thing on its new socket:
+    M leaves the inbox and the sender still gets its `delivered` receipt."""
+    alice, bob = await new_user(api_a), await new_user(api_a)
+    async with connected(cluster[0].ws, alice.token) as a:
+        acc = await a.send_message(bob.mobile, "ack me later", cid="late1")
+    async with connected(cluster[1].ws, bob.token) as b:
+        assert (await b.recv_type("message"))["msgId"] == acc["msgId"]
+    async with connected(cluster[0].ws, bob.token) as b:
+        await b.send({"type": "ack", "msgIds": [acc["msgId"]]})  # before reading anything
+        await asyncio.sleep(0.5)
+    assert await redis.xlen(keys.inbox(bob.mobile)) == 0
+    async with connected(cluster[1].ws, alice.token) as a:
+        receipt = await a.recv_type("receipt")
+    assert receipt["status"] == "delivered" and receipt["ids"] == ["late1"]
