@@ -24,7 +24,14 @@ from websockets.protocol import State
 
 from chatnode import auth, frames, inbox, keys, logs, presence, ratelimit
 from chatnode.config import Settings
-from chatnode.errors import ChatError, CloseCode, Code, Unauthorized, Unavailable
+from chatnode.errors import (
+    ChatError,
+    CloseCode,
+    Code,
+    Unauthorized,
+    Unavailable,
+    UnknownRecipient,
+)
 from chatnode.metrics import Metrics
 from chatnode.redisio import Batcher
 from chatnode.routing import Router
@@ -329,6 +336,8 @@ class Gateway:
                 route = await inbox.enqueue_receipt(
                     self.batcher, self.pool, owner, by, status, ids, ts
                 )
+            except UnknownRecipient:
+                return  # the account is gone: nobody to tell
             except ChatError as exc:
                 log.warning("receipt_failed", user=owner, error=exc.code, attempt=attempt)
                 await asyncio.sleep(RECEIPT_RETRY_S * (attempt + 1))

@@ -127,32 +127,28 @@ async def enqueue_message(
     return Stored(str(reply[1]), int(reply[2]), str(reply[3]))
 
 
+def _receipt_call(
+    owner: str, by: str, status: str, ids: list[str], ts: int
+) -> tuple[list[str], list[Any]]:
+    keys_ = [keys.account(owner), keys.blocks(owner), keys.inbox(owner), keys.route(owner)]
+    return keys_, [by, status, ",".join(ids), ts]
+
+
 def submit_receipt(
     batcher: Batcher, owner: str, by: str, status: str, ids: list[str], ts: int
 ) -> asyncio.Future[list[Any]]:
     """Queue the receipt script; its reply is ['ok', route], ['dropped'] or ['unknown']."""
-    return batcher.script(
-        RECEIPT,
-        [keys.account(owner), keys.blocks(owner), keys.inbox(owner), keys.route(owner)],
-        [by, status, ",".join(ids), ts],
-    )
+    return batcher.script(RECEIPT, *_receipt_call(owner, by, status, ids, ts))
 
 
 async def enqueue_receipt(
     batcher: Batcher, pool: Any, owner: str, by: str, status: str, ids: list[str], ts: int
 ) -> str | None:
-    """Put a receipt in `owner`'s inbox; its route, or None if a block stopped it."""
-    try:
-        reply = await _with_reload(
-            batcher,
-            pool,
-            owner,
-            RECEIPT,
-            [keys.account(owner), keys.blocks(owner), keys.inbox(owner), keys.route(owner)],
-            [by, status, ",".join(ids), ts],
-        )
-    except UnknownRecipient:
-        return None
+    """Put a receipt in `owner`'s inbox (reloading `owner` from PostgreSQL if Redis lacks
+    them); its route, or None if a block stopped it. UnknownRecipient if no such user."""
+    reply = await _with_reload(
+        batcher, pool, owner, RECEIPT, *_receipt_call(owner, by, status, ids, ts)
+    )
     return str(reply[1]) if reply[0] == "ok" else None
 
 

@@ -145,3 +145,13 @@ async def test_repeated_invalid_frames_close_with_1008(
 async def test_unknown_ws_path_is_404(cluster: tuple[NodeProc, NodeProc]) -> None:
     url = cluster[0].ws.replace("/ws", "/other")
     assert await handshake_status(url) == 404
+
+
+async def test_read_receipt_to_unknown_number_is_unknown_recipient(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
+    user = await new_user(api_a)
+    async with connected(cluster[1].ws, user.token) as c:
+        await c.send({"type": "read", "to": new_mobile(), "ids": ["x1"]})
+        error = await c.recv_type("error")
+    assert error["code"] == "unknown_recipient" and error["ref"] is None
