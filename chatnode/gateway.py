@@ -78,7 +78,7 @@ class Session:
         self.frame_bucket: ratelimit.Bucket | None = None
         self.refused = 0  # rate-limit refusals in a row
         self.opened = time.monotonic()
-        self.rescanned = False
+        self.rescanned = True  # set False when this socket took the user from another node
         self.mobile = mobile
         self.jti = jti
         self.sid = secrets.token_hex(6)
@@ -204,6 +204,7 @@ class Gateway:
         parsed = keys.parse_route(old)
         if parsed is not None and old != s.route and parsed[0] != self.node_id:
             self.router.send(parsed[0], f"k|{s.mobile}|{parsed[1]}")
+            s.rescanned = False  # that node may read for the user until the kick lands
 
     async def _cleanup(self, s: Session) -> None:
         s.closed = True
