@@ -138,7 +138,9 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
     owned_pg = None
     if not database_url:
         database_url = "postgresql://127.0.0.1:5432/chatnode_bench"
-        if not asyncio.run(_ensure_db("postgresql://127.0.0.1:5432/postgres", "chatnode_bench")):
+        if not asyncio.run(
+            devstack.ensure_database("postgresql://127.0.0.1:5432/postgres", "chatnode_bench")
+        ):
             owned_pg = devstack.PostgresServer(tmp / "pg", database="chatnode_bench").start()
             database_url = owned_pg.url
     cluster = Cluster(redis, redis_url, database_url, owned_pg=owned_pg, tmp=tmp)
@@ -190,21 +192,6 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
                 raise SystemExit(f"bench: node {i + 1} failed to start")
             time.sleep(0.05)
     return cluster
-
-
-async def _ensure_db(admin: str, name: str) -> bool:
-    import asyncpg
-
-    try:
-        conn = await asyncpg.connect(admin, timeout=3)
-    except Exception:
-        return False
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname=$1", name):
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        return True
-    finally:
-        await conn.close()
 
 
 def scrape(base: str) -> dict[str, float]:

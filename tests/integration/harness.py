@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 import redis.asyncio as aioredis
 import websockets
@@ -63,21 +62,6 @@ async def _redis_answers(url: str) -> bool:
         await client.aclose()
 
 
-async def _ensure_database(admin_url: str, name: str) -> bool:
-    try:
-        conn = await asyncpg.connect(admin_url, timeout=3)
-    except Exception:
-        return False
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                await conn.execute(f'CREATE DATABASE "{name}"')
-        return True
-    finally:
-        await conn.close()
-
-
 async def start_stack(tmp: Path) -> Stack:
     """Use the machine's Redis and PostgreSQL when they answer, else start private ones."""
     redis_url = os.environ.get("CHATNODE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -90,7 +74,7 @@ async def start_stack(tmp: Path) -> Stack:
     database_url = os.environ.get("CHATNODE_TEST_DATABASE_URL", "")
     if not database_url:
         admin = "postgresql://127.0.0.1:5432/postgres"
-        if not embedded and await _ensure_database(admin, TEST_DB):
+        if not embedded and await devstack.ensure_database(admin, TEST_DB):
             database_url = f"postgresql://127.0.0.1:5432/{TEST_DB}"
         else:
             # PostgreSQL runs unprivileged when we are root: give it a folder it can reach.
