@@ -8,11 +8,9 @@ import signal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
 from aiohttp import web
-from websockets.asyncio.server import Server, serve
 
-from chatnode import accounts, api, auth, logs, redisio
+from chatnode import accounts, api, auth, gateway, logs, redisio, wsserver
 from chatnode.config import Settings
 from chatnode.frames import MAX_FRAME_BYTES
 from chatnode.gateway import Gateway
@@ -21,7 +19,6 @@ from chatnode.routing import Router
 
 log = logs.get(__name__)
 SEEN_FLUSH_S = 2.0
-WS_WRITE_LIMIT = 64 * 1024
 
 
 class StartupError(Exception):
@@ -56,33 +53,31 @@ class Node:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis: aioredis.Redis | None = None
         self.pool: Any = None
         self.passwords: auth.Passwords | None = None
         self.gateway: Gateway | None = None
         self.batcher: redisio.Batcher | None = None
-        self._ws_server: Server | None = None
+        self._ws_server: wsserver.Server | None = None
         self._http: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
 
     async def start(self) -> None:
         s = self.settings
-        self.redis = redisio.connect(s.redis_url)
+        metrics = Metrics()
         try:
-            async with asyncio.timeout(5):
-                await self.redis.ping()
+            await redisio.check(s.redis_url)
         except Exception as exc:
-            raise StartupError(f"cannot reach Redis at {safe_url(s.redis_url)}: {exc}") from None
+            reason = str(exc) or type(exc).__name__
+            raise StartupError(f"cannot reach Redis at {safe_url(s.redis_url)}: {reason}") from None
+        self.batcher = redisio.Batcher(s.redis_url, on_pipeline=metrics.count_pipeline)
         try:
             self.pool = await accounts.create_pool(s.database_url)
         except Exception as exc:
             raise StartupError(
                 f"cannot reach PostgreSQL at {safe_url(s.database_url)}: {exc}"
             ) from None
-        metrics = Metrics()
-        self.batcher = redisio.Batcher(s.redis_url, on_pipeline=metrics.count_pipeline)
-        router = Router(self.redis, self.batcher, s.node_id)
+        router = Router(s.redis_url, self.batcher, s.node_id)
         tokens = auth.Tokens(s.jwt_secret, s.token_ttl_s)
         self.passwords = auth.Passwords(s.bcrypt_rounds)
         self.gateway = Gateway(s, self.batcher, self.pool, router, tokens, metrics)
@@ -103,21 +98,13 @@ class Node:
         self._http = web.AppRunner(api.build(services), access_log=None, handle_signals=False)
         await self._http.setup()
         await web.TCPSite(self._http, s.host, s.http_port, shutdown_timeout=2).start()
-        self._ws_server = await serve(
-            self.gateway.handler,
-            s.host,
-            s.ws_port,
-            process_request=self.gateway.process_request,
-            compression=None,
+        self._ws_server = wsserver.Server(
+            self.gateway,
             max_size=MAX_FRAME_BYTES,
-            max_queue=16,
-            write_limit=WS_WRITE_LIMIT,
-            ping_interval=s.heartbeat_s,
-            ping_timeout=s.heartbeat_s,
-            close_timeout=2,
-            open_timeout=10,
-            server_header=None,
+            heartbeat_s=s.heartbeat_s,
+            write_high=gateway.OUT_BUFFER_LOW,
         )
+        await self._ws_server.start(s.host, s.ws_port)
         self.started = True
         log.info("node_started", http_port=s.http_port, ws_port=s.ws_port, host=s.host)
 
@@ -154,13 +141,12 @@ class Node:
 
     async def stop(self) -> None:
         """Drain sockets with 1012, then close servers and pools in reverse order."""
+        if self._ws_server is not None:
+            self._ws_server.stop_accepting()
         if self.gateway is not None:
             await self.gateway.drain()
         if self._ws_server is not None:
-            self._ws_server.close(close_connections=False)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(3):
-                    await self._ws_server.wait_closed()
+            await self._ws_server.close()
         if self._http is not None:
             await self._http.cleanup()
         if self.gateway is not None and self.pool is not None:
@@ -179,9 +165,6 @@ class Node:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(3):
                     await self.pool.close()
-        if self.redis is not None:
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
         if self.started:
             log.info("node_stopped")
 

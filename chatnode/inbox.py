@@ -2,6 +2,12 @@
 
 Each user's inbox is one stream with one consumer group. An entry stays until the
 user's device acks it (XACK + XDEL). Scripts touch only the owner's hash-tagged keys.
+
+Delivery has two phases. A session that connects catches up: it reads its pending
+entries (`0`), then new ones (`>`); the read that finds nothing new also turns its route
+live (GO_LIVE, atomically). From then on the send and receipt scripts read each new
+entry through the group themselves and publish it to the owner's node with the live
+token: one round trip per message, no wake-up and no second read.
 """
 
 from __future__ import annotations
@@ -10,60 +16,88 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from redis.exceptions import ResponseError
 
 from chatnode import blocks, frames, keys
-from chatnode.errors import Blocked, InboxFull, UnknownRecipient
-from chatnode.redisio import Batcher, Script
+from chatnode.errors import Blocked, ChatError, InboxFull, Unavailable, UnknownRecipient
+from chatnode.redisio import Batcher, Callback, Script, resolver
 
 READ_COUNT = 200
 
 # KEYS: account, blocks, inbox, dedupe, route of the recipient.
-# ARGV: sender, client id, body, ts, inbox limit, dedupe ttl.
+# ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient.
 SEND = Script(
-    """
+    keys.LUA_ROUTES
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
-local prior = redis.call('GET', KEYS[4])
+local seen = redis.call('MGET', KEYS[4], KEYS[5])
+local prior = seen[1]
 if prior then
   local sep = string.find(prior, '|', 1, true)
-  return {'ok', string.sub(prior, 1, sep - 1), string.sub(prior, sep + 1), ''}
+  return {'ok', string.sub(prior, 1, sep - 1), string.sub(prior, sep + 1)}
 end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[2] == 1 then return {'blocked'} end
-local id
-local route = ''
 if hit[1] == 1 then
   local now = redis.call('TIME')
-  id = ARGV[4] .. '-' .. now[2]
-else
-  if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[5]) then return {'full'} end
-  id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],
-                  'b', ARGV[3], 't', ARGV[4])
-  route = redis.call('GET', KEYS[5]) or ''
+  local id = ARGV[4] .. '-' .. now[2]
+  redis.call('SET', KEYS[4], id .. '|' .. ARGV[4], 'EX', ARGV[6])
+  return {'ok', id, ARGV[4]}
 end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[5]) then return {'full'} end
+local id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],
+                      'b', ARGV[3], 't', ARGV[4])
 redis.call('SET', KEYS[4], id .. '|' .. ARGV[4], 'EX', ARGV[6])
-return {'ok', id, ARGV[4], route}
+push(KEYS[3], seen[2], ARGV[7])
+return {'ok', id, ARGV[4]}
 """
 )
 
 # KEYS: account, blocks, inbox, route of the receipt's owner (the original sender).
-# ARGV: by, status, comma-joined client ids, ts.
+# ARGV: by, status, comma-joined client ids, ts, owner.
 RECEIPT = Script(
-    """
+    keys.LUA_ROUTES
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[1] == 1 or hit[2] == 1 then return {'dropped'} end
 redis.call('XADD', KEYS[3], '*', 'k', 'r', 's', ARGV[2], 'f', ARGV[1], 'i', ARGV[3],
            't', ARGV[4])
-return {'ok', redis.call('GET', KEYS[4]) or ''}
+push(KEYS[3], redis.call('GET', KEYS[4]), ARGV[5])
+return {'ok'}
 """
 )
 
-# KEYS: inbox. ARGV: entry ids. Acked entries leave the stream at once.
-ACK = Script(
-    """
-redis.call('XACK', KEYS[1], 'g', unpack(ARGV))
-return redis.call('XDEL', KEYS[1], unpack(ARGV))
+# KEYS: inbox, route. ARGV: our route, the live token to take, count, route ttl.
+# The last step of catching up: read what is new; when nothing is, turn the route live
+# in the same atomic step, so every later entry is pushed and none falls between.
+# 'gone' when another session holds the user; a route Redis lost is made again.
+GO_LIVE = Script(
+    keys.LUA_ROUTES
+    + """
+local cur = redis.call('GET', KEYS[2])
+if cur and not ours(cur, ARGV[1]) then return {'gone'} end
+if not cur then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[4]) end
+local res = redis.pcall('XREADGROUP', 'GROUP', 'g', 'c', 'COUNT', ARGV[3],
+                        'STREAMS', KEYS[1], '>')
+if type(res) == 'table' and res.err then  -- Redis lost the stream: make it again
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], 'g', '0', 'MKSTREAM')
+  res = false
+end
+if res then return {'more', res[1][2]} end
+redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[2], 'KEEPTTL')
+return {'live'}
+"""
+)
+
+# KEYS: route. ARGV: our route. Pushes stop; the session reads for itself again.
+UNLIVE = Script(
+    keys.LUA_ROUTES
+    + """
+local cur = redis.call('GET', KEYS[1])
+if ours(cur, ARGV[1]) and cur ~= ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL') end
+return 1
 """
 )
 
@@ -72,7 +106,6 @@ return redis.call('XDEL', KEYS[1], unpack(ARGV))
 class Stored:
     msg_id: str
     ts: int
-    route: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +113,51 @@ class Entry:
     """One inbox entry as read, with its frame already encoded."""
 
     msg_id: str
-    kind: str  # "m" message, "r" receipt
+    kind: str  # "m" message, "r" receipt, "" deleted while pending
     sender: str
     client_id: str
     frame: bytes
+
+
+# -- sending: the callback forms run on the hot path, the awaitable forms on the slow one
+
+
+def _message_call(
+    sender: str, send: frames.Send, ts: int, limit: int
+) -> tuple[list[str], list[Any]]:
+    to = send.to
+    keys_ = [
+        keys.account(to),
+        keys.blocks(to),
+        keys.inbox(to),
+        keys.dedupe(to, sender, send.id),
+        keys.route(to),
+    ]
+    return keys_, [sender, send.id, send.body, ts, limit, keys.DEDUPE_TTL_S, to]
+
+
+def submit_message(
+    batcher: Batcher, sender: str, send: frames.Send, ts: int, limit: int, callback: Callback
+) -> None:
+    """Queue the send script; `callback` gets its reply (see `stored`)."""
+    batcher.submit_script(callback, SEND, *_message_call(sender, send, ts, limit))
+
+
+def stored(reply: Any) -> Stored | None:
+    """What a send script's reply means: Stored, None when Redis lacks the recipient
+    (reload them from PostgreSQL), or the refusal raised as a ChatError."""
+    if isinstance(reply, Exception):
+        raise reply if isinstance(reply, ChatError) else Unavailable("Redis is unavailable")
+    status = reply[0]
+    if status == "ok":
+        return Stored(str(reply[1]), int(reply[2]))
+    if status == "unknown":
+        return None
+    if status == "blocked":
+        raise Blocked()
+    if status == "full":
+        raise InboxFull()
+    raise Unavailable(f"unexpected reply {status!r}")
 
 
 async def _with_reload(
@@ -103,99 +177,108 @@ async def _with_reload(
 async def enqueue_message(
     batcher: Batcher, pool: Any, sender: str, send: frames.Send, ts: int, limit: int
 ) -> Stored:
-    """Store a message in the recipient's inbox; the reply comes after the XADD."""
-    to = send.to
+    """Store a message, reloading the recipient from PostgreSQL if Redis lacks them."""
     reply = await _with_reload(
-        batcher,
-        pool,
-        to,
-        SEND,
-        [
-            keys.account(to),
-            keys.blocks(to),
-            keys.inbox(to),
-            keys.dedupe(to, sender, send.id),
-            keys.route(to),
-        ],
-        [sender, send.id, send.body, ts, limit, keys.DEDUPE_TTL_S],
+        batcher, pool, send.to, SEND, *_message_call(sender, send, ts, limit)
     )
-    status = reply[0]
-    if status == "blocked":
-        raise Blocked()
-    if status == "full":
-        raise InboxFull()
-    return Stored(str(reply[1]), int(reply[2]), str(reply[3]))
+    result = stored(reply)
+    assert result is not None
+    return result
 
 
 def _receipt_call(
     owner: str, by: str, status: str, ids: list[str], ts: int
 ) -> tuple[list[str], list[Any]]:
     keys_ = [keys.account(owner), keys.blocks(owner), keys.inbox(owner), keys.route(owner)]
-    return keys_, [by, status, ",".join(ids), ts]
+    return keys_, [by, status, ",".join(ids), ts, owner]
 
 
 def submit_receipt(
-    batcher: Batcher, owner: str, by: str, status: str, ids: list[str], ts: int
-) -> asyncio.Future[list[Any]]:
-    """Queue the receipt script; its reply is ['ok', route], ['dropped'] or ['unknown']."""
-    return batcher.script(RECEIPT, *_receipt_call(owner, by, status, ids, ts))
+    batcher: Batcher,
+    owner: str,
+    by: str,
+    status: str,
+    ids: list[str],
+    ts: int,
+    callback: Callback,
+) -> None:
+    """Queue the receipt script; its reply is ['ok'], ['dropped'] or ['unknown']."""
+    batcher.submit_script(callback, RECEIPT, *_receipt_call(owner, by, status, ids, ts))
 
 
 async def enqueue_receipt(
     batcher: Batcher, pool: Any, owner: str, by: str, status: str, ids: list[str], ts: int
-) -> str | None:
-    """Put a receipt in `owner`'s inbox (reloading `owner` from PostgreSQL if Redis lacks
-    them); its route, or None if a block stopped it. UnknownRecipient if no such user."""
-    reply = await _with_reload(
-        batcher, pool, owner, RECEIPT, *_receipt_call(owner, by, status, ids, ts)
-    )
-    return str(reply[1]) if reply[0] == "ok" else None
+) -> None:
+    """Put a receipt in `owner`'s inbox, reloading `owner` from PostgreSQL if Redis lacks
+    them (a block may drop it). UnknownRecipient if there is no such user."""
+    await _with_reload(batcher, pool, owner, RECEIPT, *_receipt_call(owner, by, status, ids, ts))
 
 
-async def ensure_group(batcher: Batcher, mobile: str) -> None:
-    try:
-        await batcher.run("XGROUP", "CREATE", keys.inbox(mobile), keys.GROUP, "0", "MKSTREAM")
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+# -- delivery: the owner's node reads pending entries, then goes live (pushes)
 
 
-def read(
-    batcher: Batcher, mobile: str, cursor: str, count: int = READ_COUNT
-) -> asyncio.Future[list[Entry]]:
-    """Read through the group: an id as cursor gives pending entries, '>' new ones."""
-    result: asyncio.Future[list[Entry]] = asyncio.get_running_loop().create_future()
+def read_pending(batcher: Batcher, mobile: str, cursor: str, callback: Callback) -> None:
+    """Pending entries (delivered, unacked) after `cursor`, oldest first, as a list of Entry."""
 
-    def done(fut: asyncio.Future[Any]) -> None:
-        if result.done():
+    def done(reply: Any) -> None:
+        if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+            # Redis lost the stream: recreate the group; nothing is pending then
+            batcher.fire("XGROUP", "CREATE", keys.inbox(mobile), keys.GROUP, "0", "MKSTREAM")
+            reply = []
+        if isinstance(reply, Exception):
+            callback(reply)
             return
-        if fut.cancelled():
-            result.cancel()
-            return
-        exc = fut.exception()
-        if exc is not None:
-            if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                # Redis lost the stream: recreate the group; the caller reads again later
-                batcher.fire("XGROUP", "CREATE", keys.inbox(mobile), keys.GROUP, "0", "MKSTREAM")
-            result.set_exception(exc)
-            return
-        entries = [
-            decode(msg_id, fields) for _, items in fut.result() or () for msg_id, fields in items
-        ]
-        result.set_result(entries)
+        callback([decode(msg_id, fields) for _, items in reply or () for msg_id, fields in items])
 
-    batcher.call(
+    batcher.submit(
+        done,
         "XREADGROUP",
         "GROUP",
         keys.GROUP,
         keys.CONSUMER,
         "COUNT",
-        count,
+        READ_COUNT,
         "STREAMS",
         keys.inbox(mobile),
         cursor,
-    ).add_done_callback(done)
-    return result
+    )
+
+
+def go_live(
+    batcher: Batcher, mobile: str, route: str, token: str, ttl_s: int, callback: Callback
+) -> None:
+    """Read new entries; when there are none, turn the route live with `token`.
+
+    The callback gets a list of Entry (read them, then call again), "live", or "gone"
+    (another session holds the user now)."""
+
+    def done(reply: Any) -> None:
+        if isinstance(reply, Exception):
+            callback(reply)
+        elif reply[0] == "more":
+            callback([decode(msg_id, fields) for msg_id, fields in reply[1]])
+        else:
+            callback(str(reply[0]))
+
+    batcher.submit_script(
+        done, GO_LIVE, [keys.inbox(mobile), keys.route(mobile)], [route, token, READ_COUNT, ttl_s]
+    )
+
+
+def unlive(batcher: Batcher, mobile: str, route: str) -> None:
+    """Stop pushes to this session; entries wait in the inbox until it reads them."""
+    batcher.submit_script(_ignore, UNLIVE, [keys.route(mobile)], [route])
+
+
+def parse_push(payload: str) -> tuple[str, str, list[Entry]] | None:
+    """A pushed payload `owner|token|json` as (owner, token, entries); None if malformed."""
+    owner, _, rest = payload.partition("|")
+    token, _, data = rest.partition("|")
+    try:
+        items = orjson.loads(data)
+        return owner, token, [decode(str(msg_id), fields) for msg_id, fields in items]
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
 
 
 def decode(msg_id: str, raw: list[str] | dict[str, str] | None) -> Entry:
@@ -222,5 +305,31 @@ async def fetch(batcher: Batcher, mobile: str, msg_ids: list[str]) -> list[Entry
     return [decode(item[0], item[1]) for reply in replies for item in reply or ()]
 
 
+def submit_ack(batcher: Batcher, mobile: str, msg_ids: list[str], callback: Callback) -> None:
+    """Remove these entries from `mobile`'s inbox: XDEL, then XACK, in one pipeline.
+
+    Two plain commands cost Redis less than a script. In this order a connection lost
+    between them leaves at worst a pending id whose entry is gone, which a pending read
+    finds empty and acks away; never an entry that no read returns again."""
+    inbox_key = keys.inbox(mobile)
+    failed: list[Exception] = []
+
+    def deleted(reply: Any) -> None:
+        if isinstance(reply, Exception):
+            failed.append(reply)
+
+    def acked(reply: Any) -> None:
+        callback(failed[0] if failed else reply)
+
+    batcher.submit(deleted, "XDEL", inbox_key, *msg_ids)
+    batcher.submit(acked, "XACK", inbox_key, keys.GROUP, *msg_ids)
+
+
 async def ack(batcher: Batcher, mobile: str, msg_ids: list[str]) -> None:
-    await batcher.script(ACK, [keys.inbox(mobile)], msg_ids)
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    submit_ack(batcher, mobile, msg_ids, resolver(fut))
+    await fut
+
+
+def _ignore(reply: Any) -> None:
+    """A reply nobody waits for; a failed UNLIVE leaves a route that expires or is reset."""

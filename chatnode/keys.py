@@ -48,16 +48,51 @@ def revoked(jti: str) -> str:
     return "chatnode:revoked:" + jti
 
 
+NODE_CHANNEL_PREFIX = "chatnode:node:"
+
+
 def node_channel(node_id: str) -> str:
-    return "chatnode:node:" + node_id
+    return NODE_CHANNEL_PREFIX + node_id
 
 
 def route_value(node_id: str, session: str) -> str:
+    """The route of a session that is catching up: `node|session`."""
     return f"{node_id}|{session}"
 
 
+def live_route(route: str, token: str) -> str:
+    """The route of a live session, `node|session|token`: sends push entries to it."""
+    return f"{route}|{token}"
+
+
 def parse_route(value: str | None) -> tuple[str, str] | None:
+    """(node, session) of a route value, live or not."""
     if not value:
         return None
-    node, _, session = value.partition("|")
-    return node, session
+    node, _, rest = value.partition("|")
+    return node, rest.partition("|")[0]
+
+
+# Lua shared by the scripts that read or write routes (inbox.py, presence.py).
+# ours(cur, mine): the route value `cur` belongs to the session whose route is `mine`.
+# push(inbox, route, owner): if the route is live, read what is new in the inbox through
+# the consumer group (so Redis records it as delivered and unacked) and publish it to
+# the node holding the owner, tagged with the live token. Never raises: it runs after
+# the XADD, and a script that fails after its XADD would make a retry store twice.
+LUA_ROUTES = f"""
+local function ours(cur, mine)
+  return cur ~= false and cur ~= nil
+    and (cur == mine or string.sub(cur, 1, #mine + 1) == mine .. '|')
+end
+local function push(inbox, route, owner)
+  if not route then return end
+  local node, token = string.match(route, '^([^|]+)|[^|]+|(.+)$')
+  if not node then return end
+  local res = redis.pcall('XREADGROUP', 'GROUP', '{GROUP}', '{CONSUMER}', 'COUNT', 100,
+                          'STREAMS', inbox, '>')
+  if type(res) == 'table' and res[1] then
+    redis.pcall('PUBLISH', '{NODE_CHANNEL_PREFIX}' .. node,
+                'e|' .. owner .. '|' .. token .. '|' .. cjson.encode(res[1][2]))
+  end
+end
+"""

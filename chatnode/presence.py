@@ -8,28 +8,46 @@ from typing import Any
 
 from chatnode import accounts, blocks, keys
 from chatnode.errors import NotFound, Unavailable
-from chatnode.redisio import Batcher, Script
+from chatnode.redisio import Batcher, Callback, Script
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-# KEYS: route, seen. ARGV: our route value, ttl, now ms, seen ttl.
-# 1: still ours (TTL pushed back); 0: another session holds the user now;
-# 2: the route was gone (Redis lost it) and is back: entries may have waited unannounced.
-REFRESH = Script(
+# KEYS: route, seen, inbox. ARGV: our route, ttl, now ms, seen ttl.
+# Point the user's route at this session (catching up, not live); the previous holder's
+# route is the reply. The inbox's group is made here if Redis lacks it.
+CLAIM = Script(
     """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return 0 end
+local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-if cur then return 1 end
+redis.pcall('XGROUP', 'CREATE', KEYS[3], 'g', '0', 'MKSTREAM')
+return old
+"""
+)
+
+# KEYS: route, seen. ARGV: our route, ttl, now ms, seen ttl.
+# 1: still ours (TTL pushed back); 0: another session holds the user now;
+# 2: the route was gone (Redis lost it) and is back, not live: the session catches up.
+REFRESH = Script(
+    keys.LUA_ROUTES
+    + """
+local cur = redis.call('GET', KEYS[1])
+if cur and not ours(cur, ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+if cur then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 2
 """
 )
 
-# KEYS: route, seen. ARGV: our route value, now ms, seen ttl.
+# KEYS: route, seen. ARGV: our route, now ms, seen ttl.
 RELEASE = Script(
-    """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+    keys.LUA_ROUTES
+    + """
+if ours(redis.call('GET', KEYS[1]), ARGV[1]) then redis.call('DEL', KEYS[1]) end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
 """
@@ -46,14 +64,17 @@ def iso(ms: int) -> str:
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def claim(batcher: Batcher, mobile: str, route: str, ttl_s: int) -> str | None:
-    """Point the user's route at this session; the previous holder's route, if any.
+def claim(batcher: Batcher, mobile: str, route: str, ttl_s: int, callback: Callback) -> None:
+    """Point the user's route at this session; `callback` gets the previous route or None.
 
     Last seen is stamped too, so a node that dies before its first refresh still
     leaves a plausible time behind."""
-    batcher.fire("SET", keys.seen(mobile), now_ms(), "EX", keys.SEEN_TTL_S)
-    old = await batcher.run("SET", keys.route(mobile), route, "EX", ttl_s, "GET")
-    return str(old) if old else None
+    batcher.submit_script(
+        callback,
+        CLAIM,
+        [keys.route(mobile), keys.seen(mobile), keys.inbox(mobile)],
+        [route, ttl_s, now_ms(), keys.SEEN_TTL_S],
+    )
 
 
 def refresh(batcher: Batcher, mobile: str, route: str, ttl_s: int, ms: int) -> Any:
@@ -63,9 +84,9 @@ def refresh(batcher: Batcher, mobile: str, route: str, ttl_s: int, ms: int) -> A
     )
 
 
-async def release(batcher: Batcher, mobile: str, route: str, ms: int) -> None:
-    await batcher.script(
-        RELEASE, [keys.route(mobile), keys.seen(mobile)], [route, ms, keys.SEEN_TTL_S]
+def release(batcher: Batcher, mobile: str, route: str, ms: int, callback: Callback) -> None:
+    batcher.submit_script(
+        callback, RELEASE, [keys.route(mobile), keys.seen(mobile)], [route, ms, keys.SEEN_TTL_S]
     )
 
 
@@ -90,20 +111,28 @@ async def last_seen(pool: Any, batcher: Batcher, viewer: str, target: str) -> di
     return data
 
 
-# KEYS: account, blocks, route of the recipient. ARGV: sender.
+# KEYS: account, blocks, route of the recipient. ARGV: sender, payload for its node.
+# 1 if the typing frame went to the recipient's node, 0 if no block-free route exists.
 TYPING = Script(
     """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
-if hit[1] == 1 or hit[2] == 1 then return false end
-return redis.call('GET', KEYS[3])
+if hit[1] == 1 or hit[2] == 1 then return 0 end
+local route = redis.call('GET', KEYS[3])
+if not route then return 0 end
+redis.call('PUBLISH', '"""
+    + keys.NODE_CHANNEL_PREFIX
+    + """' .. string.match(route, '^[^|]+'), ARGV[2])
+return 1
 """
 )
 
 
-async def typing_route(batcher: Batcher, sender: str, to: str) -> str | None:
-    """Where to forward a typing frame, or None when no block-free route exists."""
-    route = await batcher.script(
-        TYPING, [keys.account(to), keys.blocks(to), keys.route(to)], [sender]
+def typing(batcher: Batcher, sender: str, to: str, state: str, callback: Callback) -> None:
+    """Forward a typing frame to the recipient's node unless a block stands between them."""
+    batcher.submit_script(
+        callback,
+        TYPING,
+        [keys.account(to), keys.blocks(to), keys.route(to)],
+        [sender, f"t|{to}|{sender}|{state}"],
     )
-    return str(route) if route else None

@@ -1,25 +1,29 @@
-"""Redis I/O: the client, Lua scripts called by SHA, and the per-turn pipeline batcher.
+"""Redis I/O: one ordered connection for commands, Lua scripts by SHA, this node's channel.
 
 redis-py asyncio costs ~150 us of client CPU per command sent alone and ~25 us per
 command inside a pipeline, so every command the node's handlers issue in one event-loop
-turn goes out as one pipeline (DESIGN.md, "Batching").
+turn goes out as one write (DESIGN.md, "Batching"). All commands travel over one
+connection, so Redis runs them in the order they were issued: the sends of one socket
+reach an inbox in the order the client sent them. hiredis (the C parser redis-py uses)
+packs the commands and parses the replies; replies reach plain callbacks, with no task
+or timeout object per pipeline. One watchdog gives every reply a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import hiredis
-import redis.asyncio as aioredis
 from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from chatnode import logs
 from chatnode.errors import Unavailable
@@ -30,132 +34,183 @@ COMMAND_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
-MAX_BATCH = 1000
-MAX_INFLIGHT = 4  # pipelines in flight at once, each on its own connection
+WATCHDOG_S = 0.5
+# Pipelines written and not yet answered. Commands submitted meanwhile wait for a reply and
+# go out together: under load a node makes fewer, larger writes (each costs a syscall on
+# both ends), at the price of at most one Redis round trip of latency.
+MAX_IN_FLIGHT = 2
+SUBSCRIBER_PING_S = 5.0
+EXPECTED_REPLY_ERRORS = ("NOSCRIPT", "BUSYGROUP", "NOGROUP")
 
+Reply = Any  # a value, or an exception instance: Unavailable, or an expected ResponseError
+Callback = Callable[[Reply], None]
 
-def connect(url: str, *, max_connections: int = 32) -> aioredis.Redis:
-    """A client whose every socket operation has a timeout."""
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=COMMAND_TIMEOUT_S,
-        socket_connect_timeout=2.0,
-        health_check_interval=15,
-        max_connections=max_connections,
-    )
+_SCRIPTS: list[Script] = []
 
 
 @dataclass(frozen=True, slots=True)
 class Script:
-    """A Lua script loaded once and called by SHA."""
+    """A Lua script loaded once per connection and called by SHA."""
 
     source: str
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        _SCRIPTS.append(self)
 
 
-class Link:
-    """One Redis connection for the batcher: hiredis packs the pipeline and parses replies.
+def _options(url: str) -> dict[str, Any]:
+    opts: dict[str, Any] = dict(parse_url(url))
+    if opts.get("connection_class") not in (None, UnixDomainSocketConnection):
+        raise ValueError("chatnode speaks plain TCP or a unix socket to Redis")
+    return opts
 
-    redis-py spends ~50 us of Python per command packing arguments and wrapping each read
-    in a timeout; here a pipeline is one write, one timeout and a C parser."""
 
-    def __init__(self, url: str, timeout: float = COMMAND_TIMEOUT_S) -> None:
-        opts = parse_url(url)
-        if opts.get("connection_class") not in (None, UnixDomainSocketConnection):
-            raise ValueError("the batcher speaks plain TCP or a unix socket to Redis")
-        self._opts = opts
+def _handshake(opts: dict[str, Any]) -> list[tuple[Any, ...]]:
+    hello: list[tuple[Any, ...]] = []
+    if opts.get("password"):
+        user = opts.get("username")
+        hello.append(("AUTH", user, opts["password"]) if user else ("AUTH", opts["password"]))
+    if opts.get("db"):
+        hello.append(("SELECT", opts["db"]))
+    return hello
+
+
+async def _open(opts: dict[str, Any], factory: Callable[[], asyncio.Protocol]) -> Any:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        if opts.get("path"):
+            transport, proto = await loop.create_unix_connection(factory, opts["path"])
+        else:
+            host, port = opts.get("host", "127.0.0.1"), opts.get("port", 6379)
+            transport, proto = await loop.create_connection(factory, host, port)
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return proto
+
+
+async def check(url: str) -> None:
+    """Connect, authenticate and PING once; raises what went wrong (for start-up)."""
+    wire: Wire = await _open(_options(url), lambda: Wire(COMMAND_TIMEOUT_S))
+    try:
+        loop = asyncio.get_running_loop()
+        commands = [*_handshake(_options(url)), ("PING",)]
+        futures = [loop.create_future() for _ in commands]
+        wire.send([(c, resolver(f)) for c, f in zip(commands, futures, strict=True)])
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            for fut in futures:
+                await fut
+    finally:
+        wire.abort()
+
+
+def meaning(reply: Exception) -> Exception:
+    """Error replies the code handles stay as they are; any other (LOADING while Redis
+    reads its append-only file, OOM, ...) means Redis cannot serve us now."""
+    text = str(reply)
+    if text.startswith("NOSCRIPT"):
+        return NoScriptError(text)
+    if text.startswith(EXPECTED_REPLY_ERRORS):
+        return reply
+    log.warning("redis_error_reply", error=text[:200])
+    return Unavailable("Redis is unavailable")
+
+
+class Wire(asyncio.Protocol):
+    """One RESP connection: commands written in order, replies handed to callbacks in order."""
+
+    def __init__(self, timeout: float, on_reply: Callable[[], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
+        self._callbacks: deque[Callback] = deque()
+        self._marks: deque[tuple[float, int]] = deque()  # (written at, replies owed until)
+        self._written = 0
+        self._replied = 0
         self._timeout = timeout
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._parser: Any = None
-        self._backoff = 0.0  # seconds to wait after a failed connect; doubles to 2 s
-        self._retry_at = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._on_reply = on_reply
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def _connect(self) -> None:
-        """Connect, failing fast while backing off from an earlier failed attempt."""
-        now = time.monotonic()
-        if now < self._retry_at:
-            raise RedisConnectionError("Redis is unreachable; backing off")
-        try:
-            await self._open()
-        except BaseException:
-            self.close()
-            self._backoff = min(max(self._backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
-            self._retry_at = time.monotonic() + self._backoff
-            raise
-        self._backoff = 0.0
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    async def _open(self) -> None:
-        opts = self._opts
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            if opts.get("path"):
-                self._reader, self._writer = await asyncio.open_unix_connection(opts["path"])
-            else:
-                self._reader, self._writer = await asyncio.open_connection(
-                    opts.get("host", "127.0.0.1"), opts.get("port", 6379)
-                )
-        sock = self._writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._parser = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
-        hello: list[tuple[Any, ...]] = []
-        if opts.get("password"):
-            user = opts.get("username")
-            hello.append(("AUTH", user, opts["password"]) if user else ("AUTH", opts["password"]))
-        if opts.get("db"):
-            hello.append(("SELECT", opts["db"]))
-        if hello:
-            for reply in await self._roundtrip(hello):
-                if isinstance(reply, Exception):
-                    raise RedisConnectionError(f"Redis refused the connection: {reply}")
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.lost.done()
 
-    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Send commands as one pipeline; replies in order, errors as exception values."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                if self._stale():
-                    self.close()
-                if self._writer is None:
-                    await self._connect()
-                return await self._roundtrip(commands)
-        except BaseException:
-            self.close()  # a half-read pipeline leaves the stream unusable
-            raise
+    @property
+    def in_flight(self) -> int:
+        """Pipelines written whose replies have not all come back."""
+        return len(self._marks)
 
-    async def _roundtrip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        assert self._writer is not None and self._reader is not None
-        self._writer.write(b"".join([hiredis.pack_command(c) for c in commands]))
-        parser = self._parser
-        replies: list[Any] = []
-        want = len(commands)
-        while len(replies) < want:
-            reply = parser.gets()
+    def send(self, batch: Sequence[tuple[tuple[Any, ...], Callback]]) -> None:
+        """Write the commands as one pipeline; each callback gets its reply in turn."""
+        assert self.transport is not None
+        data = b"".join([hiredis.pack_command(args) for args, _ in batch])
+        self._callbacks.extend([cb for _, cb in batch])
+        self._written += len(batch)
+        self._marks.append((time.monotonic(), self._written))
+        self.transport.write(data)
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(WATCHDOG_S, self._check)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        callbacks = self._callbacks
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError:
+                log.error("redis_protocol_error")
+                self.abort()
+                return
             if reply is False:
-                data = await self._reader.read(1 << 16)
-                if not data:
-                    raise RedisConnectionError("Redis closed the connection")
-                parser.feed(data)
-                continue
-            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-                reply = NoScriptError(str(reply))
-            replies.append(reply)
-        return replies
+                break
+            self._replied += 1
+            if isinstance(reply, ResponseError):
+                reply = meaning(reply)
+            callback = callbacks.popleft()
+            try:
+                callback(reply)
+            except Exception:
+                log.exception("redis_callback_failed")
+        marks = self._marks
+        while marks and marks[0][1] <= self._replied:
+            marks.popleft()
+        if self._on_reply is not None:
+            self._on_reply()
 
-    def _stale(self) -> bool:
-        """Redis closed this idle connection (a restart): reconnect before writing to it."""
-        reader, writer = self._reader, self._writer
-        return writer is not None and (
-            writer.is_closing() or (reader is not None and reader.at_eof())
-        )
+    def _check(self) -> None:
+        """A reply later than the timeout means Redis is stuck or gone: drop the link."""
+        self._watchdog = None
+        if self.lost.done():
+            return
+        if self._marks and time.monotonic() - self._marks[0][0] > self._timeout:
+            log.warning("redis_reply_timeout", waiting=len(self._callbacks))
+            self.abort()
+            return
+        if self._callbacks:
+            self._watchdog = asyncio.get_running_loop().call_later(WATCHDOG_S, self._check)
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.connection_lost(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost.done():
+            return
+        self.lost.set_result(None)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        callbacks, self._callbacks = self._callbacks, deque()
+        self._marks.clear()
+        for callback in callbacks:  # every waiter hears of it; none hangs
+            with contextlib.suppress(Exception):
+                callback(Unavailable("Redis is unavailable"))
 
 
 class Batcher:
@@ -165,130 +220,270 @@ class Batcher:
         self,
         url: str,
         *,
-        max_batch: int = MAX_BATCH,
-        max_inflight: int = MAX_INFLIGHT,
         timeout: float = COMMAND_TIMEOUT_S,
+        max_in_flight: int = MAX_IN_FLIGHT,
         on_pipeline: Callable[[int], None] | None = None,
     ) -> None:
-        self._links = [Link(url, timeout) for _ in range(max_inflight)]
-        self._on_pipeline = on_pipeline
-        self._max_batch = max_batch
-        self._max_inflight = max_inflight
+        self._opts = _options(url)
         self._timeout = timeout
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._max_in_flight = max_in_flight
+        self._on_pipeline = on_pipeline
+        self._wire: Wire | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._queue: list[tuple[tuple[Any, ...], Callback]] = []
         self._scheduled = False
-        self._inflight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._backoff = 0.0  # seconds to wait after a failed connect; doubles to 2 s
+        self._retry_at = 0.0
+
+    def submit(self, callback: Callback, *args: Any) -> None:
+        """Queue one command; `callback` gets its reply (or an exception instance)."""
+        self._queue.append((args, callback))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def submit_script(
+        self, callback: Callback, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> None:
+        """Run a Lua script by SHA; on NOSCRIPT (a flushed cache), load it and run it again."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+        def first(reply: Reply) -> None:
+            if isinstance(reply, NoScriptError):
+                self.submit(_ignore, "SCRIPT", "LOAD", script.source)
+                self.submit(callback, *command)
+            else:
+                callback(reply)
+
+        self.submit(first, *command)
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future resolves with its reply or its error."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((args, fut))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit(resolver(fut), *args)
         return fut
-
-    def fire(self, *args: Any) -> None:
-        """Queue a command whose reply nobody waits for (a publish, a refresh)."""
-        self.call(*args).add_done_callback(_consume)
-
-    async def run(self, *args: Any) -> Any:
-        """Queue one command and wait for its reply; RedisError becomes Unavailable."""
-        try:
-            return await self.call(*args)
-        except ResponseError:
-            raise
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise Unavailable("Redis is unavailable") from exc
 
     def script(
         self, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> asyncio.Future[Any]:
-        """Run a Lua script by SHA; on NOSCRIPT, load it and retry in the same pipeline."""
-        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit_script(resolver(fut), script, keys, args)
+        return fut
 
-        def first(fut: asyncio.Future[Any]) -> None:
-            if not fut.cancelled() and isinstance(fut.exception(), NoScriptError):
-                self.fire("SCRIPT", "LOAD", script.source)
-                self.call(*command).add_done_callback(lambda again: _settle(result, again))
-            else:
-                _settle(result, fut)
+    def fire(self, *args: Any) -> None:
+        """Queue a command whose reply nobody waits for."""
+        self.submit(_ignore, *args)
 
-        self.call(*command).add_done_callback(first)
-        return result
+    async def run(self, *args: Any) -> Any:
+        """Queue one command and wait for its reply."""
+        return await self.call(*args)
 
     def _flush(self) -> None:
         self._scheduled = False
-        while self._pending and self._inflight < self._max_inflight:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if not self._queue:
+            return
+        wire = self._wire
+        if wire is not None and wire.usable:
+            if wire.in_flight >= self._max_in_flight:
+                return  # flushed when replies come back: fewer, larger pipelines under load
+            batch, self._queue = self._queue, []
+            wire.send(batch)
+            if self._on_pipeline is not None:
+                self._on_pipeline(len(batch))
+            return
+        if self._connecting is not None:
+            return  # flushed once connected
+        if time.monotonic() < self._retry_at:
+            self._fail_queued()
+            return
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
-    async def _execute(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        link = self._links.pop()
+    async def _connect(self) -> None:
         try:
-            replies = await link.execute([args for args, _ in batch])
-        except Exception as exc:  # every waiter hears of it; none hangs
-            if not isinstance(exc, RedisError | OSError | TimeoutError):
-                log.exception("pipeline_failed")
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(Unavailable("Redis is unavailable"))
-                    fut.exception()  # waiters that gave up must not warn
+            wire = await _open(self._opts, lambda: Wire(self._timeout, self._replied))
+            await self._greet(wire)
+        except Exception as exc:
+            self._backoff = min(max(self._backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
+            self._retry_at = time.monotonic() + self._backoff
+            log.warning("redis_connect_failed", error=type(exc).__name__, retry_in=self._backoff)
+            self._fail_queued()
             return
         finally:
-            self._links.append(link)
-            self._inflight -= 1
-            if self._pending and not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
-        if self._on_pipeline is not None:
-            self._on_pipeline(len(batch))
-        for (_, fut), reply in zip(batch, replies, strict=True):
-            if fut.done():
-                continue
-            if isinstance(reply, Exception):
-                fut.set_exception(_meaning(reply))
-                fut.exception()
-            else:
-                fut.set_result(reply)
+            self._connecting = None
+        self._backoff = 0.0
+        self._wire = wire
+        self._flush()
+
+    async def _greet(self, wire: Wire) -> None:
+        """AUTH and SELECT as the URL asks, and load every script, before any command."""
+        commands = [*_handshake(self._opts)] + [("SCRIPT", "LOAD", s.source) for s in _SCRIPTS]
+        if not commands:
+            return
+        futures = [asyncio.get_running_loop().create_future() for _ in commands]
+        wire.send([(c, resolver(f)) for c, f in zip(commands, futures, strict=True)])
+        try:
+            async with asyncio.timeout(self._timeout):
+                for fut in futures:
+                    await fut
+        except BaseException:
+            wire.abort()
+            raise
+
+    def _replied(self) -> None:
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _fail_queued(self) -> None:
+        queued, self._queue = self._queue, []
+        for _, callback in queued:
+            with contextlib.suppress(Exception):
+                callback(Unavailable("Redis is unavailable"))
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self._timeout)
-        for link in self._links:
-            link.close()
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._connecting
+        if self._wire is not None:
+            self._wire.abort()
+            self._wire = None
+        self._fail_queued()
 
 
-EXPECTED_REPLY_ERRORS = ("NOSCRIPT", "BUSYGROUP", "NOGROUP")
+class Subscriber:
+    """SUBSCRIBE to one channel on a connection of its own; reconnects with backoff.
+
+    A PING every few seconds proves the connection alive: Redis answers it in subscribed
+    mode too, and a missing answer means a dead peer that TCP has not noticed yet."""
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        on_message: Callable[[str], None],
+        on_reconnect: Callable[[], None],
+    ) -> None:
+        self._opts = _options(url)
+        self._channel = channel
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Subscribe forever, reconnecting with backoff."""
+        backoff = BACKOFF_MIN_S
+        first = True
+        while True:
+            wire: _SubWire | None = None
+            try:
+                wire = await _open(self._opts, lambda: _SubWire(self._on_message))
+                await wire.subscribe(_handshake(self._opts), self._channel)
+                self.connected.set()
+                if not first:
+                    self._on_reconnect()  # messages may have been missed meanwhile
+                first = False
+                backoff = BACKOFF_MIN_S
+                await wire.watch()
+            except (OSError, TimeoutError, ResponseError, Unavailable) as exc:
+                log.warning("pubsub_lost", error=type(exc).__name__, retry_in=backoff)
+            finally:
+                self.connected.clear()
+                if wire is not None:
+                    wire.abort()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
 
 
-def _meaning(reply: Exception) -> Exception:
-    """Error replies the code handles stay as they are; any other (LOADING while Redis
-    reads its append-only file, OOM, ...) means Redis cannot serve us now."""
-    if isinstance(reply, NoScriptError) or str(reply).startswith(EXPECTED_REPLY_ERRORS):
-        return reply
-    log.warning("redis_error_reply", error=str(reply)[:200])
-    return Unavailable("Redis is unavailable")
+class _SubWire(asyncio.Protocol):
+    def __init__(self, on_message: Callable[[str], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
+        self._on_message = on_message
+        self._replies: deque[asyncio.Future[Any]] = deque()
+        self._pongs = 0
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    async def subscribe(self, hello: list[tuple[Any, ...]], channel: str) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        commands = [*hello, ("SUBSCRIBE", channel)]
+        futures = [loop.create_future() for _ in commands]
+        self._replies.extend(futures)
+        self.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            for fut in futures:
+                reply = await fut
+                if isinstance(reply, Exception):
+                    raise Unavailable(f"Redis refused the subscription: {reply}")
+
+    async def watch(self) -> None:
+        """Return when the connection is lost or stops answering pings."""
+        assert self.transport is not None
+        while True:
+            pongs = self._pongs
+            self.transport.write(hiredis.pack_command(("PING",)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SUBSCRIBER_PING_S):
+                    await asyncio.shield(self.lost)
+            if self.lost.done():
+                raise Unavailable("the subscription connection closed")
+            if self._pongs == pongs:
+                raise TimeoutError("Redis did not answer a ping on the subscription")
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError:
+                self.abort()
+                return
+            if reply is False:
+                return
+            if isinstance(reply, list) and reply and reply[0] == "message" and len(reply) == 3:
+                try:
+                    self._on_message(reply[2])
+                except Exception:
+                    log.exception("channel_message_failed")
+            elif isinstance(reply, list) and reply and reply[0] == "pong":
+                self._pongs += 1
+            elif self._replies:
+                fut = self._replies.popleft()
+                if not fut.done():
+                    fut.set_result(reply)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.connection_lost(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        for fut in self._replies:
+            if not fut.done():
+                fut.set_result(Unavailable("Redis is unavailable"))
+        self._replies.clear()
 
 
-def _settle(result: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
-    if result.done():
-        return
-    if source.cancelled():
-        result.cancel()
-    elif (exc := source.exception()) is not None:
-        result.set_exception(exc)
-    else:
-        result.set_result(source.result())
+def resolver(fut: asyncio.Future[Any]) -> Callback:
+    """A callback that settles `fut` with a reply, or with the error it carries."""
+
+    def resolve(reply: Reply) -> None:
+        if fut.done():
+            return
+        if isinstance(reply, BaseException):
+            fut.set_exception(reply)
+            fut.exception()  # a waiter that gave up must not warn
+        else:
+            fut.set_result(reply)
+
+    return resolve
 
 
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
+def _ignore(reply: Reply) -> None:
+    """The reply of a command nobody waits for."""

@@ -97,12 +97,14 @@ def test_global_keys_have_no_user_tag() -> None:
     assert keys.node_channel("node-a") == "chatnode:node:node-a"
 
 
-@given(
-    node=st.text(min_size=1).filter(lambda s: "|" not in s),
-    session=st.text(),
-)
-def test_parse_route_undoes_route_value(node: str, session: str) -> None:
-    assert keys.parse_route(keys.route_value(node, session)) == (node, session)
+no_bar = st.text(min_size=1).filter(lambda s: "|" not in s)
+
+
+@given(node=no_bar, session=no_bar, token=no_bar)
+def test_parse_route_undoes_route_value_live_or_not(node: str, session: str, token: str) -> None:
+    route = keys.route_value(node, session)
+    assert keys.parse_route(route) == (node, session)
+    assert keys.parse_route(keys.live_route(route, token)) == (node, session)
 
 
 def test_route_value_format() -> None:
@@ -110,8 +112,8 @@ def test_route_value_format() -> None:
     assert keys.parse_route("node-a|s1") == ("node-a", "s1")
 
 
-def test_session_may_hold_a_bar() -> None:
-    assert keys.parse_route(keys.route_value("n", "a|b")) == ("n", "a|b")
+def test_live_route_format() -> None:
+    assert keys.live_route("node-a|s1", "t9") == "node-a|s1|t9"
 
 
 @pytest.mark.parametrize("value", [None, ""])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from chatnode.inbox import Entry
 from chatnode.routing import dispatch
 
 
@@ -15,8 +17,8 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
 
-    def on_wake(self, mobiles: list[str]) -> None:
-        self.calls.append(("wake", (mobiles,)))
+    def on_push(self, owner: str, token: str, entries: list[Entry]) -> None:
+        self.calls.append(("push", (owner, token, entries)))
 
     def on_kick(self, mobile: str, session: str) -> None:
         self.calls.append(("kick", (mobile, session)))
@@ -37,18 +39,48 @@ def calls_for(payload: str) -> list[tuple[str, tuple[Any, ...]]]:
     return rec.calls
 
 
-def test_wake_one() -> None:
-    assert calls_for("w|+15550000001") == [("wake", (["+15550000001"],))]
+def push_payload(owner: str, token: str, entries: list[tuple[str, list[str]]]) -> str:
+    """What the send and receipt scripts publish (cjson's encoding of XREADGROUP's reply)."""
+    return f"e|{owner}|{token}|" + json.dumps([[i, f] for i, f in entries])
 
 
-def test_wake_many_in_order() -> None:
-    assert calls_for("w|1234567,+7654321,5555555") == [
-        ("wake", (["1234567", "+7654321", "5555555"],))
-    ]
+def test_push_of_a_message_decodes_its_frame() -> None:
+    fields = ["k", "m", "f", "+15550000002", "i", "c1", "b", "hi | there", "t", "1700000000000"]
+    ((name, (owner, token, entries)),) = calls_for(
+        push_payload("+15550000001", "a1b2", [("1700000000000-0", fields)])
+    )
+    assert (name, owner, token) == ("push", "+15550000001", "a1b2")
+    (entry,) = entries
+    assert (entry.msg_id, entry.kind, entry.sender, entry.client_id) == (
+        "1700000000000-0",
+        "m",
+        "+15550000002",
+        "c1",
+    )
+    assert json.loads(entry.frame) == {
+        "type": "message",
+        "msgId": "1700000000000-0",
+        "id": "c1",
+        "from": "+15550000002",
+        "body": "hi | there",
+        "ts": 1700000000000,
+    }
 
 
-def test_wake_skips_empty_names() -> None:
-    assert calls_for("w|1234567,,7654321,") == [("wake", (["1234567", "7654321"],))]
+def test_push_of_a_receipt_and_several_entries_keep_their_order() -> None:
+    receipt = ["k", "r", "s", "delivered", "f", "+15550000003", "i", "a,b", "t", "5"]
+    message = ["k", "m", "f", "+15550000003", "i", "z", "b", "x", "t", "6"]
+    ((_, (_, _, entries)),) = calls_for(
+        push_payload("+15550000001", "t", [("5-0", receipt), ("6-0", message)])
+    )
+    assert [e.msg_id for e in entries] == ["5-0", "6-0"]
+    assert json.loads(entries[0].frame)["ids"] == ["a", "b"]
+    assert entries[1].kind == "m"
+
+
+@pytest.mark.parametrize("payload", ["e|", "e|+1555|t|", "e|+1555|t|not json", "e|+1555|t|[1]"])
+def test_malformed_push_calls_nothing(payload: str) -> None:
+    assert calls_for(payload) == []
 
 
 def test_kick() -> None:
@@ -81,6 +113,7 @@ def test_typing_argument_order_is_to_then_sender() -> None:
         "",
         "x|1234567",
         "r|",
+        "w|1234567",
         "W|1234567",
         "wake|1234567",
         "k|1234567",  # kick needs mobile and session
@@ -99,6 +132,11 @@ def test_unknown_or_malformed_payload_calls_nothing(payload: str) -> None:
 
 def test_each_payload_makes_exactly_one_call() -> None:
     rec = Recorder()
-    for payload in ("w|1234567", "k|1234567|s", "l|1234567|j", "t|1234567|7654321|stop"):
+    for payload in (
+        push_payload("1234567", "t", []),
+        "k|1234567|s",
+        "l|1234567|j",
+        "t|1234567|7654321|stop",
+    ):
         dispatch(rec, payload)
-    assert [name for name, _ in rec.calls] == ["wake", "kick", "logout", "typing"]
+    assert [name for name, _ in rec.calls] == ["push", "kick", "logout", "typing"]

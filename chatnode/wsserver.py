@@ -1,0 +1,348 @@
+"""WebSocket connections on websockets' sans-I/O protocol: one asyncio.Protocol per socket.
+
+websockets' ServerProtocol parses the handshake and the frames and composes the answers
+the RFC requires (pongs, close echoes); this module is the thin I/O layer around it. A
+connection costs no task: frames reach the handler from data_received, writes go
+straight to the transport, and one sweep for all sockets sends keepalive pings and
+enforces the handshake, pong and close deadlines (DESIGN.md: no per-connection timer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any, Protocol, cast
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from chatnode import logs
+
+log = logs.get(__name__)
+
+# websockets logs every open and close at INFO; our own logs say it with the user bound.
+_WS_LOG = logging.getLogger("chatnode.websockets")
+_WS_LOG.setLevel(logging.WARNING)
+
+OPEN_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
+HANDSHAKE_BACKLOG = 1024
+KEEPALIVE_TIMEOUT = 1011
+INVALID_DATA = 1007
+
+
+class Handler(Protocol):
+    """What the gateway does with connections."""
+
+    async def authorize(self, conn: Conn, request: Request) -> tuple[Response | None, Any]:
+        """(None, grant) to accept, or (response, None) to refuse the handshake."""
+        ...
+
+    def on_open(self, conn: Conn, grant: Any) -> Any:
+        """The handshake succeeded; returns the session kept on the connection."""
+        ...
+
+    def on_message(self, conn: Conn, data: str | bytes) -> None: ...
+    def on_drained(self, conn: Conn) -> None: ...
+    def on_closed(self, conn: Conn, session: Any) -> None:
+        """Closing started (either side) or the connection was lost."""
+        ...
+
+
+class Conn(asyncio.Protocol):
+    """One client socket."""
+
+    __slots__ = (
+        "_parts",
+        "address",
+        "deadline",
+        "next_ping",
+        "paused",
+        "ping_sent",
+        "server",
+        "session",
+        "transport",
+        "ws",
+    )
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.ws = ServerProtocol(max_size=server.max_size, logger=_WS_LOG)
+        self.session: Any = None
+        self.address = "unknown"
+        self.deadline = 0.0  # handshake or close deadline (monotonic); 0 while open
+        self.next_ping = 0.0
+        self.ping_sent = 0.0  # when the unanswered ping went out; 0 once answered
+        self.paused = False  # the write buffer is over its high mark
+        self._parts: list[bytes] | None = None  # a fragmented message, with its opcode first
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = self.transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else "unknown"
+        self.deadline = time.monotonic() + self.server.open_timeout
+        self.transport.set_write_buffer_limits(high=self.server.write_high)
+        self.server.conns.add(self)
+        self.server.idle.clear()
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        events = ws.events_received()
+        self._write_out()
+        for event in events:
+            if isinstance(event, Frame):
+                self._on_frame(event)
+            elif isinstance(event, Request):
+                self.server.spawn(self._handshake(event))
+        if ws.state is not State.OPEN:
+            self._ended()  # a close frame, or a frame the protocol refused
+
+    def eof_received(self) -> bool:
+        self.ws.receive_eof()
+        self._write_out()
+        return False  # the transport closes itself
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.session is not None:
+            self.server.handler.on_drained(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.conns.discard(self)
+        if not self.server.conns:
+            self.server.idle.set()
+        self._ended()
+
+    def _ended(self) -> None:
+        """The session is over once closing starts; the handler hears of it once."""
+        if self.session is not None:
+            session, self.session = self.session, None
+            self.server.handler.on_closed(self, session)
+
+    # -- what the gateway calls ------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.ws.state is State.OPEN
+
+    def send_texts(self, frames: list[bytes]) -> None:
+        """Write UTF-8 JSON text frames in one transport write."""
+        ws = self.ws
+        if ws.state is not State.OPEN or self.transport is None:
+            return
+        for frame in frames:
+            ws.send_text(frame)
+        self.transport.write(b"".join(ws.data_to_send()))
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; the sweep aborts a peer that does not finish it."""
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(code, reason)
+            self._write_out()
+            self.deadline = time.monotonic() + self.server.close_timeout
+            self._ended()
+        elif self.ws.state is State.CONNECTING:
+            self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def reject(self, status: int, text: str) -> Response:
+        """A plain-text HTTP refusal of the handshake."""
+        return self.ws.reject(status, text)
+
+    @property
+    def close_reason(self) -> tuple[int, str]:
+        """The close code and reason sent (or received first); 1006 if none."""
+        ws = self.ws
+        close = ws.close_sent or ws.close_rcvd
+        return (close.code, close.reason) if close is not None else (1006, "")
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- inside ------------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        data = cast(bytes, frame.data)  # Frame.parse makes bytes
+        if op is Opcode.TEXT or op is Opcode.BINARY:
+            if frame.fin:
+                self._deliver(op, data)
+            else:
+                self._parts = [bytes([op]), data]
+        elif op is Opcode.CONT:
+            if self._parts is not None:  # the protocol refuses a stray continuation
+                self._parts.append(data)
+                if frame.fin:
+                    parts, self._parts = self._parts, None
+                    self._deliver(Opcode(parts[0][0]), b"".join(parts[1:]))
+        elif op is Opcode.PONG:
+            self.ping_sent = 0.0
+        elif op is Opcode.CLOSE:
+            self.deadline = time.monotonic() + self.server.close_timeout
+
+    def _deliver(self, op: Opcode, data: bytes) -> None:
+        if self.session is None:
+            return  # sent before the handshake finished, or after the session ended
+        # (frames parsed together with a close frame that follows them still count)
+        payload: str | bytes = data
+        if op is Opcode.TEXT:
+            try:
+                payload = data.decode()
+            except UnicodeDecodeError:
+                self.ws.fail(INVALID_DATA, "invalid UTF-8")
+                self._write_out()
+                self.deadline = time.monotonic() + self.server.close_timeout
+                self._ended()
+                return
+        try:
+            self.server.handler.on_message(self, payload)
+        except Exception:
+            log.exception("frame_failed")
+            self.close(1011, "internal error")
+
+    async def _handshake(self, request: Request) -> None:
+        handler = self.server.handler
+        try:
+            refusal, grant = await handler.authorize(self, request)
+        except Exception:
+            log.exception("handshake_failed")
+            refusal, grant = self.reject(500, "internal error\n"), None
+        if self.transport is None or self.transport.is_closing():
+            return  # the client went away meanwhile
+        response = self.ws.accept(request) if refusal is None else refusal
+        self.ws.send_response(response)
+        self._write_out()
+        if response.status_code != 101:
+            return
+        self.deadline = 0.0
+        self.next_ping = time.monotonic() + self.server.heartbeat_s
+        try:
+            self.session = handler.on_open(self, grant)
+        except Exception:
+            log.exception("open_failed")
+            self.close(1011, "internal error")
+
+    def _write_out(self) -> None:
+        writes = self.ws.data_to_send()
+        if not writes or self.transport is None:
+            return
+        data = b"".join(writes)
+        if data:
+            self.transport.write(data)
+        if writes[-1] == b"":  # the protocol is done: half-close, then the peer closes
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
+            if not self.deadline:
+                self.deadline = time.monotonic() + self.server.close_timeout
+
+
+class Server:
+    """All sockets of one gateway: listening, the sweep, and closing down."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_size: int,
+        heartbeat_s: float,
+        write_high: int,
+        open_timeout: float = OPEN_TIMEOUT_S,
+        close_timeout: float = CLOSE_TIMEOUT_S,
+    ) -> None:
+        self.handler = handler
+        self.max_size = max_size
+        self.heartbeat_s = heartbeat_s
+        self.write_high = write_high
+        self.open_timeout = open_timeout
+        self.close_timeout = close_timeout
+        self.conns: set[Conn] = set()
+        self.idle = asyncio.Event()  # set while no connection is open
+        self.idle.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Conn(self), host, port, backlog=HANDSHAKE_BACKLOG, reuse_address=True
+        )
+        self._sweeper = loop.create_task(self._sweep_forever(), name="ws-sweep")
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep_forever(self) -> None:
+        period = min(1.0, self.heartbeat_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.sweep(time.monotonic())
+            except Exception:
+                log.exception("ws_sweep_failed")
+
+    def sweep(self, now: float) -> None:
+        """Keepalive pings, and the deadlines of handshakes, pongs and closes."""
+        for conn in list(self.conns):
+            if conn.deadline and now > conn.deadline:
+                conn.abort()  # a handshake or a close that took too long
+            elif conn.next_ping and now >= conn.next_ping and conn.ws.state is State.OPEN:
+                conn.next_ping = now + self.heartbeat_s
+                if conn.ping_sent:
+                    conn.close(KEEPALIVE_TIMEOUT, "keepalive ping timeout")
+                else:
+                    conn.ping_sent = now
+                    conn.ws.send_ping(os.urandom(4))
+                    conn._write_out()
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self) -> None:
+        """Stop listening; wait for the sockets to finish closing, then abort the rest."""
+        self.stop_accepting()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.close_timeout + 1):
+                await self.idle.wait()
+        for conn in list(self.conns):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1):
+                    await self._server.wait_closed()

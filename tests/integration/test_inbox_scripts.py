@@ -1,0 +1,173 @@
+"""The inbox and route scripts on a real Redis: push when live, catch-up, ack, refresh."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from chatnode import frames, inbox, keys, presence
+from chatnode.redisio import Batcher, resolver
+from tests.integration.harness import Stack, new_mobile
+
+
+@pytest.fixture
+async def batcher(stack: Stack) -> AsyncIterator[Batcher]:
+    b = Batcher(stack.redis_url)
+    yield b
+    await b.close()
+
+
+async def call(submit: Any, *args: Any) -> Any:
+    """Run a callback-style inbox function and return what its callback got."""
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    submit(*args, resolver(fut))
+    return await fut
+
+
+async def user(redis: aioredis.Redis) -> str:
+    """A user Redis knows (its account key and inbox group), with no route."""
+    mobile = new_mobile()
+    await redis.set(keys.account(mobile), "t")
+    await redis.xgroup_create(keys.inbox(mobile), keys.GROUP, "0", mkstream=True)
+    return mobile
+
+
+async def send(batcher: Batcher, sender: str, to: str, cid: str, body: str = "hi") -> Any:
+    frame = frames.Send(cid, to, body)
+    return inbox.stored(await call(inbox.submit_message, batcher, sender, frame, 1, 100))
+
+
+async def subscribe(redis: aioredis.Redis, node: str) -> Any:
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.node_channel(node))
+    return pubsub
+
+
+async def next_message(pubsub: Any, timeout: float = 2.0) -> str | None:
+    """The next published message, or None when none comes within `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (left := deadline - loop.time()) > 0:
+        msg = await pubsub.get_message(timeout=left)  # None for the subscribe reply too
+        if msg is not None:
+            return str(msg["data"])
+    return None
+
+
+async def test_send_to_a_live_route_pushes_the_entry_and_records_it_as_pending(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    await redis.set(keys.route(bob), keys.live_route("node-x|s1", "tok"))
+    pubsub = await subscribe(redis, "node-x")
+    try:
+        stored = await send(batcher, alice, bob, "c1", "hello | world")
+        payload = await next_message(pubsub)
+    finally:
+        await pubsub.aclose()
+    assert payload is not None
+    kind, _, rest = payload.partition("|")
+    owner, token, entries = inbox.parse_push(rest) or ("", "", [])
+    assert (kind, owner, token) == ("e", bob, "tok")
+    assert [e.msg_id for e in entries] == [stored.msg_id]
+    assert orjson.loads(entries[0].frame)["body"] == "hello | world"
+    assert (await redis.xpending(keys.inbox(bob), keys.GROUP))["pending"] == 1
+
+
+async def test_send_to_a_route_that_is_catching_up_pushes_nothing(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    await redis.set(keys.route(bob), "node-y|s1")
+    pubsub = await subscribe(redis, "node-y")
+    try:
+        await send(batcher, alice, bob, "c1")
+        assert await next_message(pubsub, timeout=0.3) is None
+    finally:
+        await pubsub.aclose()
+    assert (await redis.xpending(keys.inbox(bob), keys.GROUP))["pending"] == 0
+    assert await redis.xlen(keys.inbox(bob)) == 1
+
+
+async def test_go_live_reads_what_is_new_then_turns_the_route_live(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    route = "node-z|s1"
+    await redis.set(keys.route(bob), route, ex=60)
+    first = await send(batcher, alice, bob, "c1")
+    second = await send(batcher, alice, bob, "c2")
+    got = await call(inbox.go_live, batcher, bob, route, "t1", 60)
+    assert [e.msg_id for e in got] == [first.msg_id, second.msg_id]
+    assert await redis.get(keys.route(bob)) == route  # not live while there was more
+    assert await call(inbox.go_live, batcher, bob, route, "t1", 60) == "live"
+    assert await redis.get(keys.route(bob)) == keys.live_route(route, "t1")
+    assert 0 < await redis.ttl(keys.route(bob)) <= 60  # KEEPTTL
+    inbox.unlive(batcher, bob, route)
+    assert await call(inbox.read_pending, batcher, bob, "0") != []
+    assert await redis.get(keys.route(bob)) == route
+
+
+async def test_go_live_is_refused_to_a_replaced_session_and_remakes_a_lost_route(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    bob = await user(redis)
+    await redis.set(keys.route(bob), "node-b|newer")
+    assert await call(inbox.go_live, batcher, bob, "node-a|older", "t", 60) == "gone"
+    inbox.unlive(batcher, bob, "node-a|older")  # not ours: left alone
+    assert await call(inbox.read_pending, batcher, bob, "0") == []
+    assert await redis.get(keys.route(bob)) == "node-b|newer"
+    await redis.delete(keys.route(bob))  # Redis lost it
+    assert await call(inbox.go_live, batcher, bob, "node-a|older", "t", 60) == "live"
+    assert await redis.get(keys.route(bob)) == "node-a|older|t"
+
+
+async def test_pending_entries_come_back_until_acked_and_ack_removes_them(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    route = "node-p|s1"
+    await redis.set(keys.route(bob), route, ex=60)
+    stored = [await send(batcher, alice, bob, f"c{i}") for i in range(3)]
+    await call(inbox.go_live, batcher, bob, route, "t", 60)  # reads all three
+    pending = await call(inbox.read_pending, batcher, bob, "0")
+    assert [e.msg_id for e in pending] == [s.msg_id for s in stored]
+    after_first = await call(inbox.read_pending, batcher, bob, stored[0].msg_id)
+    assert [e.msg_id for e in after_first] == [s.msg_id for s in stored[1:]]
+    await inbox.ack(batcher, bob, [stored[0].msg_id, stored[1].msg_id])
+    assert await redis.xlen(keys.inbox(bob)) == 1
+    assert [e.msg_id for e in await call(inbox.read_pending, batcher, bob, "0")] == [
+        stored[2].msg_id
+    ]
+
+
+async def test_a_repeated_send_id_is_stored_once_with_the_same_msgid(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    first = await send(batcher, alice, bob, "same")
+    again = await send(batcher, alice, bob, "same")
+    assert again == first
+    assert await redis.xlen(keys.inbox(bob)) == 1
+
+
+async def test_refresh_keeps_a_live_token_and_tells_replaced_from_lost(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    bob = await user(redis)
+    mine = "node-r|s1"
+    await redis.set(keys.route(bob), keys.live_route(mine, "tok"), ex=5)
+    assert await presence.refresh(batcher, bob, mine, 60, 1) == 1
+    assert await redis.get(keys.route(bob)) == keys.live_route(mine, "tok")
+    assert await redis.ttl(keys.route(bob)) > 5
+    await redis.delete(keys.route(bob))
+    assert await presence.refresh(batcher, bob, mine, 60, 2) == 2
+    assert await redis.get(keys.route(bob)) == mine  # back, catching up
+    await redis.set(keys.route(bob), "node-r|s2")
+    assert await presence.refresh(batcher, bob, mine, 60, 3) == 0
+    assert await redis.get(keys.route(bob)) == "node-r|s2"

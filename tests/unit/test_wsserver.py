@@ -1,0 +1,217 @@
+"""chatnode.wsserver.Conn and Server.sweep: websockets' sans-I/O protocol with our I/O
+around it, driven with bytes; the transport only records what is written."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import Any
+
+from websockets.client import ClientProtocol
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+from chatnode.wsserver import Conn, Server
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.data = b""
+        self.eof = self.closed = self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else None
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Handler:
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.messages: list[str | bytes] = []
+        self.closed: list[Any] = []
+
+    async def authorize(self, conn: Conn, request: Request) -> tuple[Response | None, Any]:
+        if self.refuse:
+            return conn.reject(401, "unauthorized\n"), None
+        return None, "grant"
+
+    def on_open(self, conn: Conn, grant: Any) -> Any:
+        return {"grant": grant}
+
+    def on_message(self, conn: Conn, data: str | bytes) -> None:
+        self.messages.append(data)
+
+    def on_drained(self, conn: Conn) -> None:
+        pass
+
+    def on_closed(self, conn: Conn, session: Any) -> None:
+        self.closed.append(session)
+
+
+def server(handler: Handler, **kw: Any) -> Server:
+    opts = {"max_size": 1024, "heartbeat_s": 10.0, "write_high": 1 << 16, **kw}
+    return Server(handler, **opts)
+
+
+def request_bytes() -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET /ws?token=t HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def client_frame(op: Opcode, data: bytes, fin: bool = True) -> bytes:
+    return Frame(op, data, fin).serialize(mask=True)
+
+
+def server_frames(data: bytes) -> list[Frame]:
+    """The frames a server wrote after its 101 response."""
+    body = data.split(b"\r\n\r\n", 1)[1]
+    peer = ClientProtocol(parse_uri("ws://127.0.0.1/ws"), state=State.OPEN)
+    peer.receive_data(body)
+    return [e for e in peer.events_received() if isinstance(e, Frame)]
+
+
+async def opened(handler: Handler | None = None, **kw: Any) -> tuple[Conn, Transport, Handler]:
+    h = handler or Handler()
+    conn = Conn(server(h, **kw))
+    t = Transport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    conn.data_received(request_bytes())
+    for _ in range(5):
+        await asyncio.sleep(0)  # the handshake runs in a task
+    return conn, t, h
+
+
+async def test_handshake_then_text_and_binary_messages() -> None:
+    conn, t, h = await opened()
+    assert t.data.startswith(b"HTTP/1.1 101 ")
+    assert conn.session == {"grant": "grant"} and conn.deadline == 0.0
+    conn.data_received(client_frame(Opcode.TEXT, '{"a":"é"}'.encode()))
+    conn.data_received(client_frame(Opcode.BINARY, b"\x00\x01"))
+    assert h.messages == ['{"a":"é"}', b"\x00\x01"]
+
+
+async def test_refused_handshake_sends_the_response_and_no_session() -> None:
+    conn, t, h = await opened(Handler(refuse=True))
+    assert t.data.startswith(b"HTTP/1.1 401 ") and t.eof
+    assert conn.session is None
+    conn.data_received(client_frame(Opcode.TEXT, b"ignored"))
+    assert h.messages == []
+
+
+async def test_a_fragmented_message_arrives_whole() -> None:
+    conn, _, h = await opened()
+    conn.data_received(client_frame(Opcode.TEXT, b'{"type":', fin=False))
+    conn.data_received(client_frame(Opcode.CONT, b'"ack",', fin=False))
+    conn.data_received(client_frame(Opcode.CONT, b'"msgIds":[]}'))
+    assert h.messages == ['{"type":"ack","msgIds":[]}']
+
+
+async def test_text_that_is_not_utf8_closes_with_1007() -> None:
+    conn, t, h = await opened()
+    conn.data_received(client_frame(Opcode.TEXT, b"\xff\xfe"))
+    (close,) = server_frames(t.data)
+    assert Close.parse(close.data).code == 1007
+    assert h.messages == [] and h.closed == [{"grant": "grant"}]
+
+
+async def test_a_frame_over_max_size_closes_with_1009() -> None:
+    conn, t, h = await opened()
+    conn.data_received(client_frame(Opcode.TEXT, b"x" * 2000))
+    (close,) = server_frames(t.data)
+    assert Close.parse(close.data).code == 1009
+    assert len(h.closed) == 1
+
+
+async def test_ping_gets_a_pong_and_a_client_close_is_echoed() -> None:
+    conn, t, h = await opened()
+    conn.data_received(client_frame(Opcode.PING, b"p1"))
+    conn.data_received(client_frame(Opcode.CLOSE, Close(1000, "bye").serialize()))
+    pong, close = server_frames(t.data)
+    assert pong.opcode is Opcode.PONG and pong.data == b"p1"
+    assert Close.parse(close.data).code == 1000
+    assert t.eof and len(h.closed) == 1
+
+
+async def test_close_sends_the_code_once_and_tells_the_handler_once() -> None:
+    conn, t, h = await opened()
+    conn.close(4001, "replaced")
+    conn.close(4001, "replaced")
+    (close,) = server_frames(t.data)
+    assert Close.parse(close.data) == Close(4001, "replaced")
+    assert len(h.closed) == 1 and conn.deadline > 0
+
+
+async def test_sweep_pings_then_closes_a_silent_peer_then_aborts_it() -> None:
+    conn, t, _ = await opened(heartbeat_s=10.0, close_timeout=2.0)
+    srv = conn.server
+    start = conn.next_ping
+    srv.sweep(start - 1)
+    assert server_frames(t.data) == []
+    srv.sweep(start)
+    (ping,) = server_frames(t.data)
+    assert ping.opcode is Opcode.PING
+    conn.data_received(client_frame(Opcode.PONG, ping.data))
+    srv.sweep(start + 10)  # answered: another ping, no close
+    assert [f.opcode for f in server_frames(t.data)] == [Opcode.PING, Opcode.PING]
+    srv.sweep(start + 20)  # this one was not answered
+    last = server_frames(t.data)[-1]
+    assert last.opcode is Opcode.CLOSE and Close.parse(last.data).code == 1011
+    assert not t.aborted
+    srv.sweep(conn.deadline + 0.1)
+    assert t.aborted
+
+
+async def test_sweep_aborts_a_connection_that_never_finishes_its_handshake() -> None:
+    srv = server(Handler(), open_timeout=10.0)
+    conn = Conn(srv)
+    t = Transport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    srv.sweep(conn.deadline - 0.1)
+    assert not t.aborted
+    srv.sweep(conn.deadline + 0.1)
+    assert t.aborted
+
+
+async def test_frames_that_come_with_a_close_frame_still_count() -> None:
+    conn, _, h = await opened()
+    conn.data_received(
+        client_frame(Opcode.TEXT, b"last words")
+        + client_frame(Opcode.CLOSE, Close(1000, "").serialize())
+        + client_frame(Opcode.TEXT, b"after the close")
+    )
+    assert h.messages == ["last words"] and len(h.closed) == 1
