@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +21,16 @@ from chatnode.redisio import Batcher
 
 BCRYPT_WORKERS = 2
 BCRYPT_WAIT_S = 10.0
+BCRYPT_NICE = 10  # niceness of the bcrypt threads (the event loop stays at 0)
 MAX_PASSWORD_BYTES = 72
+
+
+def _yield_cpu() -> None:
+    """Run this thread at a lower priority: when bcrypt and the event loop (or Redis) both
+    want a core, messaging gets it, and a storm of logins waits instead (Linux sets nice
+    per thread; elsewhere this does nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BCRYPT_NICE)
 
 
 class Passwords:
@@ -26,7 +38,9 @@ class Passwords:
 
     def __init__(self, rounds: int, workers: int = BCRYPT_WORKERS) -> None:
         self._rounds = rounds
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="bcrypt", initializer=_yield_cpu
+        )
         self._slots = asyncio.Semaphore(workers)
         self._dummy: bytes | None = None
 
