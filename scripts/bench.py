@@ -4,11 +4,14 @@ Run through `scripts/bench` (it installs chatnode into .venv first). Modes:
 
     scripts/bench --rate 1500 --duration 20        one paced run
     scripts/bench --sweep                          step the rate until p99 > 100 ms or loss
-    scripts/bench --idle 10000                     idle sockets, node RSS per socket
-    scripts/bench --rate 1500 --login-storm 50     messaging while 50 logins/s run
+    scripts/bench --idle 10000                     10,000 idle sockets on each node: RSS
+    scripts/bench --rate 1500 --login-storm 50     the same run without, then with 50 logins/s
 
-Every message is durable in its recipient's inbox until acked; every recipient acks every
-message and receipt. Prints one JSON line per run and a readable table, with the commit.
+It starts a private Redis (append-only file, `appendfsync everysec` unless asked), uses
+the local PostgreSQL (or starts one) and starts two nodes; `--http/--ws` (and `--pids`
+for their CPU) target running nodes instead. Every message is durable in its
+recipient's inbox until acked; every recipient acks every message and receipt. Each run
+prints a readable table and one JSON line, with the commit.
 """
 
 from __future__ import annotations
@@ -28,25 +31,30 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
-import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from loadgen import idle_entry, worker_entry  # noqa: E402
 
 from chatnode import devstack  # noqa: E402
 
 P99_LIMIT_MS = 100.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+PASSWORD = "benchpass1"
+SEND_BUCKET = 'chatnode_send_seconds_bucket{le="'
 
 
-# -- processes and their CPU ---------------------------------------------------------
+# -- processes, their CPU and memory ---------------------------------------------------
 
 
 def cpu_seconds(pid: int) -> float:
@@ -65,22 +73,14 @@ def rss_bytes(pid: int) -> int:
 
 
 def commit() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return rev + ("-dirty" if dirty.strip() else "")
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -89,15 +89,15 @@ def commit() -> str:
 class Cluster:
     redis: devstack.RedisServer | None
     redis_url: str
-    database_url: str
-    nodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     http: list[str] = field(default_factory=list)
     ws: list[str] = field(default_factory=list)
+    nodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    node_pids: list[int] = field(default_factory=list)
     owned_pg: devstack.PostgresServer | None = None
     tmp: Path | None = None
 
     def pids(self) -> dict[str, int]:
-        out = {f"node{i + 1}": p.pid for i, p in enumerate(self.nodes)}
+        out = {f"node{i + 1}": pid for i, pid in enumerate(self.node_pids)}
         if self.redis is not None and self.redis.proc is not None:
             out["redis"] = self.redis.proc.pid
         return out
@@ -120,13 +120,22 @@ class Cluster:
 
 
 def raise_file_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def target_cluster(args: argparse.Namespace) -> Cluster:
+    """Nodes that run already (--http, --ws, optionally --pids for their CPU)."""
+    http, ws = args.http.split(","), args.ws.split(",")
+    if len(http) != len(ws):
+        raise SystemExit("bench: --http and --ws need as many URLs each")
+    pids = [int(p) for p in args.pids.split(",")] if args.pids else []
+    return Cluster(None, args.redis_url, http=http, ws=ws, node_pids=pids)
+
+
 def start_cluster(args: argparse.Namespace) -> Cluster:
-    raise_file_limit()
+    """A private Redis, the local PostgreSQL (or a private one) and `--nodes` nodes."""
     tmp = Path(tempfile.mkdtemp(prefix="chatnode-bench-"))
     os.chmod(tmp, 0o755)
     redis = None
@@ -134,16 +143,15 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
     if not redis_url:
         redis = devstack.RedisServer(tmp / "redis", fsync=args.appendfsync).start()
         redis_url = redis.url
+    cluster = Cluster(redis, redis_url, tmp=tmp)
     database_url = args.database_url
-    owned_pg = None
     if not database_url:
         database_url = "postgresql://127.0.0.1:5432/chatnode_bench"
         if not asyncio.run(
             devstack.ensure_database("postgresql://127.0.0.1:5432/postgres", "chatnode_bench")
         ):
-            owned_pg = devstack.PostgresServer(tmp / "pg", database="chatnode_bench").start()
-            database_url = owned_pg.url
-    cluster = Cluster(redis, redis_url, database_url, owned_pg=owned_pg, tmp=tmp)
+            cluster.owned_pg = devstack.PostgresServer(tmp / "pg", database="chatnode_bench")
+            database_url = cluster.owned_pg.start().url
     env = {
         **os.environ,
         "CHATNODE_REDIS_URL": redis_url,
@@ -164,25 +172,18 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
         raise SystemExit(f"bench: migrate failed: {migrate.stderr}")
     for i in range(args.nodes):
         http, ws = devstack.free_port(), devstack.free_port()
-        log = open(tmp / f"node{i + 1}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "chatnode",
-                "serve",
-                "--node-id",
-                f"bench-{i + 1}",
-                "--http-port",
-                str(http),
-                "--ws-port",
-                str(ws),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(tmp / f"node{i + 1}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "chatnode", "serve", "--node-id", f"bench-{i + 1}"),
+                    *("--http-port", str(http), "--ws-port", str(ws)),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         cluster.nodes.append(proc)
+        cluster.node_pids.append(proc.pid)
         cluster.http.append(f"http://127.0.0.1:{http}")
         cluster.ws.append(f"ws://127.0.0.1:{ws}/ws")
         deadline = time.monotonic() + 30
@@ -194,29 +195,37 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
     return cluster
 
 
-def scrape(base: str) -> dict[str, float]:
-    """Counters from a node's /metrics that tell how well Redis batching works."""
-    import urllib.request
-
-    wanted = {
-        "chatnode_redis_pipelines_total": "pipelines",
-        "chatnode_redis_commands_total": "commands",
-    }
-    out = dict.fromkeys(wanted.values(), 0.0)
+def scrape(base: str) -> dict[str, Any]:
+    """From a node's /metrics: Redis pipelines and commands, the send-path histogram."""
+    out: dict[str, Any] = {"pipelines": 0.0, "commands": 0.0, "send_buckets": {}}
     with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
-            name, _, value = line.partition(" ")
-            if name in wanted:
-                out[wanted[name]] = float(value)
+            name, _, value = line.rpartition(" ")
+            if name == "chatnode_redis_pipelines_total":
+                out["pipelines"] = float(value)
+            elif name == "chatnode_redis_commands_total":
+                out["commands"] = float(value)
+            elif name.startswith(SEND_BUCKET):
+                out["send_buckets"][name[len(SEND_BUCKET) : -2]] = float(value)
     return out
 
 
-# -- users ---------------------------------------------------------------------------
+def histogram_p99_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """The upper bound of the bucket holding the 99th percentile of the run's sends."""
+    bounds = sorted(after, key=lambda b: float(b))
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    for bound, cumulative in zip(bounds, counts, strict=True):
+        if cumulative >= 0.99 * counts[-1]:
+            return float(bound) * 1000
+    return None
 
 
-async def make_users(
-    http_urls: list[str], count: int, password: str = "benchpass1"
-) -> list[dict[str, Any]]:
+# -- users -------------------------------------------------------------------------------
+
+
+async def make_users(http_urls: list[str], count: int) -> list[dict[str, Any]]:
     """Sign up and log in `count` fresh users; returns mobile, token and home node index."""
     prefix = random.randrange(10**5)
     users = [{"mobile": f"+8{prefix:05d}{i:06d}", "node": i % len(http_urls)} for i in range(count)]
@@ -226,7 +235,7 @@ async def make_users(
         async def one(u: dict[str, Any]) -> None:
             base = http_urls[u["node"]]
             async with sem:
-                body = {"name": "bench", "mobileNo": u["mobile"], "password": password}
+                body = {"name": "bench", "mobileNo": u["mobile"], "password": PASSWORD}
                 async with http.post(base + "/auth/signup", json=body) as r:
                     assert r.status == 201, await r.text()
                 async with http.post(base + "/auth/login", json=body) as r:
@@ -237,7 +246,7 @@ async def make_users(
     return users
 
 
-# -- the load generator (runs in worker processes) ------------------------------------
+# -- paced traffic -----------------------------------------------------------------------
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -248,142 +257,31 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-class Peer:
-    """One benchmark user: a socket that sends, receives and acks everything."""
-
-    __slots__ = ("accepted", "got", "mobile", "pending", "stats", "target", "ws")
-
-    def __init__(self, mobile: str, target: str, stats: dict[str, Any]) -> None:
-        self.mobile = mobile
-        self.target = target
-        self.ws: Any = None
-        self.pending: dict[str, float] = {}  # client id -> send time
-        self.accepted: set[str] = set()
-        self.got: set[str] = set()
-        self.stats = stats
-
-    async def reader(self) -> None:
-        st = self.stats
-        async for raw in self.ws:
-            now = time.time()
-            frame = orjson.loads(raw)
-            kind = frame["type"]
-            if kind == "accepted":
-                sent = self.pending.get(frame["id"])
-                if sent is not None:
-                    st["accepted_ms"].append((now - sent) * 1000)
-                    self.accepted.add(frame["id"])
-            elif kind == "message":
-                mid = frame["msgId"]
-                if mid in self.got:
-                    st["duplicated"] += 1
-                else:
-                    self.got.add(mid)
-                    st["message_ms"].append((now - float(frame["body"].split(" ", 1)[0])) * 1000)
-                    st["received"].append(frame["from"] + "/" + frame["id"])
-                await self.ws.send(orjson.dumps({"type": "ack", "msgIds": [mid]}).decode())
-            elif kind == "receipt":
-                for cid in frame["ids"]:
-                    sent = self.pending.pop(cid, None)
-                    if sent is not None and frame["status"] == "delivered":
-                        st["delivered_ms"].append((now - sent) * 1000)
-                await self.ws.send(
-                    orjson.dumps({"type": "ack", "msgIds": [frame["msgId"]]}).decode()
-                )
-            elif kind == "error":
-                st["errors"][frame["code"]] = st["errors"].get(frame["code"], 0) + 1
-
-
-async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
-    stats: dict[str, Any] = {
-        "accepted_ms": [],
-        "message_ms": [],
-        "delivered_ms": [],
-        "received": [],
-        "duplicated": 0,
-        "errors": {},
-        "sent": 0,
-    }
-    peers = [Peer(u["mobile"], u["target"], stats) for u in spec["users"]]
-    for peer, u in zip(peers, spec["users"], strict=True):
-        peer.ws = await websockets.connect(
-            f"{u['ws']}?token={u['token']}", compression=None, max_size=2**20, open_timeout=30
-        )
-        hello = orjson.loads(await peer.ws.recv())
-        assert hello["type"] == "hello"
-    readers = [asyncio.create_task(p.reader()) for p in peers]
-    rate, duration = spec["rate"], spec["duration"]
-    pad = "x" * max(0, spec["body_bytes"] - 20)
-    cpu0 = time.process_time()
-    start = time.monotonic()
-    sent = 0
-    seq = 0
-    run = os.urandom(4).hex()
-    while (elapsed := time.monotonic() - start) < duration:
-        due = int(rate * elapsed) - sent
-        for _ in range(max(0, due)):
-            peer = peers[seq % len(peers)]
-            seq += 1
-            cid = f"{run}-{seq}"  # fresh per run: a reused id is a retry, stored once
-            now = time.time()
-            peer.pending[cid] = now
-            await peer.ws.send(
-                orjson.dumps(
-                    {"type": "send", "id": cid, "to": peer.target, "body": f"{now:.6f} {pad}"}
-                ).decode()
-            )
-            sent += 1
-        await asyncio.sleep(0.005)
-    stats["sent"] = sent
-    stats["send_seconds"] = time.monotonic() - start
-    # drain: wait until every accepted message arrived and every receipt came back
-    deadline = time.monotonic() + spec["drain"]
-    while time.monotonic() < deadline:
-        if all(not p.pending for p in peers):
-            break
-        await asyncio.sleep(0.1)
-    stats["accepted_ids"] = [p.mobile + "/" + cid for p in peers for cid in p.accepted]
-    stats["missing_receipts"] = sum(len(p.pending) for p in peers)
-    stats["cpu_s"] = time.process_time() - cpu0
-    for r in readers:
-        r.cancel()
-    for p in peers:
-        with contextlib.suppress(Exception):
-            await p.ws.close()
-    return stats
-
-
-def worker_entry(spec: dict[str, Any], out: Any) -> None:
-    try:
-        import uvloop
-
-        result = uvloop.run(worker_main(spec))
-    except ImportError:
-        result = asyncio.run(worker_main(spec))
-    out.send(result)
-    out.close()
+def pair_up(cluster: Cluster, users: list[dict[str, Any]], procs: int) -> list[list[dict]]:
+    """Pairs (i, i + n/2) talk both ways, each end on another node; a pair stays in one
+    load generator, so loss is judged where both ends are known."""
+    half = len(users) // 2
+    for i in range(half):
+        a, b = users[i], users[i + half]
+        if a["node"] == b["node"]:
+            b["node"] = (a["node"] + 1) % len(cluster.ws)
+        a["target"], b["target"] = b["mobile"], a["mobile"]
+    for u in users:
+        u["ws"] = cluster.ws[u["node"]]
+    groups: list[list[dict[str, Any]]] = [[] for _ in range(procs)]
+    for i in range(half):
+        groups[i % procs] += [users[i], users[i + half]]
+    return groups
 
 
 def run_load(
     cluster: Cluster, users: list[dict[str, Any]], rate: float, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Pairs (i, i + n/2) talk both ways, each on a different node; `procs` generators."""
-    half = len(users) // 2
-    for i in range(half):
-        a, b = users[i], users[i + half]
-        if a["node"] == b["node"]:  # keep every pair cross-node
-            b["node"] = (a["node"] + 1) % len(cluster.ws)
-        a["target"], b["target"] = b["mobile"], a["mobile"]
-    for u in users:
-        u["ws"] = cluster.ws[u["node"]]
+    """One paced run from `--procs` load generator processes."""
     procs = max(1, args.procs)
-    # a pair stays in one process so loss is judged where both ends are known
-    groups: list[list[dict[str, Any]]] = [[] for _ in range(procs)]
-    for i in range(half):
-        groups[i % procs] += [users[i], users[i + half]]
     ctx = mp.get_context("spawn")
     pipes, workers = [], []
-    for group in groups:
+    for group in pair_up(cluster, users, procs):
         parent, child = ctx.Pipe(duplex=False)
         spec = {
             "users": group,
@@ -409,14 +307,17 @@ def run_load(
     wall = time.monotonic() - wall0
     cpu = {name: (cpu_seconds(pid) - cpu0[name]) / wall for name, pid in pids.items()}
     scrape1 = [scrape(u) for u in cluster.http]
-    redis_io = {
-        f"node{i + 1}": {k: round((b[k] - a[k]) / wall, 1) for k in a}
-        for i, (a, b) in enumerate(zip(scrape0, scrape1, strict=True))
-    }
     for proc in workers:
         proc.join(timeout=10)
     summary = summarize(results, rate, cpu, args)
-    summary["redis_io_per_s"] = redis_io
+    summary["redis_io_per_s"] = {
+        f"node{i + 1}": {k: round((b[k] - a[k]) / wall, 1) for k in ("pipelines", "commands")}
+        for i, (a, b) in enumerate(zip(scrape0, scrape1, strict=True))
+    }
+    summary["server_send_p99_le_ms"] = {
+        f"node{i + 1}": histogram_p99_ms(a["send_buckets"], b["send_buckets"])
+        for i, (a, b) in enumerate(zip(scrape0, scrape1, strict=True))
+    }
     return summary
 
 
@@ -427,7 +328,7 @@ def summarize(
     errors: dict[str, int] = {}
     sent = accepted = received = dup = missing_receipts = lost = 0
     seconds = max(r["send_seconds"] for r in results)
-    for r in results:
+    for i, r in enumerate(results):
         acc += r["accepted_ms"]
         msg += r["message_ms"]
         dlv += r["delivered_ms"]
@@ -441,7 +342,6 @@ def summarize(
         accepted += len(ids)
         received += len(got)
         lost += len(ids - got)
-    for i, r in enumerate(results):
         cpu[f"loadgen{i + 1}"] = r["cpu_s"] / seconds
 
     def pct(values: list[float]) -> dict[str, float]:
@@ -471,8 +371,20 @@ def summarize(
         "procs": args.procs,
         "duration_s": args.duration,
         "body_bytes": args.body_bytes,
-        "appendfsync": args.appendfsync,
+        "appendfsync": args.appendfsync if args.redis_url == "" else "external",
     }
+
+
+def held(r: dict[str, Any]) -> bool:
+    """The run kept p99 send->message under the limit and lost, doubled or missed nothing."""
+    return (
+        r["send_to_message_ms"]["p99"] < P99_LIMIT_MS
+        and r["lost"] == 0
+        and r["duplicated"] == 0
+        and not r["errors"]
+        and r["sent_msgs_s"] >= 0.97 * r["offered_msgs_s"]
+        and r["missing_receipts"] == 0
+    )
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -485,17 +397,18 @@ def print_table(r: dict[str, Any]) -> None:
         f"duplicated {r['duplicated']}  missing receipts {r['missing_receipts']}  "
         f"errors {r['errors']}"
     )
-    print(f"  {'latency ms':<28}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>9}")
+    print(f"  {'latency ms':<30}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>9}")
     for key in ("send_to_accepted_ms", "send_to_message_ms", "send_to_delivered_receipt_ms"):
         v = r[key]
-        print(f"  {key:<28}{v['p50']:>8}{v['p90']:>8}{v['p99']:>8}{v['max']:>9}")
-    if "redis_io_per_s" in r:
-        print(
-            "  redis pipelines/commands per s: "
-            + "  ".join(
-                f"{k} {v['pipelines']}/{v['commands']}" for k, v in r["redis_io_per_s"].items()
-            )
-        )
+        print(f"  {key:<30}{v['p50']:>8}{v['p90']:>8}{v['p99']:>8}{v['max']:>9}")
+    print(
+        "  /metrics chatnode_send_seconds p99 within (ms): "
+        + "  ".join(f"{k} {v}" for k, v in r["server_send_p99_le_ms"].items())
+    )
+    print(
+        "  redis pipelines/commands per s: "
+        + "  ".join(f"{k} {v['pipelines']}/{v['commands']}" for k, v in r["redis_io_per_s"].items())
+    )
     print("  cpu (cores): " + "  ".join(f"{k} {v}" for k, v in r["cpu_cores"].items()))
     if "ceiling" in r:
         print(
@@ -504,35 +417,28 @@ def print_table(r: dict[str, Any]) -> None:
         )
 
 
-# -- the machine's ceiling -------------------------------------------------------------
+def report(r: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    print_table(r)
+    print(json.dumps(r), flush=True)
+    results.append(r)
+
+
+# -- the machine's ceiling ----------------------------------------------------------------
 
 
 def redis_ceiling(cluster: Cluster) -> dict[str, float]:
+    """redis-benchmark XADD on the same Redis, one command at a time and 16 per pipeline."""
     exe = shutil.which("redis-benchmark")
-    if exe is None or cluster.redis is None:
+    if exe is None or not cluster.redis_url:
         return {}
+    url = urllib.parse.urlsplit(cluster.redis_url)
+    host, port = url.hostname or "127.0.0.1", str(url.port or 6379)
     out: dict[str, float] = {}
     for label, pipeline in (("xadd_unpipelined_s", 1), ("xadd_pipelined16_s", 16)):
         done = subprocess.run(
             [
-                exe,
-                "-p",
-                str(cluster.redis.port),
-                "-n",
-                "100000",
-                "-c",
-                "50",
-                "-P",
-                str(pipeline),
-                "-q",
-                "XADD",
-                "bench:ceiling",
-                "MAXLEN",
-                "~",
-                "1000",
-                "*",
-                "f",
-                "v",
+                *(exe, "-h", host, "-p", port, "-n", "100000", "-c", "50", "-P", str(pipeline)),
+                *("-q", "XADD", "bench:ceiling", "MAXLEN", "~", "1000", "*", "f", "v"),
             ],
             capture_output=True,
             text=True,
@@ -545,69 +451,164 @@ def redis_ceiling(cluster: Cluster) -> dict[str, float]:
     return out
 
 
-# -- idle and login storm --------------------------------------------------------------
+def with_ceiling(r: dict[str, Any], cluster: Cluster) -> None:
+    r["ceiling"] = redis_ceiling(cluster)
+    if r["ceiling"].get("xadd_unpipelined_s"):
+        r["fraction_of_xadd_unpipelined"] = round(
+            r["delivered_msgs_s"] / r["ceiling"]["xadd_unpipelined_s"], 4
+        )
 
 
-async def idle_sockets(cluster: Cluster, users: list[dict[str, Any]], node: int) -> tuple[int, int]:
-    pid = cluster.nodes[node].pid
-    before = rss_bytes(pid)
-    socks = []
-    errors = 0
-    sem = asyncio.Semaphore(200)
+# -- modes ----------------------------------------------------------------------------------
 
-    async def one(u: dict[str, Any]) -> None:
-        nonlocal errors
-        async with sem:
-            try:
-                ws = await websockets.connect(
-                    f"{cluster.ws[node]}?token={u['token']}", compression=None, open_timeout=60
-                )
-                await ws.recv()
-                socks.append(ws)
-            except Exception:
-                errors += 1
 
-    await asyncio.gather(*(one(u) for u in users))
-    await asyncio.sleep(3)
-    after = rss_bytes(pid)
-    per_socket = (after - before) // max(1, len(socks))
-    for ws in socks:
-        with contextlib.suppress(Exception):
-            await ws.close()
-    return per_socket, errors
+def run_sweep(cluster: Cluster, users: list[dict[str, Any]], args: argparse.Namespace) -> list:
+    """Step the rate until a step fails; the highest that held is the answer."""
+    results: list[dict[str, Any]] = []
+    best = None
+    rate = args.sweep_start
+    while rate <= args.sweep_max:
+        r = run_load(cluster, users, rate, args)
+        if not results:
+            with_ceiling(r, cluster)
+        report(r, results)
+        if not held(r):
+            break
+        best = rate
+        rate += args.sweep_step
+    summary = {
+        "mode": "sweep",
+        "commit": commit(),
+        "highest_rate_held": best,
+        "p99_limit_ms": P99_LIMIT_MS,
+        "steps": [[x["offered_msgs_s"], x["send_to_message_ms"]["p99"], held(x)] for x in results],
+    }
+    print(json.dumps(summary))
+    print(
+        f"sweep: highest rate that held (p99 send->message < {P99_LIMIT_MS} ms, "
+        f"nothing lost, duplicated or missing): {best} msgs/s"
+    )
+    return [*results, summary]
+
+
+def run_storm(cluster: Cluster, users: list[dict[str, Any]], args: argparse.Namespace) -> list:
+    """The same paced run twice: without logins, then with `--login-storm` logins/s."""
+    results: list[dict[str, Any]] = []
+    quiet = run_load(cluster, users, args.rate, args)
+    report(quiet, results)
+    with mp.get_context("spawn").Pool(1) as pool:
+        job = pool.apply_async(storm_entry, (cluster.http, users, args))
+        stormy = run_load(cluster, users, args.rate, args)
+        stormy["login_storm"] = {"per_s": args.login_storm, **job.get(timeout=args.duration + 120)}
+    report(stormy, results)
+    p99 = quiet["send_to_message_ms"]["p99"], stormy["send_to_message_ms"]["p99"]
+    summary = {
+        "mode": "login-storm",
+        "commit": commit(),
+        "rate": args.rate,
+        "logins_per_s": args.login_storm,
+        "p99_send_to_message_ms_without": p99[0],
+        "p99_send_to_message_ms_with": p99[1],
+        "p99_moved_ms": round(p99[1] - p99[0], 2),
+        **stormy["login_storm"],
+    }
+    print(json.dumps(summary))
+    print(
+        f"login storm: p99 send->message {p99[0]} ms without, {p99[1]} ms with "
+        f"{args.login_storm} logins/s: moved {summary['p99_moved_ms']} ms "
+        f"({summary['logins_ok']} logins answered 200, {summary['logins_failed']} not)"
+    )
+    return [*results, summary]
+
+
+def storm_entry(
+    http_urls: list[str], users: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    time.sleep(args.warmup + 1)
+    return asyncio.run(login_storm(http_urls, users, args.login_storm, args.duration - 2))
 
 
 async def login_storm(
-    cluster: Cluster, users: list[dict[str, Any]], per_s: float, seconds: float
+    http_urls: list[str], users: list[dict[str, Any]], per_s: float, seconds: float
 ) -> dict[str, Any]:
+    """`per_s` logins a second (the users' own, right passwords) for `seconds`."""
     ok = fail = 0
     async with aiohttp.ClientSession() as http:
-        start = time.monotonic()
-        done = 0
-        tasks = []
 
         async def one(u: dict[str, Any]) -> None:
             nonlocal ok, fail
-            base = cluster.http[u["node"]]
-            async with http.post(
-                base + "/auth/login", json={"mobileNo": u["mobile"], "password": "benchpass1"}
-            ) as r:
-                if r.status == 200:
-                    ok += 1
-                else:
-                    fail += 1
+            body = {"mobileNo": u["mobile"], "password": PASSWORD}
+            try:
+                async with http.post(
+                    http_urls[u["node"]] + "/auth/login",
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(total=30),
+                ) as r:
+                    ok, fail = (ok + 1, fail) if r.status == 200 else (ok, fail + 1)
+            except (aiohttp.ClientError, TimeoutError):
+                fail += 1
 
+        start = time.monotonic()
+        tasks = []
         while time.monotonic() - start < seconds:
-            due = int(per_s * (time.monotonic() - start)) - done
+            due = int(per_s * (time.monotonic() - start)) - len(tasks)
             for _ in range(max(0, due)):
-                tasks.append(asyncio.create_task(one(users[done % len(users)])))
-                done += 1
+                tasks.append(asyncio.create_task(one(users[len(tasks) % len(users)])))
             await asyncio.sleep(0.02)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks)
     return {"logins_ok": ok, "logins_failed": fail}
 
 
-# -- main ------------------------------------------------------------------------------
+def run_idle(cluster: Cluster, args: argparse.Namespace) -> list:
+    """`--idle` authenticated sockets on every node at once, from one process per node;
+    each node's RSS growth divided by its sockets."""
+    ctx = mp.get_context("spawn")
+    pids = cluster.node_pids
+    before = [rss_bytes(pid) for pid in pids]
+    pipes, workers = [], []
+    for node in range(len(cluster.ws)):
+        users = asyncio.run(make_users([cluster.http[node]], args.idle))
+        for u in users:
+            u["ws"] = cluster.ws[node]
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=idle_entry, args=({"users": users}, child), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        workers.append(proc)
+    opened = [pipe.recv() for pipe in pipes]
+    time.sleep(3)
+    after = [rss_bytes(pid) for pid in pids]
+    time.sleep(max(0.0, args.idle_hold - 3))  # past a keepalive round: pings are answered
+    for pipe in pipes:
+        pipe.send("close")
+    finished = [pipe.recv() for pipe in pipes]
+    for proc in workers:
+        proc.join(timeout=30)
+    per_node = []
+    for i, (o, f) in enumerate(zip(opened, finished, strict=True)):
+        entry: dict[str, Any] = {"node": f"node{i + 1}", "open": o["open"], "failed": o["failures"]}
+        entry["closed_by_server"] = f["closed_early"]
+        if i < len(pids):
+            grown = after[i] - before[i]
+            entry["rss_grown_mib"] = round(grown / 2**20, 1)
+            entry["rss_per_socket_kib"] = round(grown / max(1, o["open"]) / 1024, 2)
+        per_node.append(entry)
+    r = {
+        "mode": "idle",
+        "commit": commit(),
+        "sockets_per_node": args.idle,
+        "held_s": args.idle_hold,
+        "nodes": per_node,
+    }
+    for e in per_node:
+        print(
+            f"commit {r['commit']}  {e['node']}: {e['open']} idle sockets open, "
+            f"{e['failed']} failed, {e['closed_by_server']} closed by the server in "
+            f"{args.idle_hold:g} s idle, "
+            f"{e.get('rss_per_socket_kib', '?')} KiB RSS per socket"
+        )
+    print(json.dumps(r), flush=True)
+    return [r]
 
 
 def main() -> None:
@@ -622,107 +623,46 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2, help="load generator processes")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--body-bytes", type=int, default=100)
-    p.add_argument("--bcrypt-rounds", type=int, default=4)
+    p.add_argument("--bcrypt-rounds", type=int, default=4, help="cost of the set-up hashes")
     p.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])
-    p.add_argument("--redis-url", default="", help="target a running Redis instead")
-    p.add_argument("--database-url", default="")
+    p.add_argument("--redis-url", default="", help="use a running Redis")
+    p.add_argument("--database-url", default="", help="use a running PostgreSQL")
+    p.add_argument("--http", default="", help="comma-separated HTTP URLs of running nodes")
+    p.add_argument("--ws", default="", help="their WebSocket URLs (ws://host:port/ws)")
+    p.add_argument("--pids", default="", help="their PIDs, to report their CPU")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-start", type=float, default=1000)
     p.add_argument("--sweep-step", type=float, default=500)
-    p.add_argument("--sweep-max", type=float, default=8000)
-    p.add_argument("--idle", type=int, default=0, help="idle sockets on one node")
-    p.add_argument("--login-storm", type=float, default=0, help="logins/s during the run")
+    p.add_argument("--sweep-max", type=float, default=12000)
+    p.add_argument("--idle", type=int, default=0, help="idle sockets on each node")
+    p.add_argument(
+        "--idle-hold", type=float, default=35, help="seconds to hold them (heartbeat is 30)"
+    )
+    p.add_argument("--login-storm", type=float, default=0, help="logins/s, run against none")
     p.add_argument("--json-out", default="")
     args = p.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the finally below stops every process we started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    cluster = start_cluster(args)
-    results: list[dict[str, Any]] = []
+    raise_file_limit()
+    cluster = target_cluster(args) if args.http else start_cluster(args)
     try:
         if args.idle:
-            users = asyncio.run(make_users(cluster.http[:1], args.idle))
-            per_socket, errors = asyncio.run(idle_sockets(cluster, users, 0))
-            r = {
-                "mode": "idle",
-                "commit": commit(),
-                "sockets": args.idle,
-                "errors": errors,
-                "rss_per_socket_bytes": per_socket,
-                "rss_per_socket_kib": round(per_socket / 1024, 2),
-            }
-            print(
-                f"commit {r['commit']}  idle sockets {args.idle} on one node: "
-                f"{r['rss_per_socket_kib']} KiB RSS per socket, errors {errors}"
-            )
-            results.append(r)
+            results = run_idle(cluster, args)
         else:
             users = asyncio.run(make_users(cluster.http, args.users))
-            rates = [args.rate]
             if args.sweep:
-                rates = []
-                r_ = args.sweep_start
-                while r_ <= args.sweep_max:
-                    rates.append(r_)
-                    r_ += args.sweep_step
-            best = None
-            for rate in rates:
-                storm = None
-                if args.login_storm:
-                    with mp.get_context("spawn").Pool(1) as pool:
-                        storm_job = pool.apply_async(_storm_entry, (cluster.http, users, args))
-                        r = run_load(cluster, users, rate, args)
-                        storm = storm_job.get(timeout=args.duration + 120)
-                else:
-                    r = run_load(cluster, users, rate, args)
-                if storm is not None:
-                    r["login_storm"] = {"per_s": args.login_storm, **storm}
-                if rate == rates[0]:
-                    r["ceiling"] = redis_ceiling(cluster)
-                    if r["ceiling"].get("xadd_unpipelined_s"):
-                        r["fraction_of_xadd_unpipelined"] = round(
-                            r["delivered_msgs_s"] / r["ceiling"]["xadd_unpipelined_s"], 3
-                        )
-                print_table(r)
-                print(json.dumps(r), flush=True)
-                results.append(r)
-                held = (
-                    r["send_to_message_ms"]["p99"] < P99_LIMIT_MS
-                    and r["lost"] == 0
-                    and r["duplicated"] == 0
-                    and not r["errors"]
-                    and r["sent_msgs_s"] >= 0.97 * rate
-                    and r["missing_receipts"] == 0
-                )
-                if args.sweep:
-                    if not held:
-                        break
-                    best = rate
-            if args.sweep:
-                summary = {
-                    "mode": "sweep",
-                    "commit": commit(),
-                    "highest_rate_held": best,
-                    "p99_limit_ms": P99_LIMIT_MS,
-                }
-                print(json.dumps(summary))
-                print(
-                    f"sweep: highest rate that held (p99 send->message < {P99_LIMIT_MS} ms, "
-                    f"zero loss): {best} msgs/s"
-                )
-                results.append(summary)
+                results = run_sweep(cluster, users, args)
+            elif args.login_storm:
+                results = run_storm(cluster, users, args)
+            else:
+                results = []
+                r = run_load(cluster, users, args.rate, args)
+                with_ceiling(r, cluster)
+                report(r, results)
     finally:
         cluster.stop()
     if args.json_out:
         Path(args.json_out).write_text("\n".join(json.dumps(r) for r in results) + "\n")
-
-
-def _storm_entry(
-    http_urls: list[str], users: list[dict[str, Any]], args: argparse.Namespace
-) -> dict[str, Any]:
-    time.sleep(args.warmup + 1)
-    c = Cluster(None, "", "", http=http_urls)
-    return asyncio.run(login_storm(c, users, args.login_storm, args.duration - 2))
 
 
 if __name__ == "__main__":
