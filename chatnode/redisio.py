@@ -121,7 +121,7 @@ def meaning(reply: Exception) -> Exception:
 class Wire(asyncio.Protocol):
     """One RESP connection: commands written in order, replies handed to callbacks in order."""
 
-    def __init__(self, timeout: float, on_reply: Callable[[], None] | None = None) -> None:
+    def __init__(self, timeout: float, on_settled: Callable[[], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
         self._callbacks: deque[Callback] = deque()
@@ -130,7 +130,7 @@ class Wire(asyncio.Protocol):
         self._replied = 0
         self._timeout = timeout
         self._watchdog: asyncio.TimerHandle | None = None
-        self._on_reply = on_reply
+        self._on_settled = on_settled
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -179,8 +179,8 @@ class Wire(asyncio.Protocol):
         marks = self._marks
         while marks and marks[0][1] <= self._replied:
             marks.popleft()
-        if self._on_reply is not None:
-            self._on_reply()
+        if self._on_settled is not None:
+            self._on_settled()
 
     def _check(self) -> None:
         """A reply later than the timeout means Redis is stuck or gone: drop the link."""
@@ -211,6 +211,8 @@ class Wire(asyncio.Protocol):
         for callback in callbacks:  # every waiter hears of it; none hangs
             with contextlib.suppress(Exception):
                 callback(Unavailable("Redis is unavailable"))
+        if self._on_settled is not None:
+            self._on_settled()  # commands queued behind this wire: reconnect or fail them
 
 
 class Batcher:
@@ -387,6 +389,8 @@ class Subscriber:
                 await wire.watch()
             except (OSError, TimeoutError, ResponseError, Unavailable) as exc:
                 log.warning("pubsub_lost", error=type(exc).__name__, retry_in=backoff)
+            except Exception:  # never give up the channel: it carries every push
+                log.exception("pubsub_failed", retry_in=backoff)
             finally:
                 self.connected.clear()
                 if wire is not None:
@@ -426,9 +430,7 @@ class _SubWire(asyncio.Protocol):
         while True:
             pongs = self._pongs
             self.transport.write(hiredis.pack_command(("PING",)))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SUBSCRIBER_PING_S):
-                    await asyncio.shield(self.lost)
+            await asyncio.wait([self.lost], timeout=SUBSCRIBER_PING_S)
             if self.lost.done():
                 raise Unavailable("the subscription connection closed")
             if self._pongs == pongs:

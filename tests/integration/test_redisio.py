@@ -1,0 +1,94 @@
+"""chatnode.redisio on a real Redis: one pipeline a turn, order, pipelines in flight,
+reconnects, and the channel subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from chatnode.redisio import Batcher, Subscriber
+from tests.integration.harness import Stack, new_mobile
+
+# Keeps Redis busy for about 200 ms, so that replies are late on purpose.
+BUSY_200MS = """
+local t0 = redis.call('TIME')
+repeat
+  local t = redis.call('TIME')
+until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 200000
+return 1
+"""
+
+
+async def test_one_turn_is_one_pipeline_and_replies_keep_the_order(stack: Stack) -> None:
+    pipelines: list[int] = []
+    b = Batcher(stack.redis_url, on_pipeline=pipelines.append)
+    key = "test:order:" + new_mobile()
+    try:
+        results = await asyncio.gather(*(b.call("INCR", key) for _ in range(50)))
+        assert results == list(range(1, 51))
+        assert pipelines == [50]
+        await b.run("DEL", key)
+    finally:
+        await b.close()
+
+
+async def test_commands_wait_behind_two_pipelines_in_flight_then_go_together(
+    stack: Stack,
+) -> None:
+    pipelines: list[int] = []
+    b = Batcher(stack.redis_url, on_pipeline=pipelines.append)
+    key = "test:inflight:" + new_mobile()
+    try:
+        await b.run("PING")
+        pipelines.clear()
+        slow = b.call("EVAL", BUSY_200MS, 0)
+        await asyncio.sleep(0)
+        second = b.call("INCR", key)
+        await asyncio.sleep(0)
+        third = b.call("INCR", key)  # two are in flight: these two wait
+        await asyncio.sleep(0)
+        fourth = b.call("INCR", key)
+        assert await asyncio.gather(slow, second, third, fourth) == [1, 1, 2, 3]
+        assert pipelines == [1, 1, 2]
+        await b.run("DEL", key)
+    finally:
+        await b.close()
+
+
+async def test_a_killed_connection_is_replaced_on_the_next_command(
+    stack: Stack, redis: aioredis.Redis
+) -> None:
+    b = Batcher(stack.redis_url)
+    try:
+        first_id = await b.run("CLIENT", "ID")
+        await redis.execute_command("CLIENT", "KILL", "ID", first_id)
+        await asyncio.sleep(0.1)  # the wire hears of it
+        assert await b.run("PING") == "PONG"
+        assert await b.run("CLIENT", "ID") != first_id
+    finally:
+        await b.close()
+
+
+async def test_subscriber_hears_its_channel_and_resubscribes_after_a_kill(
+    stack: Stack, redis: aioredis.Redis
+) -> None:
+    channel = "test:channel:" + new_mobile()
+    got: asyncio.Queue[str] = asyncio.Queue()
+    reconnects: list[int] = []
+    sub = Subscriber(stack.redis_url, channel, got.put_nowait, lambda: reconnects.append(1))
+    task = asyncio.create_task(sub.run())
+    try:
+        async with asyncio.timeout(5):
+            await sub.connected.wait()
+        await redis.publish(channel, "one | with bars")
+        assert await asyncio.wait_for(got.get(), 5) == "one | with bars"
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        async with asyncio.timeout(10):
+            while not (reconnects and sub.connected.is_set()):
+                await asyncio.sleep(0.02)
+        await redis.publish(channel, "two")
+        assert await asyncio.wait_for(got.get(), 5) == "two"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
