@@ -158,6 +158,10 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.batcher is not None:
+            # replies come in order: once this one is back, so are the route releases
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self.batcher.run("PING")
             await self.batcher.close()
         if self.passwords is not None:
             self.passwords.close()

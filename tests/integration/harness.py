@@ -37,6 +37,14 @@ NODE_ENV = {
     "CHATNODE_ROUTE_TTL_S": "6",
     "CHATNODE_LOG_FORMAT": "json",
 }
+# A node for floods: a big inbox and no send or frame limits worth the name.
+FLOOD_ENV = {
+    "CHATNODE_INBOX_LIMIT": "5000",
+    "CHATNODE_SEND_RATE": "100000",
+    "CHATNODE_SEND_BURST": "100000",
+    "CHATNODE_FRAME_RATE": "100000",
+    "CHATNODE_FRAME_BURST": "100000",
+}
 
 
 @dataclass

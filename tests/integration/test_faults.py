@@ -13,6 +13,7 @@ import pytest
 
 from chatnode import devstack
 from tests.integration.harness import (
+    FLOOD_ENV,
     Api,
     NodeProc,
     Resilient,
@@ -341,11 +342,7 @@ async def test_client_that_stops_reading_costs_only_its_own_connection(
         stack,
         f"slow-{time.monotonic_ns()}",
         workdir,
-        CHATNODE_INBOX_LIMIT="5000",
-        CHATNODE_SEND_RATE="100000",
-        CHATNODE_SEND_BURST="100000",
-        CHATNODE_FRAME_RATE="100000",
-        CHATNODE_FRAME_BURST="100000",
+        **FLOOD_ENV,
     ).start()
     api = Api(http, node.http)
     try:

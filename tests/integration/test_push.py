@@ -14,7 +14,15 @@ import redis.asyncio as aioredis
 import websockets
 
 from chatnode import keys
-from tests.integration.harness import Api, NodeProc, Stack, connected, new_user, stream_id
+from tests.integration.harness import (
+    FLOOD_ENV,
+    Api,
+    NodeProc,
+    Stack,
+    connected,
+    new_user,
+    stream_id,
+)
 
 Cluster = tuple[NodeProc, NodeProc]
 
@@ -47,11 +55,7 @@ async def test_a_client_that_lags_then_reads_gets_everything_in_order(
         stack,
         f"lag-{time.monotonic_ns()}",
         workdir,
-        CHATNODE_INBOX_LIMIT="5000",
-        CHATNODE_SEND_RATE="100000",
-        CHATNODE_SEND_BURST="100000",
-        CHATNODE_FRAME_RATE="100000",
-        CHATNODE_FRAME_BURST="100000",
+        **FLOOD_ENV,
         CHATNODE_HEARTBEAT_S="30",  # it must not be closed for missing pongs meanwhile
         CHATNODE_REDELIVERY_S="60",
     ).start()
