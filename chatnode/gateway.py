@@ -76,6 +76,7 @@ class Session:
         "offered",
         "outbox",
         "outbytes",
+        "queued",
         "reading",
         "ready",
         "refused",
@@ -104,6 +105,7 @@ class Session:
         self.early: list[list[inbox.Entry]] | None = None  # pushes before GO_LIVE answered
         self.outbox: list[bytes] = []
         self.outbytes = 0  # bytes in outbox
+        self.queued = 0  # bytes of frames in `answers`, waiting for an earlier answer
         self.unacked: dict[str, tuple[inbox.Entry, float]] = {}  # in the order sent
         self.acking: set[str] | None = None  # acked by the client, XACK not yet answered
         self.refused = 0  # rate-limit refusals in a row
@@ -205,16 +207,16 @@ class Gateway:
         return s
 
     def _claimed(self, s: Session, old: Any) -> None:
-        if s.closed:
-            return
         if isinstance(old, Exception):
             self.close(s, CloseCode.INTERNAL, "unavailable")
             return
         parsed = keys.parse_route(old)
-        if parsed is not None and parsed[1] != s.sid:
-            # the previous holder's node closes it; on this node that happened at open
-            if parsed[0] != self.node_id:
-                self.router.send(parsed[0], f"k|{s.mobile}|{parsed[1]}")
+        if parsed is not None and parsed[1] != s.sid and parsed[0] != self.node_id:
+            # the previous holder's node closes it (on this node that happened at open),
+            # even if this session is closed by now: one session per user
+            self.router.send(parsed[0], f"k|{s.mobile}|{parsed[1]}")
+        if s.closed:
+            return
         log.info("socket_open", user=s.mobile, session=s.sid)
         s.ready = True
         self._read_step(s)
@@ -309,9 +311,12 @@ class Gateway:
             answer = Answer()
             queue.append(answer)
         answer.done, answer.frame = True, frame
+        if frame is not None:
+            s.queued += len(frame)
         while queue and queue[0].done:
             head = queue.pop(0)
             if head.frame is not None:
+                s.queued -= len(head.frame)
                 self.push(s, head.frame)
         if not queue:
             s.answers = None
@@ -392,7 +397,7 @@ class Gateway:
         def acked(reply: Any) -> None:
             self._acked(s, ids)
             if isinstance(reply, Exception):
-                s.unacked.update(done)  # still pending in Redis: keep redelivering
+                self._unacked_again(s, done)
                 self._refuse(s, Code.UNAVAILABLE, ACK_FAILED, None, answer)
             else:
                 self.metrics.acked += len(done)
@@ -418,7 +423,11 @@ class Gateway:
 
     async def _ack_earlier(self, s: Session, done: list[Delivered], unknown: list[str]) -> None:
         """Ack entries this socket did not deliver too: look them up in the inbox first."""
-        entries = await inbox.fetch(self.batcher, s.mobile, unknown)
+        try:
+            entries = await inbox.fetch(self.batcher, s.mobile, unknown)
+        except ChatError:
+            self._unacked_again(s, done)
+            raise Unavailable(ACK_FAILED) from None
         done = done + [(e.msg_id, (e, 0.0)) for e in entries if e.kind]
         if not done:
             return
@@ -427,11 +436,18 @@ class Gateway:
         try:
             await inbox.ack(self.batcher, s.mobile, ids)
         except ChatError:
-            s.unacked.update(done)
+            self._unacked_again(s, done)
             raise Unavailable(ACK_FAILED) from None
         finally:
             self._acked(s, ids)
         self.metrics.acked += len(done)
+
+    def _unacked_again(self, s: Session, done: list[Delivered]) -> None:
+        """An ack that failed: the entries are pending in Redis still, so keep
+        redelivering them (stamped now, which keeps `unacked` in sending order)."""
+        now = time.monotonic()
+        for msg_id, (entry, _sent) in done:
+            s.unacked[msg_id] = (entry, now)
 
     def _receipts_for(self, s: Session, done: list[Delivered]) -> None:
         """One delivered receipt per sender; queued before the ack (at least once)."""
@@ -526,7 +542,7 @@ class Gateway:
 
     def _lagging(self, s: Session) -> bool:
         """More than OUT_BUFFER_LOW waits to be written to this socket."""
-        return s.conn.paused or s.outbytes + s.conn.buffered() > OUT_BUFFER_LOW
+        return s.conn.paused or s.outbytes + s.queued + s.conn.buffered() > OUT_BUFFER_LOW
 
     def _flush(self, s: Session) -> None:
         if not s.outbox:
@@ -567,6 +583,10 @@ class Gateway:
                 self.batcher, s.mobile, s.cursor, lambda reply: self._on_pending(s, gen, reply)
             )
             return
+        if not self.router.connected.is_set():
+            # pushes would be lost while this node hears nothing: go live once it does
+            s.reading, s.stalled = False, True
+            return
         token = secrets.token_hex(4)
         s.offered = token
         inbox.go_live(
@@ -587,8 +607,9 @@ class Gateway:
             self._stall(s, reply)
             return
         if reply:
-            s.cursor = reply[-1].msg_id
-            self._deliver(s, reply)
+            taken = self._deliver(s, reply)
+            if taken:  # the rest, if any, is read again from here once the socket drains
+                s.cursor = reply[taken - 1].msg_id
         else:
             s.cursor = None
         self._read_step(s)
@@ -608,10 +629,14 @@ class Gateway:
             s.catching, s.token, s.offered = False, token, None
             early, s.early = s.early, None
             for entries in early or ():
+                if s.gen != gen:
+                    break  # delivering made it catch up again: the rest is pending
                 self._deliver(s, entries)
             return
         s.offered, s.early = None, None
-        self._deliver(s, reply)
+        taken = self._deliver(s, reply)
+        if taken < len(reply):  # read through the group: the rest is pending now
+            s.cursor = inbox.before(reply[taken].msg_id)
         self._read_step(s)
 
     def _stall(self, s: Session, error: Exception) -> None:
@@ -621,17 +646,21 @@ class Gateway:
         s.gen += 1
         s.cursor, s.token, s.offered, s.early, s.stalled = "0", None, None, None, True
 
-    def _deliver(self, s: Session, entries: list[inbox.Entry]) -> None:
+    def _deliver(self, s: Session, entries: list[inbox.Entry]) -> int:
+        """Write the entries that fit in the socket's buffer; how many were taken. The
+        rest are pending in the group; a live session catches up again to read them."""
         if s.closed:
-            return
+            return len(entries)
         now = time.monotonic()
         unacked = s.unacked
         gone = []
-        sent = 0
+        sent = taken = 0
         for entry in entries:
-            if not s.catching and self._lagging(s):
-                self._restart(s)  # stop pushes; the rest is pending, read once it drains
+            if self._lagging(s):
+                if not s.catching:
+                    self._restart(s)  # stop pushes until the client drains
                 break
+            taken += 1
             if not entry.kind:
                 gone.append(entry.msg_id)
             elif entry.msg_id not in unacked and not (s.acking and entry.msg_id in s.acking):
@@ -643,6 +672,7 @@ class Gateway:
         self.metrics.delivered += sent
         if gone:  # deleted while pending: nothing to send, ack it away
             self.batcher.fire("XACK", keys.inbox(s.mobile), keys.GROUP, *gone)
+        return taken
 
     def _restart(self, s: Session) -> None:
         """Catch up again from the first pending entry; pushes stop until live again."""
@@ -677,7 +707,7 @@ class Gateway:
                     break  # the rest goes at a later sweep
                 del s.unacked[entry.msg_id]
                 s.unacked[entry.msg_id] = (entry, now)
-                self.push(s, entry.frame)
+                self._answer(s, None, entry.frame)
 
     async def refresh_routes(self) -> None:
         """Push back every route's TTL in one pipeline; a lost route means replaced."""
@@ -696,11 +726,14 @@ class Gateway:
 
     # -- what the node's channel brings (routing.Listener) -------------------------
 
-    def on_push(self, owner: str, token: str, entries: list[inbox.Entry]) -> None:
+    def on_push(self, owner: str, token: str, entries: list[inbox.Entry] | None) -> None:
         s = self.sessions.get(owner)
         if s is None or s.closed:
             return  # the entries wait as pending for whoever holds the user next
-        if token == s.token:
+        if entries is None:  # unreadable: they are pending, catch up to read them
+            if token == s.token or token == s.offered:
+                self._restart(s)
+        elif token == s.token:
             self._deliver(s, entries)
         elif token == s.offered:  # pushed after GO_LIVE ran, before its answer came
             if s.early is None:
@@ -724,10 +757,19 @@ class Gateway:
             self.push(s, frames.typing(sender, state))
 
     def on_resync(self) -> None:
-        """The channel was away and pushes may be lost: every session catches up again."""
+        """The channel went away or came back: pushes may be lost, so every session
+        catches up again; and a logout meant for a socket here may have been missed."""
         for s in list(self.sessions.values()):
             if s.ready:
                 self._restart(s)
+                self.batcher.submit(self._revoked_check(s), "EXISTS", keys.revoked(s.jti))
+
+    def _revoked_check(self, s: Session) -> Callable[[Any], None]:
+        def done(reply: Any) -> None:
+            if reply == 1:
+                self.close(s, CloseCode.LOGGED_OUT, "logged out")
+
+        return done
 
     # -- closing -------------------------------------------------------------------
 

@@ -13,15 +13,18 @@ token: one round trip per message, no wake-up and no second read.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from redis.exceptions import ResponseError
 
-from chatnode import blocks, frames, keys
+from chatnode import blocks, frames, keys, logs
 from chatnode.errors import Blocked, ChatError, InboxFull, Unavailable, UnknownRecipient
 from chatnode.redisio import Batcher, Callback, Script, resolver
+
+log = logs.get(__name__)
 
 READ_COUNT = 200
 
@@ -79,11 +82,14 @@ GO_LIVE = Script(
 local cur = redis.call('GET', KEYS[2])
 if cur and not ours(cur, ARGV[1]) then return {'gone'} end
 if not cur then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[4]) end
-local res = redis.pcall('XREADGROUP', 'GROUP', 'g', 'c', 'COUNT', ARGV[3],
-                        'STREAMS', KEYS[1], '>')
-if type(res) == 'table' and res.err then  -- Redis lost the stream: make it again
+local function read()
+  return redis.pcall('XREADGROUP', 'GROUP', 'g', 'c', 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+end
+local res = read()
+if type(res) == 'table' and res.err then  -- Redis lost the group: make it, read again
   redis.pcall('XGROUP', 'CREATE', KEYS[1], 'g', '0', 'MKSTREAM')
-  res = false
+  res = read()
+  if type(res) == 'table' and res.err then return redis.error_reply(res.err) end
 end
 if res then return {'more', res[1][2]} end
 redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[2], 'KEEPTTL')
@@ -228,7 +234,7 @@ def read_pending(batcher: Batcher, mobile: str, cursor: str, callback: Callback)
         if isinstance(reply, Exception):
             callback(reply)
             return
-        callback([decode(msg_id, fields) for _, items in reply or () for msg_id, fields in items])
+        callback(_decoded(lambda: [decode(i, f) for _, items in reply or () for i, f in items]))
 
     batcher.submit(
         done,
@@ -256,7 +262,7 @@ def go_live(
         if isinstance(reply, Exception):
             callback(reply)
         elif reply[0] == "more":
-            callback([decode(msg_id, fields) for msg_id, fields in reply[1]])
+            callback(_decoded(lambda: [decode(msg_id, fields) for msg_id, fields in reply[1]]))
         else:
             callback(str(reply[0]))
 
@@ -265,20 +271,39 @@ def go_live(
     )
 
 
+def _decoded(make: Callable[[], list[Entry]]) -> list[Entry] | Exception:
+    """Entries made from a reply, or Unavailable if the reply was not what we wrote (the
+    session then stalls and reads again, instead of waiting for an answer forever)."""
+    try:
+        return make()
+    except Exception as exc:
+        log.error("inbox_reply_malformed", error=type(exc).__name__)
+        return Unavailable("the inbox reply could not be read")
+
+
 def unlive(batcher: Batcher, mobile: str, route: str) -> None:
     """Stop pushes to this session; entries wait in the inbox until it reads them."""
     batcher.submit_script(_ignore, UNLIVE, [keys.route(mobile)], [route])
 
 
-def parse_push(payload: str) -> tuple[str, str, list[Entry]] | None:
-    """A pushed payload `owner|token|json` as (owner, token, entries); None if malformed."""
+def parse_push(payload: str) -> tuple[str, str, list[Entry] | None]:
+    """A pushed payload `owner|token|json` as (owner, token, entries); entries None if
+    they cannot be read (they are pending in the group all the same)."""
     owner, _, rest = payload.partition("|")
     token, _, data = rest.partition("|")
     try:
         items = orjson.loads(data)
         return owner, token, [decode(str(msg_id), fields) for msg_id, fields in items]
-    except (orjson.JSONDecodeError, TypeError, ValueError):
-        return None
+    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return owner, token, None
+
+
+def before(msg_id: str) -> str:
+    """The stream id just before `msg_id`: reading pending entries after it starts there."""
+    ms, _, seq = msg_id.partition("-")
+    if int(seq) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-{2**64 - 1}" if int(ms) > 0 else "0"
 
 
 def decode(msg_id: str, raw: list[str] | dict[str, str] | None) -> Entry:

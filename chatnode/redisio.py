@@ -148,11 +148,20 @@ class Wire(asyncio.Protocol):
     def send(self, batch: Sequence[tuple[tuple[Any, ...], Callback]]) -> None:
         """Write the commands as one pipeline; each callback gets its reply in turn."""
         assert self.transport is not None
-        data = b"".join([hiredis.pack_command(args) for args, _ in batch])
-        self._callbacks.extend([cb for _, cb in batch])
-        self._written += len(batch)
+        packed: list[bytes] = []
+        for args, callback in batch:
+            try:
+                packed.append(hiredis.pack_command(args))
+            except (TypeError, ValueError) as exc:  # a bug in a caller: that command only
+                log.error("redis_command_unpackable", command=str(args[0])[:20], error=str(exc))
+                callback(Unavailable("a command could not be sent"))
+                continue
+            self._callbacks.append(callback)
+        if not packed:
+            return
+        self._written += len(packed)
         self._marks.append((time.monotonic(), self._written))
-        self.transport.write(data)
+        self.transport.write(b"".join(packed))
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_later(WATCHDOG_S, self._check)
 
@@ -247,17 +256,19 @@ class Batcher:
     def submit_script(
         self, callback: Callback, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> None:
-        """Run a Lua script by SHA; on NOSCRIPT (a flushed cache), load it and run it again."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        """Run a Lua script by SHA (every connection loads them all first).
+
+        If the cache was flushed meanwhile (NOSCRIPT), the script is loaded again but this
+        call fails as unavailable: running it again now would run it after commands
+        queued behind it, and callers count on Redis keeping their order."""
 
         def first(reply: Reply) -> None:
             if isinstance(reply, NoScriptError):
                 self.submit(_ignore, "SCRIPT", "LOAD", script.source)
-                self.submit(callback, *command)
-            else:
-                callback(reply)
+                reply = Unavailable("Redis lost its scripts; try again")
+            callback(reply)
 
-        self.submit(first, *command)
+        self.submit(first, "EVALSHA", script.sha, len(keys), *keys, *args)
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future resolves with its reply or its error."""
@@ -364,12 +375,12 @@ class Subscriber:
         url: str,
         channel: str,
         on_message: Callable[[str], None],
-        on_reconnect: Callable[[], None],
+        on_change: Callable[[], None],
     ) -> None:
         self._opts = _options(url)
         self._channel = channel
         self._on_message = on_message
-        self._on_reconnect = on_reconnect
+        self._on_change = on_change  # the subscription was lost, or is back after a loss
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -383,7 +394,7 @@ class Subscriber:
                 await wire.subscribe(_handshake(self._opts), self._channel)
                 self.connected.set()
                 if not first:
-                    self._on_reconnect()  # messages may have been missed meanwhile
+                    self._on_change()  # messages may have been missed meanwhile
                 first = False
                 backoff = BACKOFF_MIN_S
                 await wire.watch()
@@ -392,9 +403,12 @@ class Subscriber:
             except Exception:  # never give up the channel: it carries every push
                 log.exception("pubsub_failed", retry_in=backoff)
             finally:
-                self.connected.clear()
                 if wire is not None:
                     wire.abort()
+                if self.connected.is_set():
+                    self.connected.clear()
+                    with contextlib.suppress(Exception):
+                        self._on_change()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 

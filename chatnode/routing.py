@@ -19,7 +19,7 @@ log = logs.get(__name__)
 class Listener(Protocol):
     """What a node does with what its channel brings."""
 
-    def on_push(self, owner: str, token: str, entries: list[inbox.Entry]) -> None: ...
+    def on_push(self, owner: str, token: str, entries: list[inbox.Entry] | None) -> None: ...
     def on_kick(self, mobile: str, session: str) -> None: ...
     def on_logout(self, mobile: str, jti: str) -> None: ...
     def on_typing(self, to: str, sender: str, state: str) -> None: ...
@@ -30,11 +30,10 @@ def dispatch(listener: Listener, payload: str) -> None:
     """Decode one channel message and hand it to the listener."""
     kind, _, rest = payload.partition("|")
     if kind == "e":
-        push = inbox.parse_push(rest)
-        if push is not None:
-            listener.on_push(*push)
-            return
-        log.warning("channel_message_malformed", kind=kind)
+        owner, token, entries = inbox.parse_push(rest)
+        if entries is None:
+            log.error("channel_push_malformed", user=owner)
+        listener.on_push(owner, token, entries)
         return
     parts = rest.split("|")
     if kind == "k" and len(parts) == 2:
@@ -55,7 +54,7 @@ class Router:
         self.node_id = node_id
         self.listener: Listener | None = None
         self._subscriber = Subscriber(
-            redis_url, keys.node_channel(node_id), self._on_message, self._on_reconnect
+            redis_url, keys.node_channel(node_id), self._on_message, self._on_change
         )
         self.connected = self._subscriber.connected
 
@@ -75,9 +74,9 @@ class Router:
         if self.listener is not None:
             dispatch(self.listener, payload)
 
-    def _on_reconnect(self) -> None:
+    def _on_change(self) -> None:
         if self.listener is not None:
-            self.listener.on_resync()  # pushes may have been missed while away
+            self.listener.on_resync()  # pushes may be lost while the channel is away
 
     async def listen(self) -> None:
         """Subscribe to this node's channel forever, reconnecting with backoff."""

@@ -114,3 +114,29 @@ async def test_messages_sent_while_a_node_lost_its_subscription_still_arrive(
         assert all(s["type"] == "accepted" for s in sent)
         got = [await b.recv_type("message", timeout=15) for _ in range(20)]
         assert [g["msgId"] for g in got] == [s["msgId"] for s in sent]
+
+
+async def test_a_backlog_of_big_frames_comes_whole_without_overrunning_the_socket(
+    stack: Stack, workdir: Path, http: aiohttp.ClientSession
+) -> None:
+    """210 waiting messages whose frames are ~60 KB each (control characters are escaped
+    six-fold in JSON), 12 MB in all: the catch-up takes a page only as far as the socket's
+    buffer allows, so the recipient gets every one instead of a close for not reading."""
+    node = NodeProc(stack, f"big-{time.monotonic_ns()}", workdir, **FLOOD_ENV).start()
+    api = Api(http, node.http)
+    count, body = 210, "\x01" * 10000
+    try:
+        alice, bob = await new_user(api), await new_user(api)
+        async with connected(node.ws, alice.token) as a:
+            for i in range(count):
+                assert (await a.send_message(bob.mobile, body, cid=f"big{i}"))["type"] == "accepted"
+        async with connected(node.ws, bob.token) as b:
+            got = []
+            async with asyncio.timeout(60):
+                while len(got) < count:
+                    frame = await b.recv_type("message", timeout=30)
+                    got.append(frame["id"])
+                    await b.send({"type": "ack", "msgIds": [frame["msgId"]]})
+        assert got == [f"big{i}" for i in range(count)]
+    finally:
+        node.stop()

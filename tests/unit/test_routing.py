@@ -78,9 +78,21 @@ def test_push_of_a_receipt_and_several_entries_keep_their_order() -> None:
     assert entries[1].kind == "m"
 
 
-@pytest.mark.parametrize("payload", ["e|", "e|+1555|t|", "e|+1555|t|not json", "e|+1555|t|[1]"])
-def test_malformed_push_calls_nothing(payload: str) -> None:
-    assert calls_for(payload) == []
+@pytest.mark.parametrize(
+    ("payload", "owner", "token"),
+    [
+        ("e|", "", ""),
+        ("e|+1555|t|", "+1555", "t"),
+        ("e|+1555|t|not json", "+1555", "t"),
+        ("e|+1555|t|[1]", "+1555", "t"),
+        ('e|+1555|t|[["1-0", 5]]', "+1555", "t"),
+    ],
+)
+def test_unreadable_push_reaches_the_listener_without_entries(
+    payload: str, owner: str, token: str
+) -> None:
+    """The entries are pending in the group all the same: the session catches up."""
+    assert calls_for(payload) == [("push", (owner, token, None))]
 
 
 def test_kick() -> None:

@@ -1,0 +1,73 @@
+"""chatnode.inbox's pure parts: what a send script's reply means, stream ids, decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.exceptions import ResponseError
+
+from chatnode import inbox
+from chatnode.errors import Blocked, InboxFull, Unavailable
+
+
+def stream_key(msg_id: str) -> tuple[int, int]:
+    ms, _, seq = msg_id.partition("-")
+    return int(ms), int(seq)
+
+
+@pytest.mark.parametrize(
+    ("msg_id", "previous"),
+    [
+        ("1700000000000-5", "1700000000000-4"),
+        ("1700000000000-0", f"1699999999999-{2**64 - 1}"),
+        ("0-1", "0-0"),
+        ("0-0", "0"),
+    ],
+)
+def test_before_is_the_id_just_before(msg_id: str, previous: str) -> None:
+    assert inbox.before(msg_id) == previous
+
+
+@given(ms=st.integers(0, 2**48), seq=st.integers(0, 2**64 - 1))
+def test_nothing_lies_between_before_and_the_id(ms: int, seq: int) -> None:
+    msg_id = f"{ms}-{seq}"
+    prev = inbox.before(msg_id)
+    if prev != "0":
+        assert stream_key(prev) < stream_key(msg_id)
+        p_ms, p_seq = stream_key(prev)
+        assert (p_ms, p_seq + 1) == (ms, seq) or (p_ms + 1, 0) == (ms, seq)
+
+
+def test_stored_reads_each_reply_of_the_send_script() -> None:
+    assert inbox.stored(["ok", "1-0", "1700"]) == inbox.Stored("1-0", 1700)
+    assert inbox.stored(["unknown"]) is None
+    with pytest.raises(Blocked):
+        inbox.stored(["blocked"])
+    with pytest.raises(InboxFull):
+        inbox.stored(["full"])
+    with pytest.raises(Unavailable):
+        inbox.stored(Unavailable())
+    with pytest.raises(Unavailable):
+        inbox.stored(ResponseError("NOGROUP"))  # any other error: try again later
+    with pytest.raises(Unavailable):
+        inbox.stored(["what"])
+
+
+def test_decode_of_an_entry_deleted_while_pending_has_no_kind() -> None:
+    assert inbox.decode("1-0", None).kind == ""
+    assert inbox.decode("1-0", []).kind == ""
+
+
+def test_decode_of_a_receipt_lists_its_ids() -> None:
+    entry = inbox.decode("9-0", ["k", "r", "s", "read", "f", "+15550000001", "i", "a,b", "t", "7"])
+    assert json.loads(entry.frame) == {
+        "type": "receipt",
+        "msgId": "9-0",
+        "status": "read",
+        "by": "+15550000001",
+        "ids": ["a", "b"],
+        "ts": 7,
+    }
