@@ -129,6 +129,16 @@ async def revoke_token(pool: Any, user_id: int, jti: str, expires_at: datetime, 
         await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now()")
 
 
+async def revocations(pool: Any) -> list[tuple[str, int]]:
+    """Every revoked token not yet expired: (jti, expiry as a Unix time)."""
+    async with connection(pool) as conn:
+        rows = await conn.fetch(
+            "SELECT jti, extract(epoch FROM expires_at)::bigint AS exp"
+            " FROM revoked_tokens WHERE expires_at > now()"
+        )
+    return [(r["jti"], int(r["exp"])) for r in rows]
+
+
 async def is_revoked(pool: Any, jti: str) -> bool:
     async with connection(pool) as conn:
         return bool(await conn.fetchval("SELECT 1 FROM revoked_tokens WHERE jti = $1", jti))

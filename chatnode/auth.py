@@ -15,9 +15,11 @@ from typing import Any
 import bcrypt
 import jwt
 
-from chatnode import accounts, keys
+from chatnode import accounts, keys, logs
 from chatnode.errors import Unauthorized, Unavailable
 from chatnode.redisio import Batcher
+
+log = logs.get(__name__)
 
 BCRYPT_WORKERS = 2
 BCRYPT_WAIT_S = 10.0
@@ -93,6 +95,13 @@ class Tokens:
     def __init__(self, secret: str, ttl_s: int) -> None:
         self._secret = secret
         self.ttl_s = ttl_s
+        self._reload: asyncio.Task[int] | None = None
+
+    def reload_revocations(self, batcher: Batcher, pool: Any) -> None:
+        """Start copying revocations back into Redis, once however many ask at a time."""
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.get_running_loop().create_task(load_revocations(batcher, pool))
+            self._reload.add_done_callback(_log_failure)
 
     def issue(self, mobile: str) -> tuple[str, Claims]:
         now = int(time.time())
@@ -117,17 +126,43 @@ class Tokens:
 
 
 async def authenticate(tokens: Tokens, batcher: Batcher, pool: Any, token: str | None) -> Claims:
-    """The claims of a valid, unexpired, unrevoked token; Unauthorized otherwise."""
+    """The claims of a valid, unexpired, unrevoked token; Unauthorized otherwise.
+
+    Revocations are read from Redis; when Redis lacks them (it lost its data, or is
+    away) PostgreSQL answers, and a Redis that answered gets them copied back."""
     if not token:
         raise Unauthorized("a bearer token is required")
     claims = tokens.decode(token)
     try:
-        revoked = bool(await batcher.run("EXISTS", keys.revoked(claims.jti)))
+        revoked, loaded = await asyncio.gather(
+            batcher.call("EXISTS", keys.revoked(claims.jti)),
+            batcher.call("EXISTS", keys.REVOCATIONS_LOADED),
+        )
     except Unavailable:
+        revoked = loaded = None
+    if not loaded:
+        if loaded is not None:
+            tokens.reload_revocations(batcher, pool)
         revoked = await accounts.is_revoked(pool, claims.jti)
     if revoked:
         raise Unauthorized("this token was revoked")
     return claims
+
+
+async def load_revocations(batcher: Batcher, pool: Any) -> int:
+    """Copy every unexpired revocation from PostgreSQL into Redis, then mark it done."""
+    rows = await accounts.revocations(pool)
+    await asyncio.gather(
+        *(batcher.call("SET", keys.revoked(jti), "1", "EXAT", exp) for jti, exp in rows)
+    )
+    await batcher.run("SET", keys.REVOCATIONS_LOADED, "1")
+    log.info("revocations_loaded", count=len(rows))
+    return len(rows)
+
+
+def _log_failure(task: asyncio.Task[int]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("revocations_load_failed", error=type(exc).__name__)
 
 
 def bearer(header: str | None) -> str | None:

@@ -48,6 +48,12 @@ def revoked(jti: str) -> str:
     return "chatnode:revoked:" + jti
 
 
+# Present once this Redis holds every unexpired revocation from PostgreSQL; its absence
+# means Redis lost its data (or never had it): revocations are checked in PostgreSQL
+# then, and copied back.
+REVOCATIONS_LOADED = "chatnode:revoked:loaded"
+
+
 NODE_CHANNEL_PREFIX = "chatnode:node:"
 
 

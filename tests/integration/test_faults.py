@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import websockets
 
 from chatnode import devstack
 from tests.integration.harness import (
@@ -200,7 +201,8 @@ async def test_redis_restarted_empty_lifts_no_block_and_loses_no_account(
     stack: Stack, workdir: Path, http: aiohttp.ClientSession
 ) -> None:
     """Redis comes back with no data (persistence off): blocks and users are reloaded from
-    PostgreSQL before any send is judged; a connected user still gets new messages."""
+    PostgreSQL before any send is judged; a connected user still gets new messages; a
+    token logged out before the wipe stays refused."""
     redis = devstack.RedisServer(workdir / f"empty-{time.monotonic_ns()}", appendonly=False).start()
     own = Stack(redis.url, stack.database_url)
     node = NodeProc(own, f"empty-{time.monotonic_ns()}", workdir).start()
@@ -211,6 +213,11 @@ async def test_redis_restarted_empty_lifts_no_block_and_loses_no_account(
             "POST", "/block-action/block", {"blockedUserMobileNo": you.mobile}, n.token
         )
         assert status == 200
+        _, second, _ = await api.call(
+            "POST", "/auth/login", {"mobileNo": friend.mobile, "password": friend.password}
+        )
+        logged_out = second["token"]
+        assert (await api.call("POST", "/auth/logout", token=logged_out))[0] == 200
         f = Resilient(friend, [node.ws])
         nc = Resilient(n, [node.ws])
         await f.connect()
@@ -220,6 +227,10 @@ async def test_redis_restarted_empty_lifts_no_block_and_loses_no_account(
         redis.start()
         while (await api.call("GET", "/readyz"))[0] != 200:
             await asyncio.sleep(0.2)
+        assert (await api.call("GET", "/block-action/list", token=logged_out))[0] == 401
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(f"{node.ws}?token={logged_out}", open_timeout=5)
+        assert refused.value.response.status_code == 401
         y = Resilient(you, [node.ws])
         await y.connect()
         await y.send(n.mobile, "after the wipe", "w1")
