@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
-from chatnode import accounts, api, auth, gateway, logs, redisio, wsserver
+from chatnode import accounts, api, auth, logs, redisio, session, wsserver
 from chatnode.config import Settings
 from chatnode.frames import MAX_FRAME_BYTES
 from chatnode.gateway import Gateway
@@ -102,7 +102,7 @@ class Node:
             self.gateway,
             max_size=MAX_FRAME_BYTES,
             heartbeat_s=s.heartbeat_s,
-            write_high=gateway.OUT_BUFFER_LOW,
+            write_high=session.OUT_BUFFER_LOW,
         )
         await self._ws_server.start(s.host, s.ws_port)
         self.started = True

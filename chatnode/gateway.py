@@ -1,19 +1,17 @@
-"""The WebSocket gateway: handshake auth, frames in, inbox entries and replies out.
+"""The WebSocket gateway: handshake auth, sessions, frames in and their answers.
 
 A frame is handled where it arrives (data_received): its Redis work is queued with a
 callback, so a socket needs no task and frames of many sockets share one pipeline. The
 frames of one socket reach Redis in order over one connection; the rare frame that
 needs PostgreSQL (a recipient Redis lost) holds the socket's later frames until done.
-Delivery: a session catches up (pending entries, then new ones), then goes live and gets
-each new entry pushed by the script that stored it (inbox.py).
+Frames out go through the outbox (session.py); inbox entries through delivery.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -23,16 +21,16 @@ from websockets.http11 import Request, Response
 
 from chatnode import auth, frames, inbox, keys, logs, presence, ratelimit
 from chatnode.config import Settings
+from chatnode.delivery import Delivery
 from chatnode.errors import ChatError, CloseCode, Code, Unauthorized, Unavailable
 from chatnode.metrics import Metrics
 from chatnode.redisio import Batcher
 from chatnode.routing import Router
+from chatnode.session import Answer, Job, Outbox, Session
 from chatnode.wsserver import Conn
 
 log = logs.get(__name__)
 
-OUT_BUFFER_LOW = 256 * 1024  # past this many unsent bytes a session stops taking entries
-OUT_BUFFER_MAX = 4 * 1024 * 1024  # a client this far behind is disconnected
 MAX_INVALID_FRAMES = 20
 MAX_HELD_FRAMES = 64  # frames waiting on a claim or a slow operation; then reading pauses
 RECEIPT_RETRIES = 5
@@ -42,85 +40,7 @@ CLOSE_WAIT_S = 5.0
 ACK_FAILED = "could not ack, send the ack again"
 UNAVAILABLE = "Redis is unavailable, try again"
 
-Job = Callable[[], Awaitable[bytes | None]]
 Delivered = tuple[str, tuple[inbox.Entry, float]]  # msgId, (entry, when sent)
-
-
-class Answer:
-    """The place of one frame's answer among its socket's answers."""
-
-    __slots__ = ("done", "frame")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.frame: bytes | None = None
-
-
-class Session:
-    """One authenticated socket and its delivery state."""
-
-    __slots__ = (
-        "acking",
-        "answers",
-        "catching",
-        "closed",
-        "conn",
-        "cursor",
-        "early",
-        "frame_bucket",
-        "gen",
-        "held",
-        "invalid",
-        "jti",
-        "mobile",
-        "offered",
-        "outbox",
-        "outbytes",
-        "queued",
-        "reading",
-        "ready",
-        "refused",
-        "route",
-        "send_bucket",
-        "sid",
-        "slow",
-        "stalled",
-        "token",
-        "unacked",
-        "writing",
-    )
-
-    def __init__(self, conn: Conn, mobile: str, jti: str, node_id: str) -> None:
-        self.conn = conn
-        self.mobile = mobile
-        self.jti = jti
-        self.sid = secrets.token_hex(6)
-        self.route = keys.route_value(node_id, self.sid)
-        # made on the first frame or when needed: an idle socket carries none of them
-        self.send_bucket: ratelimit.Bucket | None = None
-        self.frame_bucket: ratelimit.Bucket | None = None
-        self.held: list[str | bytes] | None = None  # frames waiting for `ready` or `slow`
-        self.slow: list[tuple[Answer, str | None, Job]] | None = None  # need PostgreSQL
-        self.answers: list[Answer] | None = None  # answers waiting for an earlier one
-        self.early: list[list[inbox.Entry]] | None = None  # pushes before GO_LIVE answered
-        self.outbox: list[bytes] = []
-        self.outbytes = 0  # bytes in outbox
-        self.queued = 0  # bytes of frames in `answers`, waiting for an earlier answer
-        self.unacked: dict[str, tuple[inbox.Entry, float]] = {}  # in the order sent
-        self.acking: set[str] | None = None  # acked by the client, XACK not yet answered
-        self.refused = 0  # rate-limit refusals in a row
-        self.invalid = 0  # invalid frames in a row
-        self.ready = False  # the route is claimed: frames are handled
-        self.closed = False
-        self.writing = False  # queued for the end-of-turn flush
-        # delivery: catching up (pending from `cursor`, then new) until live with `token`
-        self.catching = True
-        self.cursor: str | None = "0"
-        self.reading = False
-        self.stalled = False  # the catch-up waits for the socket to drain or Redis to return
-        self.gen = 0  # bumped when the catch-up restarts: older replies are stale
-        self.token: str | None = None
-        self.offered: str | None = None
 
 
 class Gateway:
@@ -145,8 +65,8 @@ class Gateway:
         self.sessions: dict[str, Session] = {}
         self.seen_to_store: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._to_flush: list[Session] = []
-        self._flush_scheduled = False
+        self.outbox = Outbox(self.close, self._written)
+        self.delivery = Delivery(settings, batcher, router, self.outbox, metrics, self.close)
         self.accepting = True
 
     # -- handshake (wsserver.Handler) ----------------------------------------------
@@ -196,7 +116,7 @@ class Gateway:
             self.close(previous, CloseCode.REPLACED, "replaced by a newer connection")
         self.metrics.sockets += 1
         # hello first: nothing else is queued for this session before it
-        self.push(s, frames.hello(s.mobile, self.node_id, self.settings.heartbeat_s))
+        self.outbox.push(s, frames.hello(s.mobile, self.node_id, self.settings.heartbeat_s))
         presence.claim(
             self.batcher,
             s.mobile,
@@ -219,7 +139,7 @@ class Gateway:
             return
         log.info("socket_open", user=s.mobile, session=s.sid)
         s.ready = True
-        self._read_step(s)
+        self.delivery.step(s)
         self._release_held(s)
 
     # -- frames in -----------------------------------------------------------------
@@ -286,46 +206,11 @@ class Gateway:
         if s.refused >= self.settings.refusals_before_close:
             self.close(s, CloseCode.POLICY, "flooding")
 
-    # Answers (accepted, error) go out in the order of the frames they answer, though
-    # some need Redis or PostgreSQL first: a frame whose answer comes later takes its
-    # place in s.answers, and answers behind it wait there.
-
-    def _later(self, s: Session) -> Answer:
-        """A place for the answer of a frame that needs Redis first."""
-        answer = Answer()
-        if s.answers is None:
-            s.answers = [answer]
-        else:
-            s.answers.append(answer)
-        return answer
-
-    def _answer(self, s: Session, answer: Answer | None, frame: bytes | None) -> None:
-        """Give a frame's answer (None: nothing to say); `answer` None means right now."""
-        queue = s.answers
-        if answer is None:
-            if frame is None:
-                return
-            if not queue:
-                self.push(s, frame)
-                return
-            answer = Answer()
-            queue.append(answer)
-        answer.done, answer.frame = True, frame
-        if frame is not None:
-            s.queued += len(frame)
-        while queue and queue[0].done:
-            head = queue.pop(0)
-            if head.frame is not None:
-                s.queued -= len(head.frame)
-                self.push(s, head.frame)
-        if not queue:
-            s.answers = None
-
     def _refuse(
         self, s: Session, code: str, message: str, ref: str | None, answer: Answer | None = None
     ) -> None:
         self.metrics.refuse(code)
-        self._answer(s, answer, frames.error(code, message, ref))
+        self.outbox.answer(s, answer, frames.error(code, message, ref))
 
     def _slow(self, s: Session, answer: Answer, ref: str | None, job: Job) -> None:
         """Run an operation that needs PostgreSQL; the socket's later frames wait for it."""
@@ -346,7 +231,7 @@ class Gateway:
             except Exception:
                 log.exception("slow_operation_failed", user=s.mobile)
                 frame = frames.error(Code.UNAVAILABLE, "try again later", ref)
-            self._answer(s, answer, frame)
+            self.outbox.answer(s, answer, frame)
             s.slow.pop(0)
         s.slow = None
         self._release_held(s)
@@ -356,7 +241,7 @@ class Gateway:
     def _send(self, s: Session, frame: frames.Send) -> None:
         started = time.perf_counter()
         ts = presence.now_ms()
-        answer = self._later(s)
+        answer = self.outbox.later(s)
 
         def done(reply: Any) -> None:
             try:
@@ -367,7 +252,7 @@ class Gateway:
             if result is None:  # Redis lacks the recipient: reload from PostgreSQL
                 self._slow(s, answer, frame.id, lambda: self._send_slow(s, frame, ts, started))
                 return
-            self._answer(s, answer, self._accepted(frame, result, started))
+            self.outbox.answer(s, answer, self._accepted(frame, result, started))
 
         inbox.submit_message(self.batcher, s.mobile, frame, ts, self.settings.inbox_limit, done)
 
@@ -385,7 +270,7 @@ class Gateway:
     def _ack(self, s: Session, frame: frames.Ack) -> None:
         unacked = s.unacked
         done = [(m, unacked.pop(m)) for m in frame.msg_ids if m in unacked]
-        answer = self._later(s)
+        answer = self.outbox.later(s)
         if len(done) < len(frame.msg_ids):  # delivered before this socket (a reconnect)
             taken = {m for m, _ in done}
             unknown = [m for m in frame.msg_ids if m not in taken]
@@ -401,7 +286,7 @@ class Gateway:
                 self._refuse(s, Code.UNAVAILABLE, ACK_FAILED, None, answer)
             else:
                 self.metrics.acked += len(done)
-                self._answer(s, answer, None)
+                self.outbox.answer(s, answer, None)
 
         inbox.submit_ack(self.batcher, s.mobile, ids, acked)
 
@@ -485,7 +370,7 @@ class Gateway:
     def _read_receipt(self, s: Session, frame: frames.Read) -> None:
         ts = presence.now_ms()
         ids = list(frame.ids)
-        answer = self._later(s)
+        answer = self.outbox.later(s)
 
         async def reload() -> None:  # Redis lacks frame.to: PostgreSQL, or unknown_recipient
             await inbox.enqueue_receipt(
@@ -498,216 +383,34 @@ class Gateway:
             elif reply[0] == "unknown":
                 self._slow(s, answer, None, reload)
             else:
-                self._answer(s, answer, None)
+                self.outbox.answer(s, answer, None)
 
         inbox.submit_receipt(self.batcher, frame.to, s.mobile, "read", ids, ts, done)
 
     def _typing(self, s: Session, frame: frames.Typing) -> None:
-        answer = self._later(s)
+        answer = self.outbox.later(s)
 
         def done(reply: Any) -> None:
             if isinstance(reply, Exception):
                 self._refuse(s, Code.UNAVAILABLE, UNAVAILABLE, None, answer)
             else:
-                self._answer(s, answer, None)
+                self.outbox.answer(s, answer, None)
 
         presence.typing(self.batcher, s.mobile, frame.to, frame.state, done)
 
-    # -- frames out ---------------------------------------------------------------
-    #
-    # Frames queued for a socket during one event-loop turn are encoded by websockets'
-    # sans-I/O protocol and written with one transport write at the end of the turn. The
-    # transport's buffer is the bound: past OUT_BUFFER_LOW the session stops taking
-    # entries, past OUT_BUFFER_MAX the client is disconnected, not waited on.
-
-    def push(self, s: Session, frame: bytes) -> None:
-        """Queue a frame; it is written at the end of this event-loop turn."""
-        if s.closed:
-            return
-        s.outbox.append(frame)
-        s.outbytes += len(frame)
-        if not s.writing:
-            s.writing = True
-            self._to_flush.append(s)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush_all)
-
-    def _flush_all(self) -> None:
-        self._flush_scheduled = False
-        sessions, self._to_flush = self._to_flush, []
-        for s in sessions:
-            s.writing = False
-            self._flush(s)
-
-    def _lagging(self, s: Session) -> bool:
-        """More than OUT_BUFFER_LOW waits to be written to this socket."""
-        return s.conn.paused or s.outbytes + s.queued + s.conn.buffered() > OUT_BUFFER_LOW
-
-    def _flush(self, s: Session) -> None:
-        if not s.outbox:
-            return
-        out, s.outbox, s.outbytes = s.outbox, [], 0
-        try:
-            s.conn.send_texts(out)
-        except Exception as exc:  # the socket is going away
-            log.info("socket_write_failed", user=s.mobile, error=type(exc).__name__)
-            self.close(s, CloseCode.INTERNAL, "write failed")
-            return
-        if s.conn.buffered() > OUT_BUFFER_MAX:
-            self.close(s, CloseCode.POLICY, "client is not reading")
-        elif s.conn.paused:
-            if not s.catching:
-                self._restart(s)  # the client lags: stop pushes, read again once it drains
-        elif s.stalled:
-            self._read_step(s)  # it waited for this write, which the socket took
-
-    # -- delivery -------------------------------------------------------------------
-
-    def _read_step(self, s: Session) -> None:
-        """One step of catching up: a page of pending entries, then GO_LIVE until live."""
-        if s.closed or not s.catching or s.reading or not s.ready:
-            return
-        if self._lagging(s):
-            s.stalled = True  # resumed when the socket drains
-            return
-        s.stalled = False
-        s.reading = True
-        gen = s.gen
-        if s.cursor == "0" and gen:
-            # a restart: the route may be live (with a token whose pushes are dropped
-            # now); UNLIVE runs before the read, so every entry pushed so far is pending
-            inbox.unlive(self.batcher, s.mobile, s.route)
-        if s.cursor is not None:
-            inbox.read_pending(
-                self.batcher, s.mobile, s.cursor, lambda reply: self._on_pending(s, gen, reply)
-            )
-            return
-        if not self.router.connected.is_set():
-            # pushes would be lost while this node hears nothing: go live once it does
-            s.reading, s.stalled = False, True
-            return
-        token = secrets.token_hex(4)
-        s.offered = token
-        inbox.go_live(
-            self.batcher,
-            s.mobile,
-            s.route,
-            token,
-            self.settings.route_ttl_s,
-            lambda reply: self._on_go_live(s, gen, token, reply),
-        )
-
-    def _on_pending(self, s: Session, gen: int, reply: Any) -> None:
-        s.reading = False
-        if gen != s.gen:  # the catch-up restarted meanwhile
-            self._read_step(s)
-            return
-        if isinstance(reply, Exception):
-            self._stall(s, reply)
-            return
-        if reply:
-            taken = self._deliver(s, reply)
-            if taken:  # the rest, if any, is read again from here once the socket drains
-                s.cursor = reply[taken - 1].msg_id
-        else:
-            s.cursor = None
-        self._read_step(s)
-
-    def _on_go_live(self, s: Session, gen: int, token: str, reply: Any) -> None:
-        s.reading = False
-        if gen != s.gen:
-            self._read_step(s)
-            return
-        if isinstance(reply, Exception):
-            self._stall(s, reply)
-            return
-        if reply == "gone":
-            self.close(s, CloseCode.REPLACED, "replaced by a newer connection")
-            return
-        if reply == "live":
-            s.catching, s.token, s.offered = False, token, None
-            early, s.early = s.early, None
-            for entries in early or ():
-                if s.gen != gen:
-                    break  # delivering made it catch up again: the rest is pending
-                self._deliver(s, entries)
-            return
-        s.offered, s.early = None, None
-        taken = self._deliver(s, reply)
-        if taken < len(reply):  # read through the group: the rest is pending now
-            s.cursor = inbox.before(reply[taken].msg_id)
-        self._read_step(s)
-
-    def _stall(self, s: Session, error: Exception) -> None:
-        """A read failed (Redis away): the sweep restarts the catch-up from the start,
-        since a GO_LIVE whose answer was lost may have made the route live."""
-        log.warning("inbox_read_failed", user=s.mobile, error=type(error).__name__)
-        s.gen += 1
-        s.cursor, s.token, s.offered, s.early, s.stalled = "0", None, None, None, True
-
-    def _deliver(self, s: Session, entries: list[inbox.Entry]) -> int:
-        """Write the entries that fit in the socket's buffer; how many were taken. The
-        rest are pending in the group; a live session catches up again to read them."""
-        if s.closed:
-            return len(entries)
-        now = time.monotonic()
-        unacked = s.unacked
-        gone = []
-        sent = taken = 0
-        for entry in entries:
-            if self._lagging(s):
-                if not s.catching:
-                    self._restart(s)  # stop pushes until the client drains
-                break
-            taken += 1
-            if not entry.kind:
-                gone.append(entry.msg_id)
-            elif entry.msg_id not in unacked and not (s.acking and entry.msg_id in s.acking):
-                # (else it is out on this socket already, or acked just now)
-                unacked[entry.msg_id] = (entry, now)
-                # behind answers still due: a receipt never beats the `accepted` it follows
-                self._answer(s, None, entry.frame)
-                sent += 1
-        self.metrics.delivered += sent
-        if gone:  # deleted while pending: nothing to send, ack it away
-            self.batcher.fire("XACK", keys.inbox(s.mobile), keys.GROUP, *gone)
-        return taken
-
-    def _restart(self, s: Session) -> None:
-        """Catch up again from the first pending entry; pushes stop until live again."""
-        if s.token is not None or s.offered is not None:
-            inbox.unlive(self.batcher, s.mobile, s.route)  # stop pushes now, not at the read
-        s.gen += 1  # replies in flight are stale now
-        s.catching, s.cursor, s.token, s.offered, s.early = True, "0", None, None, None
-        self._read_step(s)
+    def _written(self, s: Session) -> None:
+        self.delivery.written(s)
 
     def on_drained(self, conn: Conn) -> None:
         s: Session | None = conn.session
-        if s is not None and s.stalled:
-            self._read_step(s)
+        if s is not None:
+            self.delivery.drained(s)
 
     # -- node-wide sweeps (one task each, never one per socket) --------------------
 
     def redeliver(self) -> None:
-        """Resend entries unacked for longer than the redelivery timeout; retry stalled
-        catch-ups (Redis was away)."""
-        now = time.monotonic()
-        deadline = now - self.settings.redelivery_s
-        for s in list(self.sessions.values()):
-            if s.stalled and not s.conn.paused:
-                self._read_step(s)
-            stale = []
-            for entry, sent in s.unacked.values():
-                if sent > deadline:
-                    break  # insertion order is send order
-                stale.append(entry)
-            for entry in stale:
-                if self._lagging(s):
-                    break  # the rest goes at a later sweep
-                del s.unacked[entry.msg_id]
-                s.unacked[entry.msg_id] = (entry, now)
-                self._answer(s, None, entry.frame)
+        """The redelivery sweep over this node's sessions (delivery.py)."""
+        self.delivery.redeliver(list(self.sessions.values()))
 
     async def refresh_routes(self) -> None:
         """Push back every route's TTL in one pipeline; a lost route means replaced."""
@@ -722,24 +425,15 @@ class Gateway:
             if result == 0:
                 self.close(s, CloseCode.REPLACED, "replaced by a newer connection")
             elif result == 2:  # Redis lost the route: made again, not live
-                self._restart(s)
+                self.delivery.restart(s)
 
     # -- what the node's channel brings (routing.Listener) -------------------------
 
     def on_push(self, owner: str, token: str, entries: list[inbox.Entry] | None) -> None:
         s = self.sessions.get(owner)
-        if s is None or s.closed:
-            return  # the entries wait as pending for whoever holds the user next
-        if entries is None:  # unreadable: they are pending, catch up to read them
-            if token == s.token or token == s.offered:
-                self._restart(s)
-        elif token == s.token:
-            self._deliver(s, entries)
-        elif token == s.offered:  # pushed after GO_LIVE ran, before its answer came
-            if s.early is None:
-                s.early = []
-            s.early.append(entries)
-        # else: from an earlier live period; the catch-up reads those as pending
+        if s is not None and not s.closed:
+            self.delivery.on_push(s, token, entries)
+        # else: the entries wait as pending for whoever holds the user next
 
     def on_kick(self, mobile: str, session: str) -> None:
         s = self.sessions.get(mobile)
@@ -754,14 +448,14 @@ class Gateway:
     def on_typing(self, to: str, sender: str, state: str) -> None:
         s = self.sessions.get(to)
         if s is not None and s.ready:
-            self.push(s, frames.typing(sender, state))
+            self.outbox.push(s, frames.typing(sender, state))
 
     def on_resync(self) -> None:
         """The channel went away or came back: pushes may be lost, so every session
         catches up again; and a logout meant for a socket here may have been missed."""
         for s in list(self.sessions.values()):
             if s.ready:
-                self._restart(s)
+                self.delivery.restart(s)
                 self.batcher.submit(self._revoked_check(s), "EXISTS", keys.revoked(s.jti))
 
     def _revoked_check(self, s: Session) -> Callable[[Any], None]:
@@ -777,7 +471,7 @@ class Gateway:
         """Close a session's socket; safe to call twice."""
         if s.closed:
             return
-        self._flush(s)  # an error frame queued just before still goes out
+        self.outbox.flush(s)  # an error frame queued just before still goes out
         s.conn.close(code, reason)
         self._forget(s)
 

@@ -1,4 +1,4 @@
-"""Redis I/O: one ordered connection for commands, Lua scripts by SHA, this node's channel.
+"""Redis I/O: one ordered connection for commands, and Lua scripts called by SHA.
 
 redis-py asyncio costs ~150 us of client CPU per command sent alone and ~25 us per
 command inside a pipeline, so every command the node's handlers issue in one event-loop
@@ -39,7 +39,6 @@ WATCHDOG_S = 0.5
 # go out together: under load a node makes fewer, larger writes (each costs a syscall on
 # both ends), at the price of at most one Redis round trip of latency.
 MAX_IN_FLIGHT = 2
-SUBSCRIBER_PING_S = 5.0
 EXPECTED_REPLY_ERRORS = ("NOSCRIPT", "BUSYGROUP", "NOGROUP")
 
 Reply = Any  # a value, or an exception instance: Unavailable, or an expected ResponseError
@@ -60,14 +59,16 @@ class Script:
         _SCRIPTS.append(self)
 
 
-def _options(url: str) -> dict[str, Any]:
+def options(url: str) -> dict[str, Any]:
+    """Connection options from a Redis URL (plain TCP or a unix socket)."""
     opts: dict[str, Any] = dict(parse_url(url))
     if opts.get("connection_class") not in (None, UnixDomainSocketConnection):
         raise ValueError("chatnode speaks plain TCP or a unix socket to Redis")
     return opts
 
 
-def _handshake(opts: dict[str, Any]) -> list[tuple[Any, ...]]:
+def handshake(opts: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """AUTH and SELECT, as the URL asks, to send first on a new connection."""
     hello: list[tuple[Any, ...]] = []
     if opts.get("password"):
         user = opts.get("username")
@@ -77,7 +78,8 @@ def _handshake(opts: dict[str, Any]) -> list[tuple[Any, ...]]:
     return hello
 
 
-async def _open(opts: dict[str, Any], factory: Callable[[], asyncio.Protocol]) -> Any:
+async def open_connection(opts: dict[str, Any], factory: Callable[[], asyncio.Protocol]) -> Any:
+    """Connect with a timeout and TCP_NODELAY; the protocol instance made by `factory`."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
         if opts.get("path"):
@@ -93,10 +95,10 @@ async def _open(opts: dict[str, Any], factory: Callable[[], asyncio.Protocol]) -
 
 async def check(url: str) -> None:
     """Connect, authenticate and PING once; raises what went wrong (for start-up)."""
-    wire: Wire = await _open(_options(url), lambda: Wire(COMMAND_TIMEOUT_S))
+    wire: Wire = await open_connection(options(url), lambda: Wire(COMMAND_TIMEOUT_S))
     try:
         loop = asyncio.get_running_loop()
-        commands = [*_handshake(_options(url)), ("PING",)]
+        commands = [*handshake(options(url)), ("PING",)]
         futures = [loop.create_future() for _ in commands]
         wire.send([(c, resolver(f)) for c, f in zip(commands, futures, strict=True)])
         async with asyncio.timeout(COMMAND_TIMEOUT_S):
@@ -235,7 +237,7 @@ class Batcher:
         max_in_flight: int = MAX_IN_FLIGHT,
         on_pipeline: Callable[[int], None] | None = None,
     ) -> None:
-        self._opts = _options(url)
+        self._opts = options(url)
         self._timeout = timeout
         self._max_in_flight = max_in_flight
         self._on_pipeline = on_pipeline
@@ -313,7 +315,7 @@ class Batcher:
 
     async def _connect(self) -> None:
         try:
-            wire = await _open(self._opts, lambda: Wire(self._timeout, self._replied))
+            wire = await open_connection(self._opts, lambda: Wire(self._timeout, self._replied))
             await self._greet(wire)
         except Exception as exc:
             self._backoff = min(max(self._backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
@@ -329,7 +331,7 @@ class Batcher:
 
     async def _greet(self, wire: Wire) -> None:
         """AUTH and SELECT as the URL asks, and load every script, before any command."""
-        commands = [*_handshake(self._opts)] + [("SCRIPT", "LOAD", s.source) for s in _SCRIPTS]
+        commands = [*handshake(self._opts)] + [("SCRIPT", "LOAD", s.source) for s in _SCRIPTS]
         if not commands:
             return
         futures = [asyncio.get_running_loop().create_future() for _ in commands]
@@ -362,128 +364,6 @@ class Batcher:
             self._wire.abort()
             self._wire = None
         self._fail_queued()
-
-
-class Subscriber:
-    """SUBSCRIBE to one channel on a connection of its own; reconnects with backoff.
-
-    A PING every few seconds proves the connection alive: Redis answers it in subscribed
-    mode too, and a missing answer means a dead peer that TCP has not noticed yet."""
-
-    def __init__(
-        self,
-        url: str,
-        channel: str,
-        on_message: Callable[[str], None],
-        on_change: Callable[[], None],
-    ) -> None:
-        self._opts = _options(url)
-        self._channel = channel
-        self._on_message = on_message
-        self._on_change = on_change  # the subscription was lost, or is back after a loss
-        self.connected = asyncio.Event()
-
-    async def run(self) -> None:
-        """Subscribe forever, reconnecting with backoff."""
-        backoff = BACKOFF_MIN_S
-        first = True
-        while True:
-            wire: _SubWire | None = None
-            try:
-                wire = await _open(self._opts, lambda: _SubWire(self._on_message))
-                await wire.subscribe(_handshake(self._opts), self._channel)
-                self.connected.set()
-                if not first:
-                    self._on_change()  # messages may have been missed meanwhile
-                first = False
-                backoff = BACKOFF_MIN_S
-                await wire.watch()
-            except (OSError, TimeoutError, ResponseError, Unavailable) as exc:
-                log.warning("pubsub_lost", error=type(exc).__name__, retry_in=backoff)
-            except Exception:  # never give up the channel: it carries every push
-                log.exception("pubsub_failed", retry_in=backoff)
-            finally:
-                if wire is not None:
-                    wire.abort()
-                if self.connected.is_set():
-                    self.connected.clear()
-                    with contextlib.suppress(Exception):
-                        self._on_change()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
-
-
-class _SubWire(asyncio.Protocol):
-    def __init__(self, on_message: Callable[[str], None]) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
-        self._on_message = on_message
-        self._replies: deque[asyncio.Future[Any]] = deque()
-        self._pongs = 0
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    async def subscribe(self, hello: list[tuple[Any, ...]], channel: str) -> None:
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        commands = [*hello, ("SUBSCRIBE", channel)]
-        futures = [loop.create_future() for _ in commands]
-        self._replies.extend(futures)
-        self.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
-        async with asyncio.timeout(COMMAND_TIMEOUT_S):
-            for fut in futures:
-                reply = await fut
-                if isinstance(reply, Exception):
-                    raise Unavailable(f"Redis refused the subscription: {reply}")
-
-    async def watch(self) -> None:
-        """Return when the connection is lost or stops answering pings."""
-        assert self.transport is not None
-        while True:
-            pongs = self._pongs
-            self.transport.write(hiredis.pack_command(("PING",)))
-            await asyncio.wait([self.lost], timeout=SUBSCRIBER_PING_S)
-            if self.lost.done():
-                raise Unavailable("the subscription connection closed")
-            if self._pongs == pongs:
-                raise TimeoutError("Redis did not answer a ping on the subscription")
-
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        while True:
-            try:
-                reply = self._reader.gets()
-            except hiredis.ProtocolError:
-                self.abort()
-                return
-            if reply is False:
-                return
-            if isinstance(reply, list) and reply and reply[0] == "message" and len(reply) == 3:
-                try:
-                    self._on_message(reply[2])
-                except Exception:
-                    log.exception("channel_message_failed")
-            elif isinstance(reply, list) and reply and reply[0] == "pong":
-                self._pongs += 1
-            elif self._replies:
-                fut = self._replies.popleft()
-                if not fut.done():
-                    fut.set_result(reply)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-        self.connection_lost(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
-        for fut in self._replies:
-            if not fut.done():
-                fut.set_result(Unavailable("Redis is unavailable"))
-        self._replies.clear()
 
 
 def resolver(fut: asyncio.Future[Any]) -> Callback:

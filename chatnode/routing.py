@@ -8,12 +8,21 @@ entry waits in the inbox.
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
-from chatnode import inbox, keys, logs
-from chatnode.redisio import Batcher, Subscriber
+import hiredis
+from redis.exceptions import ResponseError
+
+from chatnode import inbox, keys, logs, redisio
+from chatnode.errors import Unavailable
+from chatnode.redisio import Batcher
 
 log = logs.get(__name__)
+SUBSCRIBER_PING_S = 5.0
 
 
 class Listener(Protocol):
@@ -81,3 +90,125 @@ class Router:
     async def listen(self) -> None:
         """Subscribe to this node's channel forever, reconnecting with backoff."""
         await self._subscriber.run()
+
+
+class Subscriber:
+    """SUBSCRIBE to one channel on a connection of its own; reconnects with backoff.
+
+    A PING every few seconds proves the connection alive: Redis answers it in subscribed
+    mode too, and a missing answer means a dead peer that TCP has not noticed yet."""
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        on_message: Callable[[str], None],
+        on_change: Callable[[], None],
+    ) -> None:
+        self._opts = redisio.options(url)
+        self._channel = channel
+        self._on_message = on_message
+        self._on_change = on_change  # the subscription was lost, or is back after a loss
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Subscribe forever, reconnecting with backoff."""
+        backoff = redisio.BACKOFF_MIN_S
+        first = True
+        while True:
+            wire: _SubWire | None = None
+            try:
+                wire = await redisio.open_connection(self._opts, lambda: _SubWire(self._on_message))
+                await wire.subscribe(redisio.handshake(self._opts), self._channel)
+                self.connected.set()
+                if not first:
+                    self._on_change()  # messages may have been missed meanwhile
+                first = False
+                backoff = redisio.BACKOFF_MIN_S
+                await wire.watch()
+            except (OSError, TimeoutError, ResponseError, Unavailable) as exc:
+                log.warning("pubsub_lost", error=type(exc).__name__, retry_in=backoff)
+            except Exception:  # never give up the channel: it carries every push
+                log.exception("pubsub_failed", retry_in=backoff)
+            finally:
+                if wire is not None:
+                    wire.abort()
+                if self.connected.is_set():
+                    self.connected.clear()
+                    with contextlib.suppress(Exception):
+                        self._on_change()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, redisio.BACKOFF_MAX_S)
+
+
+class _SubWire(asyncio.Protocol):
+    def __init__(self, on_message: Callable[[str], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
+        self._on_message = on_message
+        self._replies: deque[asyncio.Future[Any]] = deque()
+        self._pongs = 0
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    async def subscribe(self, hello: list[tuple[Any, ...]], channel: str) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        commands = [*hello, ("SUBSCRIBE", channel)]
+        futures = [loop.create_future() for _ in commands]
+        self._replies.extend(futures)
+        self.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
+        async with asyncio.timeout(redisio.COMMAND_TIMEOUT_S):
+            for fut in futures:
+                reply = await fut
+                if isinstance(reply, Exception):
+                    raise Unavailable(f"Redis refused the subscription: {reply}")
+
+    async def watch(self) -> None:
+        """Return when the connection is lost or stops answering pings."""
+        assert self.transport is not None
+        while True:
+            pongs = self._pongs
+            self.transport.write(hiredis.pack_command(("PING",)))
+            await asyncio.wait([self.lost], timeout=SUBSCRIBER_PING_S)
+            if self.lost.done():
+                raise Unavailable("the subscription connection closed")
+            if self._pongs == pongs:
+                raise TimeoutError("Redis did not answer a ping on the subscription")
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError:
+                self.abort()
+                return
+            if reply is False:
+                return
+            if isinstance(reply, list) and reply and reply[0] == "message" and len(reply) == 3:
+                try:
+                    self._on_message(reply[2])
+                except Exception:
+                    log.exception("channel_message_failed")
+            elif isinstance(reply, list) and reply and reply[0] == "pong":
+                self._pongs += 1
+            elif self._replies:
+                fut = self._replies.popleft()
+                if not fut.done():
+                    fut.set_result(reply)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.connection_lost(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        for fut in self._replies:
+            if not fut.done():
+                fut.set_result(Unavailable("Redis is unavailable"))
+        self._replies.clear()

@@ -1,5 +1,5 @@
 """chatnode.redisio on a real Redis: one pipeline a turn, order, pipelines in flight,
-reconnects, and the channel subscriber."""
+reconnects."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from chatnode.redisio import Batcher, Subscriber
+from chatnode.redisio import Batcher
 from tests.integration.harness import Stack, new_mobile
 
 # Keeps Redis busy for about 200 ms, so that replies are late on purpose.
@@ -68,27 +68,3 @@ async def test_a_killed_connection_is_replaced_on_the_next_command(
         assert await b.run("CLIENT", "ID") != first_id
     finally:
         await b.close()
-
-
-async def test_subscriber_hears_its_channel_and_resubscribes_after_a_kill(
-    stack: Stack, redis: aioredis.Redis
-) -> None:
-    channel = "test:channel:" + new_mobile()
-    got: asyncio.Queue[str] = asyncio.Queue()
-    reconnects: list[int] = []
-    sub = Subscriber(stack.redis_url, channel, got.put_nowait, lambda: reconnects.append(1))
-    task = asyncio.create_task(sub.run())
-    try:
-        async with asyncio.timeout(5):
-            await sub.connected.wait()
-        await redis.publish(channel, "one | with bars")
-        assert await asyncio.wait_for(got.get(), 5) == "one | with bars"
-        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-        async with asyncio.timeout(10):
-            while not (reconnects and sub.connected.is_set()):
-                await asyncio.sleep(0.02)
-        await redis.publish(channel, "two")
-        assert await asyncio.wait_for(got.get(), 5) == "two"
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
