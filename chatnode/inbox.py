@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 
 from chatnode import blocks, frames, keys, logs
 from chatnode.errors import Blocked, ChatError, InboxFull, Unavailable, UnknownRecipient
-from chatnode.redisio import Batcher, Callback, Script, resolver
+from chatnode.redisio import Batcher, Callback, Script, ignore, resolver
 
 log = logs.get(__name__)
 
@@ -283,7 +283,8 @@ def _decoded(make: Callable[[], list[Entry]]) -> list[Entry] | Exception:
 
 def unlive(batcher: Batcher, mobile: str, route: str) -> None:
     """Stop pushes to this session; entries wait in the inbox until it reads them."""
-    batcher.submit_script(_ignore, UNLIVE, [keys.route(mobile)], [route])
+    # a failed UNLIVE is harmless: the catch-up's own UNLIVE, or GO_LIVE, resets the route
+    batcher.submit_script(ignore, UNLIVE, [keys.route(mobile)], [route])
 
 
 def parse_push(payload: str) -> tuple[str, str, list[Entry] | None]:
@@ -354,7 +355,3 @@ async def ack(batcher: Batcher, mobile: str, msg_ids: list[str]) -> None:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     submit_ack(batcher, mobile, msg_ids, resolver(fut))
     await fut
-
-
-def _ignore(reply: Any) -> None:
-    """A reply nobody waits for; a failed UNLIVE leaves a route that expires or is reset."""

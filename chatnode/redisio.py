@@ -266,7 +266,7 @@ class Batcher:
 
         def first(reply: Reply) -> None:
             if isinstance(reply, NoScriptError):
-                self.submit(_ignore, "SCRIPT", "LOAD", script.source)
+                self.submit(ignore, "SCRIPT", "LOAD", script.source)
                 reply = Unavailable("Redis lost its scripts; try again")
             callback(reply)
 
@@ -287,7 +287,7 @@ class Batcher:
 
     def fire(self, *args: Any) -> None:
         """Queue a command whose reply nobody waits for."""
-        self.submit(_ignore, *args)
+        self.submit(ignore, *args)
 
     async def run(self, *args: Any) -> Any:
         """Queue one command and wait for its reply."""
@@ -381,5 +381,5 @@ def resolver(fut: asyncio.Future[Any]) -> Callback:
     return resolve
 
 
-def _ignore(reply: Reply) -> None:
-    """The reply of a command nobody waits for."""
+def ignore(reply: Reply) -> None:
+    """The callback of a command whose reply nobody waits for."""

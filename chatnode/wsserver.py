@@ -133,10 +133,6 @@ class Conn(asyncio.Protocol):
 
     # -- what the gateway calls ------------------------------------------------------
 
-    @property
-    def open(self) -> bool:
-        return self.ws.state is State.OPEN
-
     def send_texts(self, frames: list[bytes]) -> None:
         """Write UTF-8 JSON text frames in one transport write."""
         ws = self.ws
