@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ from chatnode.errors import (
     Unavailable,
 )
 from chatnode.frames import is_mobile
+from chatnode.health import Health
 from chatnode.metrics import CONTENT_TYPE, Metrics
 from chatnode.redisio import Batcher
 from chatnode.routing import Router
@@ -44,6 +45,7 @@ class Services:
     tokens: auth.Tokens
     passwords: auth.Passwords
     metrics: Metrics
+    health: Health = field(default_factory=Health)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -280,9 +282,10 @@ async def readyz(request: web.Request) -> web.Response:
             results[name] = "ok"
         except Exception:
             results[name] = "unavailable"
-    if all(v == "ok" for v in results.values()):
+    problem = svc.health.problem()
+    if problem is None and all(v == "ok" for v in results.values()):
         return ok(checks=results)
-    return fail(Code.UNAVAILABLE, f"not ready: {results}", 503)
+    return fail(Code.UNAVAILABLE, f"not ready: {problem or results}", 503)
 
 
 async def _ping_redis(svc: Services) -> None:
@@ -300,7 +303,8 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(openapi.document()), content_type="application/json")
 
 
-def build(services: Services) -> web.Application:
+def build(services: Services, *, with_metrics: bool = True) -> web.Application:
+    """The API; `with_metrics` False leaves /metrics to another port (metrics_app)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[SERVICES] = services
     app.router.add_post("/auth/signup", signup)
@@ -313,6 +317,15 @@ def build(services: Services) -> web.Application:
     app.router.add_get("/profile/lastseen", last_seen)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if with_metrics:
+        app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_json)
+    return app
+
+
+def metrics_app(services: Services) -> web.Application:
+    """/metrics alone, for CHATNODE_METRICS_PORT (an internal port, not behind the proxy)."""
+    app = web.Application(middlewares=[errors_middleware])
+    app[SERVICES] = services
+    app.router.add_get("/metrics", metrics)
     return app

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from chatnode import netaddr
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/chatnode"
 DEFAULT_HTTP_PORT = 8080
@@ -33,6 +35,17 @@ DEFAULT_SEND_BURST = 200
 DEFAULT_FRAME_RATE = 1000.0
 DEFAULT_FRAME_BURST = 2000
 DEFAULT_REFUSALS_BEFORE_CLOSE = 100
+DEFAULT_SIGNUPS_PER_ADDRESS = 100
+DEFAULT_SIGNUP_WINDOW_S = 60
+DEFAULT_LOOKUPS_PER_USER = 300
+DEFAULT_LOOKUP_WINDOW_S = 60
+DEFAULT_UNACKED_MAX_ENTRIES = 256
+DEFAULT_UNACKED_MAX_BYTES = 1024 * 1024
+MIN_JWT_SECRET_BYTES = 32
+# Secrets seen in examples and earlier compose files: never accepted by `serve`.
+KNOWN_PLACEHOLDER_SECRETS = frozenset(
+    {"change-me", "changeme", "secret", "your-secret", "jwt-secret", "dev-secret"}
+)
 SECRET_FIELDS = frozenset({"jwt_secret", "database_url", "redis_url"})
 
 
@@ -72,6 +85,16 @@ class Settings:
     frame_rate: float = DEFAULT_FRAME_RATE
     frame_burst: int = DEFAULT_FRAME_BURST
     refusals_before_close: int = DEFAULT_REFUSALS_BEFORE_CLOSE
+    # comma-separated IPs or CIDRs of proxies whose X-Forwarded-For is believed
+    trusted_proxies: str = ""
+    signups_per_address: int = DEFAULT_SIGNUPS_PER_ADDRESS
+    signup_window_s: int = DEFAULT_SIGNUP_WINDOW_S
+    lookups_per_user: int = DEFAULT_LOOKUPS_PER_USER
+    lookup_window_s: int = DEFAULT_LOOKUP_WINDOW_S
+    unacked_max_entries: int = DEFAULT_UNACKED_MAX_ENTRIES
+    unacked_max_bytes: int = DEFAULT_UNACKED_MAX_BYTES
+    # 0: /metrics on the HTTP port; else only on this port (keep it off the proxy)
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -109,11 +132,23 @@ class Settings:
             self.send_burst,
             self.frame_burst,
             self.refusals_before_close,
+            self.signups_per_address,
+            self.signup_window_s,
+            self.lookups_per_user,
+            self.lookup_window_s,
+            self.unacked_max_entries,
+            self.unacked_max_bytes,
         )
         if min(limits) <= 0 or not (
             0 < self.send_rate < math.inf and 0 < self.frame_rate < math.inf
         ):
             raise ConfigError("rate limits must be positive numbers")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("CHATNODE_METRICS_PORT must be a port number (0: the HTTP port)")
+        try:
+            netaddr.parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ConfigError(f"CHATNODE_TRUSTED_PROXIES: {exc}") from None
         if not self.node_id or "|" in self.node_id:
             raise ConfigError("CHATNODE_NODE_ID must be non-empty and must not contain '|'")
 

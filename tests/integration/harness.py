@@ -36,6 +36,10 @@ NODE_ENV = {
     "CHATNODE_INBOX_LIMIT": "25",
     "CHATNODE_ROUTE_TTL_S": "6",
     "CHATNODE_LOG_FORMAT": "json",
+    # every test client is 127.0.0.1: the per-address and per-user limits have tests of
+    # their own on nodes with small limits
+    "CHATNODE_SIGNUPS_PER_ADDRESS": "1000000",
+    "CHATNODE_LOOKUPS_PER_USER": "1000000",
 }
 # A node for floods: a big inbox and no send or frame limits worth the name.
 FLOOD_ENV = {
