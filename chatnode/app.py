@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 from aiohttp import web
 
@@ -26,26 +27,36 @@ class StartupError(Exception):
 
 
 def safe_url(url: str) -> str:
-    """The URL without its password (in the user part or the query), for people to read."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    hidden_user = at and ":" in userinfo
-    hidden_query = "password=" in parts.query.lower()
-    if not (hidden_user or hidden_query):
-        return url
-    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}" if hidden_user else parts.netloc
-    query = (
-        "&".join(
-            "password=***" if item.lower().startswith("password=") else item
-            for item in parts.query.split("&")
-        )
-        if parts.query
-        else ""
-    )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    """The URL (or libpq keyword DSN) without its passwords, for people to read.
+
+    Hides the password of the user part, and every `...password=` item of the query or
+    of a keyword DSN (password, sslpassword). Errs towards hiding: the user part ends at
+    the last '@', since a password may hold '@', '/', '?' or '#' unencoded."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _KEYWORD_SECRET.sub(r"\1***", url)
+    userinfo, at, tail = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    else:  # no password there (any '@' is further on)
+        userinfo, at, tail = "", "", rest
+    head, question, query = tail.partition("?")
+    if question:
+        query, hash_, fragment = query.partition("#")
+        tail = f"{head}?{'&'.join(_hide_item(i) for i in query.split('&'))}{hash_}{fragment}"
+    return f"{scheme}{sep}{userinfo}{at}{tail}"
+
+
+# `password = 'it''s'`, `sslpassword=x`: a libpq keyword DSN's secret values, quoted or not
+_KEYWORD_SECRET = re.compile(r"(?i)(\w*password\s*=\s*)('(?:\\.|[^'\\])*'?|\S*)")
+
+
+def _hide_item(item: str) -> str:
+    """One `key=value` query item, its value hidden if the key names a password."""
+    key, eq, _ = item.partition("=")
+    if eq and unquote_plus(key).strip().lower().endswith("password"):
+        return f"{key}=***"
+    return item
 
 
 class Node:

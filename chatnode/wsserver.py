@@ -249,12 +249,21 @@ class Conn(asyncio.Protocol):
         if data:
             self.transport.write(data)
         if writes[-1] == b"":  # the protocol is done: half-close, then the peer closes
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            else:
-                self.transport.close()
+            self._half_close(self.transport)
             if not self.deadline:
                 self.deadline = time.monotonic() + self.server.close_timeout
+
+    @staticmethod
+    def _half_close(transport: asyncio.Transport) -> None:
+        """Send EOF, or close when EOF cannot be sent. uvloop raises from write_eof on a
+        socket the peer already reset; that must not end a sweep or a drain part-way."""
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+                return
+        except Exception as exc:
+            log.debug("ws_write_eof_failed", error=type(exc).__name__)
+        transport.close()
 
 
 class Server:

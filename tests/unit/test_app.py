@@ -73,3 +73,49 @@ def test_password_in_query_is_hidden(url: str) -> None:
 def test_bad_port_does_not_raise() -> None:
     out = safe_url("postgresql://chat:hunter2@db:notaport/chatnode")
     assert "hunter2" not in out
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://chat@db:5432/chatnode?sslmode=require&sslpassword=hunter2",
+        "postgresql://chat@db:5432/chatnode?SSLPassword=hunter2",
+        "postgresql://chat@db:5432/chatnode?%70assword=hunter2",
+        "postgresql://chat:hunter2@db:5432/chatnode?sslpassword=hunter2#frag",
+        "redis://cache:6379/0?password=hunter2&client_name=a@b",
+    ],
+)
+def test_every_password_item_of_the_query_is_hidden(url: str) -> None:
+    assert "hunter2" not in safe_url(url)
+
+
+def test_sslpassword_keeps_the_other_items() -> None:
+    out = safe_url("postgresql://chat@db:5432/x?sslmode=require&sslpassword=hunter2")
+    assert out == "postgresql://chat@db:5432/x?sslmode=require&sslpassword=***"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db port=5432 password=hunter2 dbname=chatnode",
+        "host=db password = hunter2 dbname=chatnode",
+        "host=db password='hunter2 with spaces' dbname=chatnode",
+        "host=db password='it\\'s hunter2' dbname=chatnode",
+        "host=db sslpassword=hunter2 user=chat",
+        "host=db PASSWORD=hunter2",
+    ],
+)
+def test_keyword_dsn_passwords_are_hidden(dsn: str) -> None:
+    out = safe_url(dsn)
+    assert "hunter2" not in out and "host=db" in out
+
+
+def test_keyword_dsn_keeps_the_other_keywords() -> None:
+    out = safe_url("host=db port=5432 password='a b' dbname=chatnode")
+    assert out == "host=db port=5432 password=*** dbname=chatnode"
+
+
+@pytest.mark.parametrize("password", ["p/ss", "p?ss", "p#ss", "p/s@s?x"])
+def test_unencoded_separators_in_the_password_do_not_leak_it(password: str) -> None:
+    out = safe_url(f"postgresql://chat:{password}@db:5432/chatnode")
+    assert out == "postgresql://chat:***@db:5432/chatnode"

@@ -215,3 +215,31 @@ async def test_frames_that_come_with_a_close_frame_still_count() -> None:
         + client_frame(Opcode.TEXT, b"after the close")
     )
     assert h.messages == ["last words"] and len(h.closed) == 1
+
+
+class EofFails(Transport):
+    """uvloop's transport raises from write_eof when the peer reset the socket."""
+
+    def write_eof(self) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+
+async def test_a_failing_write_eof_closes_the_transport_instead_of_raising() -> None:
+    h = Handler()
+    conn = Conn(server(h))
+    t = EofFails()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    conn.data_received(request_bytes())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    conn.close(1012, "node restarting")
+    conn.data_received(client_frame(Opcode.CLOSE, Close(1012, "").serialize()))
+    assert t.closed and len(h.closed) == 1
+
+
+async def test_a_peer_eof_with_a_failing_write_eof_closes_the_transport() -> None:
+    conn, _, _ = await opened()
+    t = EofFails()
+    conn.transport = t  # type: ignore[assignment]
+    assert conn.eof_received() is False
+    assert t.closed
