@@ -92,6 +92,20 @@ async def find_user(pool: Any, mobile: str) -> User | None:
     return User(row["id"], row["mobile_no"], row["name"], row["password_hash"], row["last_seen"])
 
 
+async def is_registered(pool: Any, mobile: str) -> bool:
+    """Whether a user has this number: signup asks before paying for a bcrypt hash."""
+    async with connection(pool) as conn:
+        return bool(await conn.fetchval("SELECT 1 FROM users WHERE mobile_no = $1", mobile))
+
+
+async def account_exists(pool: Any, uid: int, mobile: str) -> bool:
+    """Whether account `uid` exists and has this number (a token names both)."""
+    async with connection(pool) as conn:
+        return bool(
+            await conn.fetchval("SELECT 1 FROM users WHERE id = $1 AND mobile_no = $2", uid, mobile)
+        )
+
+
 async def record_event(pool: Any, user_id: int, kind: str, node: str) -> None:
     async with connection(pool) as conn:
         await conn.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -11,15 +12,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from chatnode import accounts, auth, blocks, keys, logs, openapi, presence, ratelimit
+from chatnode import accounts, auth, blocks, keys, logs, netaddr, openapi, presence, ratelimit
 from chatnode.config import Settings
 from chatnode.errors import (
     ChatError,
     Code,
+    Conflict,
     InvalidCredentials,
     InvalidRequest,
     RateLimited,
-    Unavailable,
 )
 from chatnode.frames import is_mobile
 from chatnode.health import Health
@@ -136,25 +137,67 @@ def query_mobile(request: web.Request) -> str | None:
     return value
 
 
+def client_address(request: web.Request) -> str:
+    """The address per-address limits count: the TCP peer, or behind a proxy listed in
+    CHATNODE_TRUSTED_PROXIES the client it forwarded for (netaddr.client_address)."""
+    svc = request.app[SERVICES]
+    return netaddr.client_address(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", []),
+        svc.settings.trusted_proxies,
+    )
+
+
 async def current_user(request: web.Request) -> auth.Claims:
     svc = request.app[SERVICES]
     token = auth.bearer(request.headers.get("Authorization"))
     return await auth.authenticate(svc.tokens, svc.batcher, svc.pool, token)
 
 
+async def looking_up(request: web.Request) -> auth.Claims:
+    """The token's user, counted against their look-up budget: last seen and block
+    actions answer name and existence of any number, so no account may walk through the
+    directory (CHATNODE_LOOKUPS_PER_USER per CHATNODE_LOOKUP_WINDOW_S)."""
+    svc = request.app[SERVICES]
+    claims = await current_user(request)
+    cfg = svc.settings
+    verdict = await ratelimit.hit(
+        svc.batcher, "lookup-user", claims.mobile, cfg.lookups_per_user, cfg.lookup_window_s
+    )
+    if not verdict.allowed:
+        raise RateLimited("too many look-ups, try again later", retry_after=verdict.retry_after)
+    return claims
+
+
 # -- auth ------------------------------------------------------------------------
 
+# Invisible characters that change how the text around them is shown (bidi overrides and
+# isolates, zero-width characters): a name must not pass for another or reorder what
+# follows it. Most are category Cf anyway; they are listed to say what is meant.
+INVISIBLE = frozenset(
+    [
+        *map(chr, range(0x202A, 0x202F)),  # LRE, RLE, PDF, LRO, RLO
+        *map(chr, range(0x2066, 0x206A)),  # LRI, RLI, FSI, PDI
+        *map(chr, range(0x200B, 0x2010)),  # ZWSP, ZWNJ, ZWJ, LRM, RLM
+        "\u2060",  # word joiner
+        "\ufeff",  # zero-width no-break space
+    ]
+)
+# control, format, surrogate, line and paragraph separator
+UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
-async def signup(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    body = await json_body(request)
+
+def name_field(body: dict[str, Any]) -> str:
     name = string_field(body, "name")
-    mobile = mobile_field(body.get("mobileNo"), "mobileNo")
-    password = string_field(body, "password")
     if not 1 <= len(name) <= 64 or not name.strip():
         raise InvalidRequest("name must be 1-64 characters")
-    if any(ch < " " or ch == "\x7f" for ch in name):
-        raise InvalidRequest("name must not contain control characters")
+    if any(ch in INVISIBLE or unicodedata.category(ch) in UNPRINTABLE_CATEGORIES for ch in name):
+        raise InvalidRequest("name must not contain control, format or invisible characters")
+    return name
+
+
+def password_field(body: dict[str, Any]) -> str:
+    password = string_field(body, "password")
     if "\x00" in password:  # bcrypt would silently cut the password there
         raise InvalidRequest("password must not contain NUL characters")
     if not 8 <= len(password.encode("utf-8", "surrogatepass")) <= auth.MAX_PASSWORD_BYTES:
@@ -163,12 +206,32 @@ async def signup(request: web.Request) -> web.Response:
         password.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequest("password must be valid UTF-8") from None
+    return password
+
+
+async def signup(request: web.Request) -> web.Response:
+    """Create an account. Limited per client address; a taken number is refused before
+    the bcrypt hash (cheap conflicts; the insert still settles a race), and the hash runs
+    in bcrypt's signup lane, so signups cannot take all of the logins' threads."""
+    svc = request.app[SERVICES]
+    body = await json_body(request)
+    name = name_field(body)
+    mobile = mobile_field(body.get("mobileNo"), "mobileNo")
+    password = password_field(body)
+    cfg = svc.settings
+    address = client_address(request)
+    verdict = await ratelimit.hit(
+        svc.batcher, "signup-address", address, cfg.signups_per_address, cfg.signup_window_s
+    )
+    if not verdict.allowed:
+        log.info("signup_limited", address=address)
+        raise RateLimited("too many signups, try again later", retry_after=verdict.retry_after)
+    if await accounts.is_registered(svc.pool, mobile):
+        raise Conflict("this mobile number is already registered")
     hashed = await svc.passwords.hash(password)
-    user_id = await accounts.create_user(svc.pool, mobile, name, hashed, svc.settings.node_id)
+    user_id = await accounts.create_user(svc.pool, mobile, name, hashed, cfg.node_id)
     try:  # Redis learns of the user now; if it can't, the first send reloads from PostgreSQL
-        await svc.batcher.script(
-            blocks.LOAD, [keys.account(mobile), keys.blocks(mobile), keys.inbox(mobile)], [name]
-        )
+        await blocks.load_into_redis(svc.pool, svc.batcher, mobile)
     except Exception as exc:
         log.warning("signup_redis_copy_failed", user=mobile, error=type(exc).__name__)
     log.info("signup", user=mobile)
@@ -176,53 +239,75 @@ async def signup(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
+    """Log in. Each attempt reserves its place in the failed-login counters before bcrypt
+    runs (so parallel guesses cannot all pass a limit), and a right password gives its
+    place back. The per-number counter is kept per client address too: a guesser locks
+    the number only from where they guess, and its owner logs in from elsewhere."""
     svc = request.app[SERVICES]
     body = await json_body(request)
     mobile = body.get("mobileNo")
     password = string_field(body, "password")
     if not isinstance(mobile, str):
         raise InvalidRequest("mobileNo must be a string")
-    number = mobile if is_mobile(mobile) else "malformed"
-    limits = login_limits(svc.settings, number, request.remote or "unknown")
-    for kind, subject, limit in limits:
-        verdict = await ratelimit.peek(svc.batcher, kind, subject, limit)
-        if not verdict.allowed:
-            raise RateLimited(
-                "too many failed logins, try again later", retry_after=verdict.retry_after
-            )
-    user = await accounts.find_user(svc.pool, mobile) if is_mobile(mobile) else None
-    good = await svc.passwords.verify(password, user.password_hash if user else None)
+    cfg = svc.settings
+    limits = login_limits(
+        cfg, mobile if is_mobile(mobile) else "malformed", client_address(request)
+    )
+    verdict = await ratelimit.reserve(svc.batcher, limits, cfg.login_fail_window_s)
+    if not verdict.allowed:
+        raise RateLimited(
+            "too many failed logins, try again later", retry_after=verdict.retry_after
+        )
+    try:
+        user = await accounts.find_user(svc.pool, mobile) if is_mobile(mobile) else None
+        good = await svc.passwords.verify(password, user.password_hash if user else None)
+    except Exception:  # not a guess: the database or bcrypt could not judge it (503)
+        await ratelimit.release(svc.batcher, limits)
+        raise
     if user is None or not good:
-        window = svc.settings.login_fail_window_s
-        for kind, subject, limit in limits:
-            await ratelimit.hit(svc.batcher, kind, subject, limit, window)
+        if user is not None:
+            await record_failed_login(svc, user)
         raise InvalidCredentials()
-    token, claims = svc.tokens.issue(user.mobile)
-    await accounts.record_event(svc.pool, user.id, "login", svc.settings.node_id)
+    await ratelimit.release(svc.batcher, limits)
+    token, claims = svc.tokens.issue(user.mobile, user.id)
+    await accounts.record_event(svc.pool, user.id, "login", cfg.node_id)
     log.info("login", user=user.mobile)
     return ok(message="logged in", token=token, expiresIn=claims.expires_at - _now())
 
 
+async def record_failed_login(svc: Services, user: accounts.User) -> None:
+    """The audit trail of a wrong password (numbers without an account have no row to
+    point at). A database that cannot take it does not change the answer."""
+    try:
+        await accounts.record_event(svc.pool, user.id, "login_failed", svc.settings.node_id)
+    except Exception as exc:
+        log.warning("login_failed_not_recorded", user=user.mobile, error=type(exc).__name__)
+
+
 async def logout(request: web.Request) -> web.Response:
+    """Revoke the token; done once PostgreSQL and Redis hold the revocation. Closing the
+    socket it opened is best effort: if the route look-up or the message fails, each
+    node's periodic token check closes it anyway."""
     svc = request.app[SERVICES]
     claims = await current_user(request)
-    user = await accounts.find_user(svc.pool, claims.mobile)
-    if user is None:
-        raise Unavailable("account not found, try again")
     expires = datetime.fromtimestamp(claims.expires_at, UTC)
-    await accounts.revoke_token(svc.pool, user.id, claims.jti, expires, svc.settings.node_id)
+    await accounts.revoke_token(svc.pool, claims.uid, claims.jti, expires, svc.settings.node_id)
     ttl = max(1, claims.expires_at - _now())
     await svc.batcher.run("SET", keys.revoked(claims.jti), "1", "EX", ttl)
-    route = await svc.batcher.run("GET", keys.route(claims.mobile))
-    svc.router.to_route(route, f"l|{claims.mobile}|{claims.jti}")
+    try:
+        route = await svc.batcher.run("GET", keys.route(claims.mobile))
+        svc.router.to_route(route, f"l|{claims.mobile}|{claims.jti}")
+    except Exception as exc:
+        log.warning("logout_close_failed", user=claims.mobile, error=type(exc).__name__)
     log.info("logout", user=claims.mobile)
     return ok(message="logged out")
 
 
 def login_limits(settings: Settings, mobile: str, address: str) -> list[tuple[str, str, int]]:
-    """Failed-login counters a login is judged by: per number and per client address."""
+    """Failed-login counters a login is judged by: per number at this client address,
+    and per client address."""
     return [
-        ("login-number", mobile, settings.login_fails_per_number),
+        ("login-number", f"{mobile}|{address}", settings.login_fails_per_number),
         ("login-address", address, settings.login_fails_per_address),
     ]
 
@@ -236,7 +321,7 @@ def _now() -> int:
 
 async def block(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    claims = await current_user(request)
+    claims = await looking_up(request)
     body = await json_body(request)
     target = mobile_field(body.get("blockedUserMobileNo"), "blockedUserMobileNo")
     await blocks.block(svc.pool, svc.batcher, claims.mobile, target)
@@ -245,7 +330,7 @@ async def block(request: web.Request) -> web.Response:
 
 async def unblock(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    claims = await current_user(request)
+    claims = await looking_up(request)
     target = mobile_field(query_mobile(request), "mobileNo")
     await blocks.unblock(svc.pool, svc.batcher, claims.mobile, target)
     return ok(message="unblocked")
@@ -253,13 +338,13 @@ async def unblock(request: web.Request) -> web.Response:
 
 async def block_list(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    claims = await current_user(request)
+    claims = await looking_up(request)
     return ok(data=await blocks.list_blocked(svc.pool, claims.mobile))
 
 
 async def last_seen(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    claims = await current_user(request)
+    claims = await looking_up(request)
     target = mobile_field(query_mobile(request), "mobileNo")
     return ok(data=await presence.last_seen(svc.pool, svc.batcher, claims.mobile, target))
 

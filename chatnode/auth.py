@@ -8,6 +8,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,9 @@ BCRYPT_WORKERS = 2
 BCRYPT_WAIT_S = 10.0
 BCRYPT_NICE = 10  # niceness of the bcrypt threads (the event loop stays at 0)
 MAX_PASSWORD_BYTES = 72
+ACCOUNT_CACHE_TTL_S = 60.0
+ACCOUNT_CACHE_MAX = 100_000
+MAX_UID = 2**63 - 1  # users.id is a BIGINT
 
 
 def _yield_cpu() -> None:
@@ -36,7 +40,13 @@ def _yield_cpu() -> None:
 
 
 class Passwords:
-    """bcrypt on a small thread pool; callers queue on a semaphore with a timeout."""
+    """bcrypt on a small thread pool; callers queue on semaphores with a timeout.
+
+    Two lanes share the pool. Every bcrypt call takes one of the `workers` slots; a
+    signup's hash must first take one of `workers - 1` signup slots as well. So signups
+    hold at most `workers - 1` threads however many arrive, and logins (verify) always
+    have a thread signups cannot occupy: a signup flood slows signups, not logins. With
+    one worker there is nothing to keep back, and signups share it."""
 
     def __init__(self, rounds: int, workers: int = BCRYPT_WORKERS) -> None:
         self._rounds = rounds
@@ -44,22 +54,31 @@ class Passwords:
             max_workers=workers, thread_name_prefix="bcrypt", initializer=_yield_cpu
         )
         self._slots = asyncio.Semaphore(workers)
+        self._signup_slots = asyncio.Semaphore(max(1, workers - 1))
         self._dummy: bytes | None = None
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, lanes: tuple[asyncio.Semaphore, ...], fn: Any, *args: Any) -> Any:
+        held: list[asyncio.Semaphore] = []
         try:
-            async with asyncio.timeout(BCRYPT_WAIT_S):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise Unavailable("too many logins in progress, try again") from None
-        try:
+            try:
+                async with asyncio.timeout(BCRYPT_WAIT_S):
+                    for lane in lanes:
+                        await lane.acquire()
+                        held.append(lane)
+            except TimeoutError:
+                raise Unavailable("too many logins in progress, try again") from None
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
-            self._slots.release()
+            for lane in reversed(held):
+                lane.release()
 
     async def hash(self, password: str) -> str:
+        """A signup's hash: in the signup lane (see the class)."""
+        return await self._hash(password, (self._signup_slots, self._slots))
+
+    async def _hash(self, password: str, lanes: tuple[asyncio.Semaphore, ...]) -> str:
         salt = bcrypt.gensalt(self._rounds)
-        hashed: bytes = await self._run(bcrypt.hashpw, password.encode(), salt)
+        hashed: bytes = await self._run(lanes, bcrypt.hashpw, password.encode(), salt)
         return hashed.decode()
 
     async def verify(self, password: str, hashed: str | None) -> bool:
@@ -72,11 +91,12 @@ class Passwords:
         usable = raw is not None and len(raw) <= MAX_PASSWORD_BYTES and b"\x00" not in raw
         if hashed is None or not usable:
             if self._dummy is None:
-                self._dummy = (await self.hash("not-a-real-password")).encode()
-            await self._run(bcrypt.checkpw, b"not-the-password", self._dummy)
+                dummy = await self._hash("not-a-real-password", (self._slots,))
+                self._dummy = dummy.encode()
+            await self._run((self._slots,), bcrypt.checkpw, b"not-the-password", self._dummy)
             return False
         assert raw is not None
-        return bool(await self._run(bcrypt.checkpw, raw, hashed.encode()))
+        return bool(await self._run((self._slots,), bcrypt.checkpw, raw, hashed.encode()))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -87,6 +107,48 @@ class Claims:
     mobile: str
     jti: str
     expires_at: int
+    uid: int  # users.id of the account the token was issued to
+
+
+class KnownAccounts:
+    """Which (uid, mobile) pairs are real accounts, remembered briefly in this process.
+
+    A signature proves only that we issued a token once; the account may be gone since
+    (deleted, or a database restored without it), and a token minted with a leaked secret
+    may name any number. So every token's (uid, mobile) must be a row of `users`. A
+    found pair is believed for `ttl_s` without asking PostgreSQL again (the check costs
+    a dictionary look-up on the hot path), and past that still believed while PostgreSQL
+    is unavailable, so a database outage does not turn away reconnecting sockets. Misses
+    are not remembered: only holders of the secret can make a token that gets this far.
+    The oldest entries go first past `max_entries`."""
+
+    def __init__(
+        self, ttl_s: float = ACCOUNT_CACHE_TTL_S, max_entries: int = ACCOUNT_CACHE_MAX
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._max = max_entries
+        self._checked: OrderedDict[tuple[int, str], float] = OrderedDict()
+
+    async def exists(self, pool: Any, uid: int, mobile: str) -> bool:
+        key = (uid, mobile)
+        now = time.monotonic()
+        checked = self._checked.get(key)
+        if checked is not None and now - checked < self._ttl_s:
+            return True
+        try:
+            found = await accounts.account_exists(pool, uid, mobile)
+        except Unavailable:
+            if checked is not None:
+                return True  # known before the outage
+            raise
+        if found:
+            self._checked[key] = now
+            self._checked.move_to_end(key)
+            while len(self._checked) > self._max:
+                self._checked.popitem(last=False)
+        else:
+            self._checked.pop(key, None)
+        return found
 
 
 class Tokens:
@@ -96,6 +158,7 @@ class Tokens:
         self._secret = secret
         self.ttl_s = ttl_s
         self._reload: asyncio.Task[int] | None = None
+        self.known = KnownAccounts()
 
     def reload_revocations(self, batcher: Batcher, pool: Any) -> None:
         """Start copying revocations back into Redis, once however many ask at a time."""
@@ -103,36 +166,49 @@ class Tokens:
             self._reload = asyncio.get_running_loop().create_task(load_revocations(batcher, pool))
             self._reload.add_done_callback(_log_failure)
 
-    def issue(self, mobile: str) -> tuple[str, Claims]:
+    def issue(self, mobile: str, uid: int) -> tuple[str, Claims]:
         now = int(time.time())
-        claims = Claims(mobile, secrets.token_urlsafe(16), now + self.ttl_s)
-        payload = {"sub": mobile, "jti": claims.jti, "iat": now, "exp": claims.expires_at}
+        claims = Claims(mobile, secrets.token_urlsafe(16), now + self.ttl_s, uid)
+        payload = {
+            "sub": mobile,
+            "uid": uid,
+            "jti": claims.jti,
+            "iat": now,
+            "exp": claims.expires_at,
+        }
         return jwt.encode(payload, self._secret, algorithm="HS256"), claims
 
     def decode(self, token: str) -> Claims:
+        """The claims of a well-signed, unexpired token; a token without the account id
+        (issued before it was added) is refused: its owner logs in again."""
         try:
             payload = jwt.decode(
                 token,
                 self._secret,
                 algorithms=["HS256"],
-                options={"require": ["sub", "jti", "exp"]},
+                options={"require": ["sub", "uid", "jti", "exp"]},
             )
         except jwt.PyJWTError:
             raise Unauthorized() from None
-        sub, jti, exp = payload.get("sub"), payload.get("jti"), payload.get("exp")
+        sub, uid, jti, exp = (payload.get(k) for k in ("sub", "uid", "jti", "exp"))
         if not isinstance(sub, str) or not isinstance(jti, str) or not isinstance(exp, int):
             raise Unauthorized()
-        return Claims(sub, jti, exp)
+        if not isinstance(uid, int) or isinstance(uid, bool) or not 0 < uid <= MAX_UID:
+            raise Unauthorized()
+        return Claims(sub, jti, exp, uid)
 
 
 async def authenticate(tokens: Tokens, batcher: Batcher, pool: Any, token: str | None) -> Claims:
-    """The claims of a valid, unexpired, unrevoked token; Unauthorized otherwise.
+    """The claims of a valid, unexpired, unrevoked token of an existing account;
+    Unauthorized otherwise. Used by the HTTP API and the WebSocket handshake alike.
 
     Revocations are read from Redis; when Redis lacks them (it lost its data, or is
     away) PostgreSQL answers, and a Redis that answered gets them copied back."""
     if not token:
         raise Unauthorized("a bearer token is required")
     claims = tokens.decode(token)
+    if not await tokens.known.exists(pool, claims.uid, claims.mobile):
+        raise Unauthorized("this token's account does not exist")
     try:
         revoked, loaded = await asyncio.gather(
             batcher.call("EXISTS", keys.revoked(claims.jti)),

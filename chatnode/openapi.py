@@ -48,7 +48,12 @@ def document() -> dict[str, Any]:
         "requestBody": _body(
             ["name", "mobileNo", "password"],
             {
-                "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                "name": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 64,
+                    "description": "no control, format, bidi or zero-width characters",
+                },
                 "mobileNo": MOBILE,
                 "password": {"type": "string", "minLength": 8, "maxLength": 72},
             },
