@@ -9,33 +9,90 @@ send to them is judged.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
-from chatnode import accounts, keys
+from chatnode import accounts, keys, logs
 from chatnode.accounts import connection
-from chatnode.errors import InvalidRequest, NotFound
+from chatnode.errors import InvalidRequest, NotFound, Unavailable
 from chatnode.redisio import Batcher, Script
 
-# KEYS: account, blocks, inbox. ARGV: name, then the set members.
+log = logs.get(__name__)
+
+LOAD_CHUNK = 1000  # set members per script call (Lua unpack fails at about 8,000)
+LOAD_ATTEMPTS = 4
+LOADING_TTL_S = 30
+DROP_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+# KEYS: account, blocks, inbox, loading. ARGV: nonce, name, first (1|0), last (1|0), then
+# up to LOAD_CHUNK set members. One chunk of a reload, which replaces the copy: the first
+# chunk clears it (and the account key), later chunks add, and only the last sets the
+# account key, which says the copy is whole, so a half-loaded set is never used. Every
+# chunk first checks that the reload is still current (0 if not: see load_into_redis).
 LOAD = Script(
     """
-if #ARGV > 1 then redis.call('SADD', KEYS[2], unpack(ARGV, 2)) end
-redis.pcall('XGROUP', 'CREATE', KEYS[3], 'g', '0', 'MKSTREAM')
-redis.call('SET', KEYS[1], ARGV[1])
+if redis.call('GET', KEYS[4]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
+if #ARGV > 4 then redis.call('SADD', KEYS[2], unpack(ARGV, 5)) end
+if ARGV[4] == '1' then
+  redis.pcall('XGROUP', 'CREATE', KEYS[3], 'g', '0', 'MKSTREAM')
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('DEL', KEYS[4])
+end
 return 1
 """
 )
 
+# KEYS: blocks, loading. ARGV: SADD or SREM, the member. One user's half of a block
+# change, made after PostgreSQL committed it; it also stops any reload of this user in
+# flight, which may have read PostgreSQL before the change.
+MIRROR = Script(
+    """
+redis.call('DEL', KEYS[2])
+redis.call(ARGV[1], KEYS[1], ARGV[2])
+return 1
+"""
+)
+
+_drops: set[asyncio.Task[None]] = set()
+
+
+def loading_key(mobile: str) -> str:
+    """The nonce of the reload of `mobile` in progress (beside the user's other keys)."""
+    return keys.account(mobile) + ":loading"
+
 
 async def load_into_redis(pool: Any, batcher: Batcher, mobile: str) -> bool:
-    """Copy one user from PostgreSQL into Redis; False if no such user."""
-    copy = await accounts.redis_copy(pool, mobile)
-    if copy is None:
-        return False
+    """Copy one user from PostgreSQL into Redis, replacing what Redis held; False if no
+    such user.
+
+    A reload stores a fresh nonce before it reads PostgreSQL; a block change deletes it
+    after its commit. A reload whose nonce is gone by its last chunk may have read the
+    state before that change, so it does not mark the copy whole and reads again (or
+    stops if another reload finished meanwhile)."""
+    for _ in range(LOAD_ATTEMPTS):
+        nonce = secrets.token_hex(8)
+        await batcher.run("SET", loading_key(mobile), nonce, "EX", LOADING_TTL_S)
+        copy = await accounts.redis_copy(pool, mobile)
+        if copy is None:
+            return False
+        if await _load(batcher, mobile, copy, nonce):
+            return True
+        if await batcher.run("EXISTS", keys.account(mobile)):
+            return True
+    raise Unavailable("this user's block list keeps changing, try again")
+
+
+async def _load(batcher: Batcher, mobile: str, copy: accounts.RedisCopy, nonce: str) -> bool:
+    """Write the copy chunk by chunk, each after the previous one succeeded; False if the
+    reload stopped being current."""
     members = [*copy.blocked, *(keys.blocked_marker(m) for m in copy.blocked_by)]
-    await batcher.script(
-        LOAD, [keys.account(mobile), keys.blocks(mobile), keys.inbox(mobile)], [copy.name, *members]
-    )
+    chunks = [members[i : i + LOAD_CHUNK] for i in range(0, len(members), LOAD_CHUNK)] or [[]]
+    keys_ = [keys.account(mobile), keys.blocks(mobile), keys.inbox(mobile), loading_key(mobile)]
+    for i, chunk in enumerate(chunks):
+        first, last = int(i == 0), int(i == len(chunks) - 1)
+        if not await batcher.script(LOAD, keys_, [nonce, copy.name, first, last, *chunk]):
+            return False
     return True
 
 
@@ -76,10 +133,56 @@ async def unblock(pool: Any, batcher: Batcher, me: str, target: str) -> None:
 
 
 async def _mirror(batcher: Batcher, command: str, me: str, target: str) -> None:
-    await asyncio.gather(
-        batcher.run(command, keys.blocks(me), target),
-        batcher.run(command, keys.blocks(target), keys.blocked_marker(me)),
+    """Apply a committed block change to both users' Redis copies.
+
+    PostgreSQL is the truth; a Redis copy that missed the change must not outlive it.
+    A user whose half failed loses their copy instead (their account key, so the next
+    send to them reloads from PostgreSQL). Unavailable only if that failed too: the
+    client's retry runs both steps again (both are idempotent), and meanwhile the drop
+    is retried in the background."""
+    halves = {me: (command, target), target: (command, keys.blocked_marker(me))}
+    results = await asyncio.gather(
+        *(
+            batcher.script(MIRROR, [keys.blocks(user), loading_key(user)], list(args))
+            for user, args in halves.items()
+        ),
+        return_exceptions=True,
     )
+    missed = [user for user, r in zip(halves, results, strict=True) if isinstance(r, Exception)]
+    if not missed:
+        return
+    log.warning("block_mirror_failed", users=missed)
+    try:
+        await _drop(batcher, missed)
+    except Exception as exc:
+        log.warning("block_copy_drop_failed", users=missed, error=type(exc).__name__)
+        _drop_later(batcher, missed)
+        raise Unavailable(
+            "the block is stored but not yet in effect everywhere, try again"
+        ) from exc
+
+
+async def _drop(batcher: Batcher, users: list[str]) -> None:
+    await asyncio.gather(*(batcher.run("DEL", keys.account(u), loading_key(u)) for u in users))
+
+
+def _drop_later(batcher: Batcher, users: list[str]) -> None:
+    task = asyncio.get_running_loop().create_task(_keep_dropping(batcher, users))
+    _drops.add(task)
+    task.add_done_callback(_drops.discard)
+
+
+async def _keep_dropping(batcher: Batcher, users: list[str]) -> None:
+    """Retry dropping stale copies for about half a minute (while Redis comes back)."""
+    for delay in DROP_RETRY_S:
+        await asyncio.sleep(delay)
+        try:
+            await _drop(batcher, users)
+        except Exception:
+            continue
+        log.info("block_copy_dropped", users=users)
+        return
+    log.error("block_copy_stale", users=users)
 
 
 async def list_blocked(pool: Any, me: str) -> list[dict[str, str]]:
