@@ -159,6 +159,9 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
         "CHATNODE_JWT_SECRET": "bench-" + "s" * 40,
         "CHATNODE_BCRYPT_ROUNDS": str(args.bcrypt_rounds),
         "CHATNODE_LOG_FORMAT": "json",
+        # every bench user signs up from 127.0.0.1
+        "CHATNODE_SIGNUPS_PER_ADDRESS": "1000000",
+        "CHATNODE_LOOKUPS_PER_USER": "1000000",
     }
     migrate = subprocess.run(
         [sys.executable, "-m", "chatnode", "migrate"],
