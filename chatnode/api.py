@@ -270,6 +270,7 @@ async def login(request: web.Request) -> web.Response:
         raise InvalidCredentials()
     await ratelimit.release(svc.batcher, limits)
     token, claims = svc.tokens.issue(user.mobile, user.id)
+    svc.tokens.known.remember(user.id, user.mobile)
     await accounts.record_event(svc.pool, user.id, "login", cfg.node_id)
     log.info("login", user=user.mobile)
     return ok(message="logged in", token=token, expiresIn=claims.expires_at - _now())

@@ -142,13 +142,19 @@ class KnownAccounts:
                 return True  # known before the outage
             raise
         if found:
-            self._checked[key] = now
-            self._checked.move_to_end(key)
-            while len(self._checked) > self._max:
-                self._checked.popitem(last=False)
+            self.remember(uid, mobile)
         else:
             self._checked.pop(key, None)
         return found
+
+    def remember(self, uid: int, mobile: str) -> None:
+        """Note a pair just read from PostgreSQL (a login has, so its first handshake on
+        this node needs no look-up)."""
+        key = (uid, mobile)
+        self._checked[key] = time.monotonic()
+        self._checked.move_to_end(key)
+        while len(self._checked) > self._max:
+            self._checked.popitem(last=False)
 
 
 class Tokens:

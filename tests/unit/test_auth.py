@@ -117,3 +117,10 @@ async def test_the_cache_is_bounded(lookups: Lookups) -> None:
     assert lookups.calls == 3
     assert await known.exists(None, 1, "+1555000001")  # the oldest went first
     assert lookups.calls == 4
+
+
+async def test_remembered_pairs_need_no_lookup(lookups: Lookups) -> None:
+    known = auth.KnownAccounts()
+    known.remember(1, "+1555000001")
+    assert await known.exists(None, 1, "+1555000001")
+    assert lookups.calls == 0
