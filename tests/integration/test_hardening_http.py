@@ -162,6 +162,21 @@ async def test_failed_logins_behind_a_trusted_proxy_lock_out_only_that_address(
     assert status == 200 and body["token"]
 
 
+async def test_ipv6_clients_are_counted_by_their_64(
+    proxied: NodeProc, http: aiohttp.ClientSession
+) -> None:
+    """One host holds a whole /64: a fresh address from it for every guess is still the
+    same client."""
+    net = f"2001:db8:{random.randrange(1, 0xFFFF):x}:{random.randrange(1, 0xFFFF):x}"
+    statuses = [
+        (await login(http, proxied, new_mobile(), "wrong-guess", f"{net}::{i + 1:x}"))[0]
+        for i in range(7)
+    ]
+    assert statuses == [401] * 6 + [429]  # CHATNODE_LOGIN_FAILS_PER_ADDRESS=6
+    other = f"2001:db8:{random.randrange(1, 0xFFFF):x}:{random.randrange(1, 0xFFFF):x}::1"
+    assert (await login(http, proxied, new_mobile(), "wrong-guess", other))[0] == 401
+
+
 async def test_without_trusted_proxies_forwarded_for_is_ignored(
     direct: NodeProc, api_a: Api, http: aiohttp.ClientSession
 ) -> None:
