@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -143,28 +142,13 @@ def client_address(request: web.Request) -> str:
     CHATNODE_TRUSTED_PROXIES the client it forwarded for (netaddr.client_address), as
     `limit_subject` groups it."""
     svc = request.app[SERVICES]
-    return limit_subject(
+    return netaddr.limit_subject(
         netaddr.client_address(
             request.remote,
             request.headers.getall("X-Forwarded-For", []),
             svc.settings.trusted_proxies,
         )
     )
-
-
-def limit_subject(address: str) -> str:
-    """One counter per client: an IPv6 client by its /64 (a host is routinely given a
-    whole /64 and may use any address in it, so counting single addresses would let it
-    escape every per-address limit); an IPv4-mapped IPv6 address as the IPv4 one."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 async def current_user(request: web.Request) -> auth.Claims:

@@ -7,6 +7,10 @@ with that token (inbox.py), and pushes with any other token are dropped: their e
 are pending, and the next catch-up reads them. A session catches up again when its socket
 lags, when the node's channel goes away or comes back, and when Redis lost its route; it
 does not go live while the channel is away, since pushes would be lost on the way.
+
+What one socket holds unacked is capped (CHATNODE_UNACKED_MAX_ENTRIES and _BYTES): a
+client that reads but never acks stops taking entries there, the rest wait in Redis, and
+its acks make room again. A socket's memory on the node is bounded whatever its backlog.
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ class Delivery:
         """One step of catching up: a page of pending entries, then GO_LIVE until live."""
         if s.closed or not s.catching or s.reading or not s.ready:
             return
-        if self.outbox.lagging(s):
-            s.stalled = True  # resumed when the socket drains
+        if self.blocked(s):
+            s.stalled = True  # resumed when the socket drains or acks make room
             return
         s.stalled = False
         s.reading = True
@@ -123,6 +127,15 @@ class Delivery:
             s.cursor = inbox.before(reply[taken].msg_id)
         self.step(s)
 
+    def blocked(self, s: Session) -> bool:
+        """The socket takes no more entries for now: it lags, or holds its cap unacked."""
+        cfg = self.settings
+        return (
+            len(s.unacked) >= cfg.unacked_max_entries
+            or s.unacked_bytes >= cfg.unacked_max_bytes
+            or self.outbox.lagging(s)
+        )
+
     def _stall(self, s: Session, error: Exception) -> None:
         """A read failed (Redis away): the sweep restarts the catch-up from the start,
         since a GO_LIVE whose answer was lost may have made the route live."""
@@ -150,16 +163,16 @@ class Delivery:
         gone = []
         sent = taken = 0
         for entry in entries:
-            if self.outbox.lagging(s):
+            if self.blocked(s):
                 if not s.catching:
-                    self.restart(s)  # stop pushes until the client drains
+                    self.restart(s)  # stop pushes until the client drains or acks
                 break
             taken += 1
             if not entry.kind:
                 gone.append(entry.msg_id)
             elif entry.msg_id not in unacked and not (s.acking and entry.msg_id in s.acking):
                 # (else it is out on this socket already, or acked just now)
-                unacked[entry.msg_id] = (entry, now)
+                s.hold(entry, now)
                 self.outbox.answer(s, None, entry.frame)
                 sent += 1
         self.metrics.delivered += sent
@@ -193,6 +206,11 @@ class Delivery:
         if s.stalled:
             self.step(s)
 
+    def acked(self, s: Session) -> None:
+        """Acks made room: a catch-up that waited for it goes on."""
+        if s.stalled and not s.reading:
+            self.step(s)
+
     # -- the node-wide sweep (one task, never one per socket) ------------------------
 
     def redeliver(self, sessions: Iterable[Session]) -> None:
@@ -211,6 +229,5 @@ class Delivery:
             for entry in stale:
                 if self.outbox.lagging(s):
                     break  # the rest goes at a later sweep
-                del s.unacked[entry.msg_id]
-                s.unacked[entry.msg_id] = (entry, now)
+                s.hold(entry, now)
                 self.outbox.answer(s, None, entry.frame)

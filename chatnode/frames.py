@@ -18,7 +18,8 @@ CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 MSG_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
 MAX_FRAME_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16384
-MAX_IDS_PER_FRAME = 1000
+MAX_IDS_PER_FRAME = 1000  # msgIds in one ack
+MAX_READ_IDS = 100  # client ids in one read receipt (each becomes part of a stored entry)
 TYPING_STATES = ("start", "stop")
 
 
@@ -83,9 +84,10 @@ def parse_client(data: str | bytes, me: str) -> ClientFrame:
     if kind == "send":
         return _send(obj, me, ref)
     if kind == "ack":
-        return Ack(_id_list(obj, "msgIds", MSG_ID_RE, ref))
+        return Ack(_id_list(obj, "msgIds", MSG_ID_RE, ref, MAX_IDS_PER_FRAME))
     if kind == "read":
-        return Read(_recipient(obj, me, ref), _id_list(obj, "ids", CLIENT_ID_RE, ref))
+        ids = _id_list(obj, "ids", CLIENT_ID_RE, ref, MAX_READ_IDS)
+        return Read(_recipient(obj, me, ref), ids)
     if kind == "typing":
         state = obj.get("state")
         if state not in TYPING_STATES:
@@ -121,13 +123,11 @@ def _recipient(obj: dict[str, Any], me: str, ref: str | None) -> str:
 
 
 def _id_list(
-    obj: dict[str, Any], name: str, pattern: re.Pattern[str], ref: str | None
+    obj: dict[str, Any], name: str, pattern: re.Pattern[str], ref: str | None, most: int
 ) -> tuple[str, ...]:
     values = obj.get(name)
-    if not isinstance(values, list) or not 0 < len(values) <= MAX_IDS_PER_FRAME:
-        raise FrameError(
-            Code.INVALID_FRAME, f"{name} must be a list of 1 to {MAX_IDS_PER_FRAME} ids", ref
-        )
+    if not isinstance(values, list) or not 0 < len(values) <= most:
+        raise FrameError(Code.INVALID_FRAME, f"{name} must be a list of 1 to {most} ids", ref)
     for value in values:
         if not isinstance(value, str) or pattern.match(value) is None:
             raise FrameError(Code.INVALID_FRAME, f"{name} holds a malformed id", ref)

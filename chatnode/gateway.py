@@ -10,6 +10,8 @@ Frames out go through the outbox (session.py); inbox entries through delivery.py
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -19,11 +21,20 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from chatnode import auth, frames, inbox, keys, logs, presence, ratelimit
+from chatnode import auth, frames, inbox, keys, logs, netaddr, presence, ratelimit
 from chatnode.config import Settings
 from chatnode.delivery import Delivery
-from chatnode.errors import ChatError, CloseCode, Code, Unauthorized, Unavailable
+from chatnode.errors import (
+    ChatError,
+    CloseCode,
+    Code,
+    InboxFull,
+    Unauthorized,
+    Unavailable,
+    UnknownRecipient,
+)
 from chatnode.metrics import Metrics
+from chatnode.recipients import Recipients
 from chatnode.redisio import Batcher
 from chatnode.routing import Router
 from chatnode.session import Answer, Job, Outbox, Session
@@ -31,14 +42,16 @@ from chatnode.wsserver import Conn
 
 log = logs.get(__name__)
 
-MAX_INVALID_FRAMES = 20
+MAX_INVALID_FRAMES = 20  # in a burst; then the socket closes with 1008
+INVALID_REFILL_PER_S = 0.2  # one more invalid frame forgiven every 5 s
+# Frame bytes metered with frames: CHATNODE_FRAME_RATE and _BURST times this many bytes.
+BYTES_PER_FRAME = 2048
 MAX_HELD_FRAMES = 64  # frames waiting on a claim or a slow operation; then reading pauses
-RECEIPT_RETRIES = 5
-RECEIPT_RETRY_S = 1.0
 CLOSE_WAIT_S = 5.0
 
 ACK_FAILED = "could not ack, send the ack again"
 UNAVAILABLE = "Redis is unavailable, try again"
+NOT_DELIVERED = "ids named no message this sender delivered to you; they were dropped"
 
 Delivered = tuple[str, tuple[inbox.Entry, float]]  # msgId, (entry, when sent)
 
@@ -65,6 +78,8 @@ class Gateway:
         self.sessions: dict[str, Session] = {}
         self.seen_to_store: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.recipients = Recipients(pool, batcher)
+        self._paused: list[Session] = []  # reading paused while Redis is congested
         self.outbox = Outbox(self.close, self._written)
         self.delivery = Delivery(settings, batcher, router, self.outbox, metrics, self.close)
         self.accepting = True
@@ -85,13 +100,18 @@ class Gateway:
         try:
             # many users behind one address is normal; many bad tokens or one user
             # reconnecting in a loop is not
-            limits = [("connect-address", conn.address, cfg.connects_per_address)]
+            address = netaddr.limit_subject(
+                netaddr.client_address(
+                    conn.address, request.headers.get_all("X-Forwarded-For"), cfg.trusted_proxies
+                )
+            )
+            limits = [("connect-address", address, cfg.connects_per_address)]
             try:
                 claims = await auth.authenticate(self.tokens, self.batcher, self.pool, token)
                 limits.append(("connect-user", claims.mobile, cfg.connects_per_user))
             except Unauthorized:
                 claims = None
-                limits.append(("connect-fail-address", conn.address, cfg.connect_fails_per_address))
+                limits.append(("connect-fail-address", address, cfg.connect_fails_per_address))
             for kind, subject, limit in limits:
                 verdict = await ratelimit.hit(
                     self.batcher, kind, subject, limit, cfg.connect_window_s
@@ -109,7 +129,7 @@ class Gateway:
         return None, claims
 
     def on_open(self, conn: Conn, claims: auth.Claims) -> Session:
-        s = Session(conn, claims.mobile, claims.jti, self.node_id)
+        s = Session(conn, claims.mobile, claims.jti, self.node_id, claims.expires_at)
         previous = self.sessions.get(s.mobile)
         self.sessions[s.mobile] = s
         if previous is not None:
@@ -117,6 +137,11 @@ class Gateway:
         self.metrics.sockets += 1
         # hello first: nothing else is queued for this session before it
         self.outbox.push(s, frames.hello(s.mobile, self.node_id, self.settings.heartbeat_s))
+        # the send tokens a previous socket of this user left (answered before the claim,
+        # so before any frame is handled): reconnecting does not refill them
+        self.batcher.submit(
+            lambda reply: self._restore_send_tokens(s, reply), "GET", keys.send_tokens(s.mobile)
+        )
         presence.claim(
             self.batcher,
             s.mobile,
@@ -148,6 +173,8 @@ class Gateway:
         s: Session = conn.session
         if s.closed:
             return
+        if self.batcher.congested():
+            self._pause_for_redis(s)
         if not s.ready or s.slow:
             if s.held is None:
                 s.held = []
@@ -169,20 +196,24 @@ class Gateway:
             s.conn.resume_reading()
 
     def _on_frame(self, s: Session, data: str | bytes) -> None:
-        if s.frame_bucket is None:
-            s.frame_bucket = ratelimit.Bucket(self.settings.frame_rate, self.settings.frame_burst)
-            s.send_bucket = ratelimit.Bucket(self.settings.send_rate, self.settings.send_burst)
+        if s.frame_bucket is None or s.byte_bucket is None or s.invalid is None:
+            self._meter(s)
+            assert s.frame_bucket is not None and s.byte_bucket is not None
+            assert s.invalid is not None
+        # metered before parsing: invalid and oversized frames cost what valid ones do
+        metered = s.frame_bucket.take() and s.byte_bucket.take(cost=len(data))
         try:
             frame = frames.parse_client(data, s.mobile)
         except frames.FrameError as exc:
-            s.invalid += 1
+            if not metered:
+                self._rate_limited(s, exc.ref)
+                return
             self._refuse(s, exc.code, exc.message, exc.ref)
-            if s.invalid >= MAX_INVALID_FRAMES:
+            if not s.invalid.take():  # a burst of them, however many valid ones between
                 self.close(s, CloseCode.POLICY, "too many invalid frames")
             return
-        s.invalid = 0
         ref = frame.id if isinstance(frame, frames.Send) else None
-        if not s.frame_bucket.take():
+        if not metered:
             self._rate_limited(s, ref)
             return
         match frame:
@@ -190,19 +221,78 @@ class Gateway:
                 if s.send_bucket is not None and not s.send_bucket.take():
                     self._rate_limited(s, frame.id)
                     return
-                s.refused = 0
                 self._send(s, frame)
             case frames.Ack():
                 self._ack(s, frame)
             case frames.Read():
+                if s.send_bucket is not None and not s.send_bucket.take():
+                    self._rate_limited(s, None)  # a receipt costs what a send does
+                    return
                 self._read_receipt(s, frame)
             case frames.Typing():
                 self._typing(s, frame)
 
+    def _meter(self, s: Session) -> None:
+        """The socket's buckets, made on its first frame: idle sockets carry none."""
+        cfg = self.settings
+        s.frame_bucket = ratelimit.Bucket(cfg.frame_rate, cfg.frame_burst)
+        s.byte_bucket = ratelimit.Bucket(
+            cfg.frame_rate * BYTES_PER_FRAME, cfg.frame_burst * BYTES_PER_FRAME
+        )
+        if s.send_bucket is None:  # else restored from an earlier socket
+            s.send_bucket = ratelimit.Bucket(cfg.send_rate, cfg.send_burst)
+        s.invalid = ratelimit.Bucket(INVALID_REFILL_PER_S, MAX_INVALID_FRAMES - 1)
+
+    def _restore_send_tokens(self, s: Session, reply: Any) -> None:
+        if not isinstance(reply, str):
+            return  # none saved (or Redis is away): a full bucket
+        tokens, _, stamp = reply.partition("|")
+        try:
+            left, at = float(tokens), float(stamp)
+        except ValueError:
+            return
+        cfg = self.settings
+        bucket = ratelimit.Bucket(cfg.send_rate, cfg.send_burst)
+        bucket.tokens = min(
+            cfg.send_burst, max(0.0, left) + max(0.0, time.time() - at) * cfg.send_rate
+        )
+        s.send_bucket = bucket
+
+    def _save_send_tokens(self, s: Session) -> None:
+        """Leave the send bucket's level for the user's next socket, on any node, for as
+        long as it takes to refill."""
+        bucket = s.send_bucket
+        if bucket is None:
+            return
+        bucket.take(cost=0)  # refill up to now
+        missing = bucket.burst - bucket.tokens
+        if missing < 1:
+            return
+        ttl = max(1, math.ceil(missing / bucket.rate))
+        value = f"{bucket.tokens:.3f}|{time.time():.3f}"
+        self.batcher.fire("SET", keys.send_tokens(s.mobile), value, "EX", ttl)
+
+    def _pause_for_redis(self, s: Session) -> None:
+        """Redis is behind: stop reading this socket until the backlog shrinks."""
+        s.conn.pause_reading()
+        self._paused.append(s)
+        if len(self._paused) == 1:
+            self.batcher.when_relieved(self._resume_paused)
+
+    def _resume_paused(self) -> None:
+        paused, self._paused = self._paused, []
+        for s in paused:
+            if not s.closed and s.held is None:
+                s.conn.resume_reading()
+
     def _rate_limited(self, s: Session, ref: str | None) -> None:
         """Refuse one frame; a client that keeps flooding past the limit is closed (1008)."""
-        s.refused += 1
         self._refuse(s, Code.RATE_LIMITED, "too many frames, slow down", ref)
+        self._count_refusal(s)
+
+    def _count_refusal(self, s: Session) -> None:
+        """Rate-limit refusals and misses (unknown recipients) in a row close the socket."""
+        s.refused += 1
         if s.refused >= self.settings.refusals_before_close:
             self.close(s, CloseCode.POLICY, "flooding")
 
@@ -221,18 +311,22 @@ class Gateway:
             self._spawn(self._run_slow(s))
 
     async def _run_slow(self, s: Session) -> None:
-        while s.slow:
+        while s.slow and not s.closed:
             answer, ref, job = s.slow[0]
+            missed = False
             try:
                 frame = await job()
             except ChatError as exc:
                 self.metrics.refuse(exc.code)
                 frame = frames.error(exc.code, exc.message, ref)
+                missed = exc.code == Code.UNKNOWN_RECIPIENT
             except Exception:
                 log.exception("slow_operation_failed", user=s.mobile)
                 frame = frames.error(Code.UNAVAILABLE, "try again later", ref)
             self.outbox.answer(s, answer, frame)
             s.slow.pop(0)
+            if missed:
+                self._count_refusal(s)  # each miss may have cost a database look-up
         s.slow = None
         self._release_held(s)
 
@@ -252,32 +346,62 @@ class Gateway:
             if result is None:  # Redis lacks the recipient: reload from PostgreSQL
                 self._slow(s, answer, frame.id, lambda: self._send_slow(s, frame, ts, started))
                 return
-            self.outbox.answer(s, answer, self._accepted(frame, result, started))
+            self.outbox.answer(s, answer, self._accepted(s, frame, result, started))
 
         inbox.submit_message(self.batcher, s.mobile, frame, ts, self.settings.inbox_limit, done)
 
     async def _send_slow(self, s: Session, frame: frames.Send, ts: int, started: float) -> bytes:
         result = await inbox.enqueue_message(
-            self.batcher, self.pool, s.mobile, frame, ts, self.settings.inbox_limit
+            self.batcher, self.recipients.load, s.mobile, frame, ts, self.settings.inbox_limit
         )
-        return self._accepted(frame, result, started)
+        return self._accepted(s, frame, result, started)
 
-    def _accepted(self, frame: frames.Send, result: inbox.Stored, started: float) -> bytes:
+    def _accepted(
+        self, s: Session, frame: frames.Send, result: inbox.Stored, started: float
+    ) -> bytes:
+        s.refused = 0  # a stored message ends a run of refusals
         self.metrics.accepted += 1
         self.metrics.send_latency.observe(time.perf_counter() - started)
         return frames.accepted(frame.id, result.msg_id, result.ts)
 
     def _ack(self, s: Session, frame: frames.Ack) -> None:
-        unacked = s.unacked
-        done = [(m, unacked.pop(m)) for m in frame.msg_ids if m in unacked]
+        """Delivered receipts first, then XDEL and XACK: an entry leaves the inbox only
+        once its receipt is stored, so a receipt that cannot be stored leaves the entry
+        to be delivered, and acked, again."""
+        done = [(m, held) for m in frame.msg_ids if (held := s.release(m)) is not None]
         answer = self.outbox.later(s)
+        self.delivery.acked(s)  # room for more entries on this socket
         if len(done) < len(frame.msg_ids):  # delivered before this socket (a reconnect)
             taken = {m for m, _ in done}
             unknown = [m for m in frame.msg_ids if m not in taken]
-            self._slow(s, answer, None, lambda: self._ack_earlier(s, done, unknown))
+            ids = self._acking(s, done)
+            self._slow(s, answer, None, lambda: self._ack_earlier(s, done, ids, unknown))
             return
-        self._receipts_for(s, done)
         ids = self._acking(s, done)
+        receipts = self._receipts_for(s, done)
+        if not receipts:
+            self._remove(s, done, ids, answer)
+            return
+        waiting = len(receipts)
+        failed: list[inbox.Receipt] = []
+
+        def stored(receipt: inbox.Receipt, reply: Any) -> None:
+            nonlocal waiting
+            waiting -= 1
+            if isinstance(reply, Exception) or reply[0] == "unknown":
+                failed.append(receipt)  # retried, or its owner loaded, on the slow path
+            if waiting:
+                return
+            if not failed:
+                self._remove(s, done, ids, answer)
+            else:
+                self._slow(s, answer, None, lambda: self._ack_slow(s, done, ids, failed))
+
+        for receipt in receipts:
+            inbox.submit_receipt(self.batcher, receipt, 0, functools.partial(stored, receipt))
+
+    def _remove(self, s: Session, done: list[Delivered], ids: list[str], answer: Answer) -> None:
+        """XDEL and XACK entries whose receipts are stored."""
 
         def acked(reply: Any) -> None:
             self._acked(s, ids)
@@ -293,35 +417,54 @@ class Gateway:
     def _acking(self, s: Session, done: list[Delivered]) -> list[str]:
         """Note ids whose XACK is on its way: a pending read already in flight still
         returns them, and they must not go out again."""
-        ids = [m for m, _ in done]
         if s.acking is None:
-            s.acking = set(ids)
-        else:
-            s.acking.update(ids)
-        return ids
+            s.acking = {}
+        for msg_id, (entry, _sent) in done:
+            s.acking[msg_id] = entry
+        return [m for m, _ in done]
 
     def _acked(self, s: Session, ids: list[str]) -> None:
-        if s.acking is not None:
-            s.acking.difference_update(ids)
-            if not s.acking:
+        acking = s.acking
+        if acking is not None:
+            for msg_id in ids:
+                acking.pop(msg_id, None)
+            if not acking:
                 s.acking = None
 
-    async def _ack_earlier(self, s: Session, done: list[Delivered], unknown: list[str]) -> None:
+    async def _ack_earlier(
+        self, s: Session, done: list[Delivered], ids: list[str], unknown: list[str]
+    ) -> None:
         """Ack entries this socket did not deliver too: look them up in the inbox first."""
         try:
             entries = await inbox.fetch(self.batcher, s.mobile, unknown)
         except ChatError:
+            self._acked(s, ids)
             self._unacked_again(s, done)
             raise Unavailable(ACK_FAILED) from None
-        done = done + [(e.msg_id, (e, 0.0)) for e in entries if e.kind]
-        if not done:
-            return
-        self._receipts_for(s, done)
-        ids = self._acking(s, done)
+        earlier = [(e.msg_id, (e, 0.0)) for e in entries if e.kind]
+        await self._ack_slow(s, done + earlier, ids + self._acking(s, earlier))
+
+    async def _ack_slow(
+        self,
+        s: Session,
+        done: list[Delivered],
+        ids: list[str],
+        receipts: list[inbox.Receipt] | None = None,
+    ) -> None:
+        """Store the receipts (loading their owners from PostgreSQL if need be), then
+        XDEL and XACK; if a receipt cannot be stored the entries stay unacked."""
+        if receipts is None:
+            receipts = self._receipts_for(s, done)
         try:
-            await inbox.ack(self.batcher, s.mobile, ids)
+            for receipt in receipts:
+                try:
+                    await inbox.enqueue_receipt(self.batcher, self.recipients.load, receipt, 0)
+                except UnknownRecipient:
+                    pass  # the sender's account is gone: nobody to tell
+            if ids:
+                await inbox.ack(self.batcher, s.mobile, ids)
         except ChatError:
-            self._unacked_again(s, done)
+            self._unacked_again(s, [d for d in done if d[1][1]])  # those out on this socket
             raise Unavailable(ACK_FAILED) from None
         finally:
             self._acked(s, ids)
@@ -331,61 +474,83 @@ class Gateway:
         """An ack that failed: the entries are pending in Redis still, so keep
         redelivering them (stamped now, which keeps `unacked` in sending order)."""
         now = time.monotonic()
-        for msg_id, (entry, _sent) in done:
-            s.unacked[msg_id] = (entry, now)
+        for _msg_id, (entry, _sent) in done:
+            s.hold(entry, now)
 
-    def _receipts_for(self, s: Session, done: list[Delivered]) -> None:
-        """One delivered receipt per sender; queued before the ack (at least once)."""
+    def _receipts_for(self, s: Session, done: list[Delivered]) -> list[inbox.Receipt]:
+        """One delivered receipt per sender of the acked messages."""
         by_sender: dict[str, list[str]] = {}
         for _, (entry, _sent) in done:
             if entry.kind == "m":
                 by_sender.setdefault(entry.sender, []).append(entry.client_id)
         ts = presence.now_ms()
-        for sender, ids in by_sender.items():
-            self._receipt(sender, s.mobile, "delivered", ids, ts)
-
-    def _receipt(self, owner: str, by: str, status: str, ids: list[str], ts: int) -> None:
-        """Queue a receipt for `owner`; no task unless it fails or Redis lacks `owner`."""
-
-        def done(reply: Any) -> None:
-            if isinstance(reply, Exception) or reply[0] == "unknown":
-                self._spawn(self._receipt_slow(owner, by, status, ids, ts))
-
-        inbox.submit_receipt(self.batcher, owner, by, status, ids, ts, done)
-
-    async def _receipt_slow(
-        self, owner: str, by: str, status: str, ids: list[str], ts: int
-    ) -> None:
-        """Retry a receipt that failed (or whose owner Redis lacked), a few times."""
-        for attempt in range(RECEIPT_RETRIES):
-            try:
-                await inbox.enqueue_receipt(self.batcher, self.pool, owner, by, status, ids, ts)
-                return
-            except ChatError as exc:
-                if exc.code == Code.UNKNOWN_RECIPIENT:
-                    return  # the account is gone: nobody to tell
-                log.warning("receipt_failed", user=owner, error=exc.code, attempt=attempt)
-                await asyncio.sleep(RECEIPT_RETRY_S * (attempt + 1))
+        return [
+            inbox.Receipt(sender, s.mobile, "delivered", ids, ts)
+            for sender, ids in by_sender.items()
+        ]
 
     def _read_receipt(self, s: Session, frame: frames.Read) -> None:
-        ts = presence.now_ms()
-        ids = list(frame.ids)
+        """A read receipt names only messages its sender delivered to this user, each
+        once (inbox.READ); it then goes to the sender's inbox like any receipt."""
         answer = self.outbox.later(s)
 
-        async def reload() -> None:  # Redis lacks frame.to: PostgreSQL, or unknown_recipient
-            await inbox.enqueue_receipt(
-                self.batcher, self.pool, frame.to, s.mobile, "read", ids, ts
-            )
+        def checked(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                self._refuse(s, Code.UNAVAILABLE, UNAVAILABLE, None, answer)
+                return
+            bad, fresh = reply
+            if bad:
+                assert s.invalid is not None
+                if not s.invalid.take():
+                    self.close(s, CloseCode.POLICY, "too many invalid frames")
+                    return
+            if fresh:
+                receipt = inbox.Receipt(frame.to, s.mobile, "read", fresh, presence.now_ms())
+                self._store_read(s, receipt, bool(bad), answer)
+            elif bad:  # nothing to receipt: say why (no such user, or never delivered)
+                self._slow(s, answer, None, lambda: self._not_delivered(frame.to))
+            else:
+                self.outbox.answer(s, answer, None)  # all receipted already
+
+        held = s.holds(frame.to)
+        inbox.submit_read(self.batcher, s.mobile, frame.to, list(frame.ids), held, checked)
+
+    def _store_read(self, s: Session, receipt: inbox.Receipt, bad: bool, answer: Answer) -> None:
+        limit = self.settings.inbox_limit
+        after = frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None) if bad else None
+
+        def unread() -> None:
+            inbox.unread(self.batcher, s.mobile, receipt.owner, receipt.ids)
+
+        async def reload() -> bytes | None:  # Redis lacks the owner: PostgreSQL
+            try:
+                await inbox.enqueue_receipt(self.batcher, self.recipients.load, receipt, limit)
+            except ChatError:
+                unread()
+                raise
+            return after
 
         def done(reply: Any) -> None:
             if isinstance(reply, Exception):
+                unread()
                 self._refuse(s, Code.UNAVAILABLE, UNAVAILABLE, None, answer)
             elif reply[0] == "unknown":
                 self._slow(s, answer, None, reload)
-            else:
-                self.outbox.answer(s, answer, None)
+            elif reply[0] == "full":
+                unread()
+                self._refuse(s, Code.INBOX_FULL, InboxFull.default_message, None, answer)
+            else:  # stored, or dropped by a block as v1 says
+                self.outbox.answer(s, answer, after)
 
-        inbox.submit_receipt(self.batcher, frame.to, s.mobile, "read", ids, ts, done)
+        inbox.submit_receipt(self.batcher, receipt, limit, done)
+
+    async def _not_delivered(self, to: str) -> bytes:
+        """The answer to a read frame none of whose ids may be receipted."""
+        if not await self.batcher.run("EXISTS", keys.account(to)):
+            if not await self.recipients.load(to):
+                raise UnknownRecipient()
+        self.metrics.refuse(Code.INVALID_FRAME)
+        return frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None)
 
     def _typing(self, s: Session, frame: frames.Typing) -> None:
         answer = self.outbox.later(s)
@@ -413,10 +578,17 @@ class Gateway:
         self.delivery.redeliver(list(self.sessions.values()))
 
     async def refresh_routes(self) -> None:
-        """Push back every route's TTL in one pipeline; a lost route means replaced."""
+        """Push back every route's TTL in one pipeline; a lost route means replaced.
+        Sockets whose token expired or was revoked close with 4003 on the same pass (a
+        logout's message to this node may have been lost)."""
+        now = time.time()
+        for s in list(self.sessions.values()):
+            if s.expires_at and s.expires_at <= now:
+                self.close(s, CloseCode.LOGGED_OUT, "token expired")
         sessions = [s for s in self.sessions.values() if not s.closed and s.ready]
         ms = presence.now_ms()
         ttl = self.settings.route_ttl_s
+        revoked = self._revocations(sessions)
         results = await asyncio.gather(
             *(presence.refresh(self.batcher, s.mobile, s.route, ttl, ms) for s in sessions),
             return_exceptions=True,
@@ -426,6 +598,24 @@ class Gateway:
                 self.close(s, CloseCode.REPLACED, "replaced by a newer connection")
             elif result == 2:  # Redis lost the route: made again, not live
                 self.delivery.restart(s)
+        for s in await revoked:
+            self.close(s, CloseCode.LOGGED_OUT, "logged out")
+
+    async def _revocations(self, sessions: list[Session]) -> list[Session]:
+        """The sessions whose token was revoked, asked in the sweep's pipeline; none when
+        Redis is away or lost its revocations (they are copied back for the next pass)."""
+        loaded = self.batcher.call("EXISTS", keys.REVOCATIONS_LOADED)
+        checks = [self.batcher.call("EXISTS", keys.revoked(s.jti)) for s in sessions]
+        try:
+            if not await loaded:
+                self.tokens.reload_revocations(self.batcher, self.pool)
+                await asyncio.gather(*checks, return_exceptions=True)
+                return []
+            found = await asyncio.gather(*checks, return_exceptions=True)
+        except ChatError:
+            await asyncio.gather(*checks, return_exceptions=True)
+            return []
+        return [s for s, hit in zip(sessions, found, strict=True) if hit == 1]
 
     # -- what the node's channel brings (routing.Listener) -------------------------
 
@@ -488,6 +678,7 @@ class Gateway:
         self.metrics.sockets -= 1
         ms = presence.now_ms()
         self.seen_to_store[s.mobile] = ms
+        self._save_send_tokens(s)
         code, reason = s.conn.close_reason
         log.info("socket_closed", user=s.mobile, session=s.sid, code=code, reason=reason)
 

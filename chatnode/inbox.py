@@ -13,14 +13,14 @@ token: one round trip per message, no wake-up and no second read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from redis.exceptions import ResponseError
 
-from chatnode import blocks, frames, keys, logs
+from chatnode import frames, keys, logs
 from chatnode.errors import Blocked, ChatError, InboxFull, Unavailable, UnknownRecipient
 from chatnode.redisio import Batcher, Callback, Script, ignore, resolver
 
@@ -28,8 +28,11 @@ log = logs.get(__name__)
 
 READ_COUNT = 200
 
-# KEYS: account, blocks, inbox, dedupe, route of the recipient.
+# KEYS: account, blocks, inbox, dedupe, route, last blocked id of the recipient.
 # ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient.
+# The dedupe value is `msgId|ts`, then flags: `|b` a blocked send (never stored), `|r` a
+# read receipt was sent for it (READ). A blocked send gets an id made the way XADD makes
+# them (Redis time in ms, then a sequence within that ms), so it looks like a real one.
 SEND = Script(
     keys.LUA_ROUTES
     + """
@@ -37,15 +40,23 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 local seen = redis.call('MGET', KEYS[4], KEYS[5])
 local prior = seen[1]
 if prior then
-  local sep = string.find(prior, '|', 1, true)
-  return {'ok', string.sub(prior, 1, sep - 1), string.sub(prior, sep + 1)}
+  local id, ts = string.match(prior, '^([^|]+)|([^|]+)')
+  return {'ok', id, ts}
 end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[2] == 1 then return {'blocked'} end
 if hit[1] == 1 then
   local now = redis.call('TIME')
-  local id = ARGV[4] .. '-' .. now[2]
-  redis.call('SET', KEYS[4], id .. '|' .. ARGV[4], 'EX', ARGV[6])
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local seq = 0
+  local last = redis.call('GET', KEYS[6])
+  if last then
+    local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
+    if lms and tonumber(lms) >= ms then ms, seq = tonumber(lms), tonumber(lseq) + 1 end
+  end
+  local id = string.format('%d-%d', ms, seq)
+  redis.call('SET', KEYS[6], id, 'PX', 1000)
+  redis.call('SET', KEYS[4], id .. '|' .. ARGV[4] .. '|b', 'EX', ARGV[6])
   return {'ok', id, ARGV[4]}
 end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[5]) then return {'full'} end
@@ -57,14 +68,62 @@ return {'ok', id, ARGV[4]}
 """
 )
 
+# KEYS: the reader's inbox, then the dedupe key of each client id the read frame names
+# (sender = the frame's `to`, recipient = the reader). ARGV: per id, 1 if it is out on
+# the reader's socket now (delivered, not yet acked), else 0. An id may get a read receipt
+# if its message was stored for the reader and is out on the socket, or was acked (its
+# entry is gone from the stream), and it had no read receipt yet; those are marked read.
+# Ids of sends a block dropped are passed over in silence, like receipts across a block.
+# Returns {count never delivered, indexes of the ids to receipt (1-based)}: a read names
+# only what its sender really got, once each.
+READ = Script(
+    """
+local fresh, bad = {}, 0
+for i = 2, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  local id, rest = nil, nil
+  if v then id, rest = string.match(v, '^([^|]+)|(.*)$') end
+  if not id then
+    bad = bad + 1
+  elseif not string.find(rest, '|[br]') then
+    if ARGV[i - 1] == '1' or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
+      redis.call('SET', KEYS[i], v .. '|r', 'KEEPTTL')
+      fresh[#fresh + 1] = i - 1
+    else
+      bad = bad + 1  -- stored, not delivered yet
+    end
+  end
+end
+return {bad, fresh}
+"""
+)
+
+# KEYS: the dedupe keys of ids marked read by READ whose receipt could not be stored:
+# unmark them, so the client's next read frame for them counts.
+UNREAD = Script(
+    """
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v and string.sub(v, -2) == '|r' then
+    redis.call('SET', KEYS[i], string.sub(v, 1, -3), 'KEEPTTL')
+  end
+end
+return 1
+"""
+)
+
 # KEYS: account, blocks, inbox, route of the receipt's owner (the original sender).
-# ARGV: by, status, comma-joined client ids, ts, owner.
+# ARGV: by, status, comma-joined client ids, ts, owner, inbox limit (0: none).
+# Read receipts count against the inbox limit; delivered receipts, at most one per message
+# the owner sent, do not (an ack must not wait on the sender's inbox).
 RECEIPT = Script(
     keys.LUA_ROUTES
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[1] == 1 or hit[2] == 1 then return {'dropped'} end
+local limit = tonumber(ARGV[6])
+if limit > 0 and redis.call('XLEN', KEYS[3]) >= limit then return {'full'} end
 redis.call('XADD', KEYS[3], '*', 'k', 'r', 's', ARGV[2], 'f', ARGV[1], 'i', ARGV[3],
            't', ARGV[4])
 push(KEYS[3], redis.call('GET', KEYS[4]), ARGV[5])
@@ -138,6 +197,7 @@ def _message_call(
         keys.inbox(to),
         keys.dedupe(to, sender, send.id),
         keys.route(to),
+        keys.last_blocked_id(to),
     ]
     return keys_, [sender, send.id, send.body, ts, limit, keys.DEDUPE_TTL_S, to]
 
@@ -166,13 +226,16 @@ def stored(reply: Any) -> Stored | None:
     raise Unavailable(f"unexpected reply {status!r}")
 
 
+Loader = Callable[[str], Awaitable[bool]]  # copy a user into Redis; False if no such user
+
+
 async def _with_reload(
-    batcher: Batcher, pool: Any, owner: str, script: Script, keys_: list[str], args: list[Any]
+    batcher: Batcher, load: Loader, owner: str, script: Script, keys_: list[str], args: list[Any]
 ) -> list[Any]:
     """Run an inbox script; if Redis lacks the owner, reload them from PostgreSQL once."""
     reply: list[Any] = await batcher.script(script, keys_, args)
     if reply[0] == "unknown":
-        if not await blocks.load_into_redis(pool, batcher, owner):
+        if not await load(owner):
             raise UnknownRecipient()
         reply = await batcher.script(script, keys_, args)
         if reply[0] == "unknown":
@@ -181,43 +244,80 @@ async def _with_reload(
 
 
 async def enqueue_message(
-    batcher: Batcher, pool: Any, sender: str, send: frames.Send, ts: int, limit: int
+    batcher: Batcher, load: Loader, sender: str, send: frames.Send, ts: int, limit: int
 ) -> Stored:
     """Store a message, reloading the recipient from PostgreSQL if Redis lacks them."""
     reply = await _with_reload(
-        batcher, pool, send.to, SEND, *_message_call(sender, send, ts, limit)
+        batcher, load, send.to, SEND, *_message_call(sender, send, ts, limit)
     )
     result = stored(reply)
     assert result is not None
     return result
 
 
-def _receipt_call(
-    owner: str, by: str, status: str, ids: list[str], ts: int
-) -> tuple[list[str], list[Any]]:
-    keys_ = [keys.account(owner), keys.blocks(owner), keys.inbox(owner), keys.route(owner)]
-    return keys_, [by, status, ",".join(ids), ts, owner]
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A receipt for `owner` (who sent the messages): `by` got or read `ids`."""
+
+    owner: str
+    by: str
+    status: str  # "delivered" or "read"
+    ids: list[str]
+    ts: int
+
+    def call(self) -> tuple[list[str], list[Any]]:
+        owner = self.owner
+        keys_ = [keys.account(owner), keys.blocks(owner), keys.inbox(owner), keys.route(owner)]
+        return keys_, [self.by, self.status, ",".join(self.ids), self.ts, owner]
 
 
-def submit_receipt(
+def submit_receipt(batcher: Batcher, receipt: Receipt, limit: int, callback: Callback) -> None:
+    """Queue the receipt script; its reply is ['ok'], ['dropped'], ['full'] (only with
+    a `limit`) or ['unknown']."""
+    keys_, args = receipt.call()
+    batcher.submit_script(callback, RECEIPT, keys_, [*args, limit])
+
+
+async def enqueue_receipt(batcher: Batcher, load: Loader, receipt: Receipt, limit: int) -> None:
+    """Put a receipt in its owner's inbox, reloading the owner from PostgreSQL if Redis
+    lacks them (a block may drop it). UnknownRecipient if there is no such user,
+    InboxFull if a `limit` is given and reached."""
+    keys_, args = receipt.call()
+    reply = await _with_reload(batcher, load, receipt.owner, RECEIPT, keys_, [*args, limit])
+    if reply[0] == "full":
+        raise InboxFull()
+
+
+def _read_keys(reader: str, sender: str, ids: list[str]) -> list[str]:
+    return [keys.inbox(reader), *(keys.dedupe(reader, sender, i) for i in ids)]
+
+
+def submit_read(
     batcher: Batcher,
-    owner: str,
-    by: str,
-    status: str,
+    reader: str,
+    sender: str,
     ids: list[str],
-    ts: int,
+    held: set[str],
     callback: Callback,
 ) -> None:
-    """Queue the receipt script; its reply is ['ok'], ['dropped'] or ['unknown']."""
-    batcher.submit_script(callback, RECEIPT, *_receipt_call(owner, by, status, ids, ts))
+    """Which of `ids` (client ids `sender` gave messages to `reader`; `held` those out on
+    the reader's socket) may be receipted as read; they are marked read. The callback
+    gets (never delivered count, those ids)."""
+
+    def done(reply: Any) -> None:
+        if isinstance(reply, Exception):
+            callback(reply)
+            return
+        bad, fresh = reply
+        callback((int(bad), [ids[int(i) - 1] for i in fresh or ()]))
+
+    flags = ["1" if i in held else "0" for i in ids]
+    batcher.submit_script(done, READ, _read_keys(reader, sender, ids), flags)
 
 
-async def enqueue_receipt(
-    batcher: Batcher, pool: Any, owner: str, by: str, status: str, ids: list[str], ts: int
-) -> None:
-    """Put a receipt in `owner`'s inbox, reloading `owner` from PostgreSQL if Redis lacks
-    them (a block may drop it). UnknownRecipient if there is no such user."""
-    await _with_reload(batcher, pool, owner, RECEIPT, *_receipt_call(owner, by, status, ids, ts))
+def unread(batcher: Batcher, reader: str, sender: str, ids: list[str]) -> None:
+    """Unmark ids whose read receipt could not be stored: a later read frame counts."""
+    batcher.submit_script(ignore, UNREAD, _read_keys(reader, sender, ids)[1:], [])
 
 
 # -- delivery: the owner's node reads pending entries, then goes live (pushes)

@@ -39,6 +39,18 @@ def dedupe(recipient: str, sender: str, client_id: str) -> str:
     return f"{_tag(recipient)}:sent:{sender}:{client_id}"
 
 
+def send_tokens(mobile: str) -> str:
+    """The send tokens a user's closed socket had left, while they refill: reconnecting
+    does not refill them."""
+    return _tag(mobile) + ":sendrl"
+
+
+def last_blocked_id(mobile: str) -> str:
+    """The id last given to a send this user blocked (kept a second): the next such send
+    in the same millisecond takes the next sequence number, as XADD would."""
+    return _tag(mobile) + ":bid"
+
+
 def blocked_marker(mobile: str) -> str:
     """The member of N's blocks set saying that `mobile` blocked N."""
     return "<" + mobile

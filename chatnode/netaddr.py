@@ -57,3 +57,18 @@ def client_address(peer: str | None, forwarded_for: list[str], trusted: str) -> 
         if not _trusted(hop, networks):
             return hop
     return address  # every hop is trusted (or none given): the proxy's own address
+
+
+def limit_subject(address: str) -> str:
+    """One counter per client: an IPv6 client by its /64 (a host is routinely given a
+    whole /64 and may use any address in it, so counting single addresses would let it
+    escape every per-address limit); an IPv4-mapped IPv6 address as the IPv4 one."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

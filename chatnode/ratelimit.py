@@ -35,12 +35,13 @@ class Bucket:
         self.tokens = burst
         self.stamp = time.monotonic()
 
-    def take(self, now: float | None = None) -> bool:
+    def take(self, now: float | None = None, cost: float = 1) -> bool:
+        """Take `cost` tokens if there are that many."""
         now = time.monotonic() if now is None else now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False
 

@@ -40,6 +40,11 @@ WATCHDOG_S = 0.5
 # both ends), at the price of at most one Redis round trip of latency.
 MAX_IN_FLIGHT = 2
 EXPECTED_REPLY_ERRORS = ("NOSCRIPT", "BUSYGROUP", "NOGROUP")
+# Commands queued or awaiting replies past which the node stops reading its sockets
+# (Redis is slow: their frames wait in the kernel, not in this process), and below which
+# it reads again.
+BACKLOG_HIGH = 20_000
+BACKLOG_LOW = 5_000
 
 Reply = Any  # a value, or an exception instance: Unavailable, or an expected ResponseError
 Callback = Callable[[Reply], None]
@@ -147,6 +152,11 @@ class Wire(asyncio.Protocol):
         """Pipelines written whose replies have not all come back."""
         return len(self._marks)
 
+    @property
+    def owed(self) -> int:
+        """Commands written whose replies have not come back."""
+        return len(self._callbacks)
+
     def send(self, batch: Sequence[tuple[tuple[Any, ...], Callback]]) -> None:
         """Write the commands as one pipeline; each callback gets its reply in turn."""
         assert self.transport is not None
@@ -247,6 +257,30 @@ class Batcher:
         self._scheduled = False
         self._backoff = 0.0  # seconds to wait after a failed connect; doubles to 2 s
         self._retry_at = 0.0
+        self.high = BACKLOG_HIGH
+        self.low = BACKLOG_LOW
+        self._relief: list[Callable[[], None]] = []  # waiting for the backlog to shrink
+
+    @property
+    def backlog(self) -> int:
+        """Commands queued or written and not answered yet."""
+        wire = self._wire
+        return len(self._queue) + (wire.owed if wire is not None else 0)
+
+    def congested(self) -> bool:
+        """Past the high mark: callers stop taking new work (sockets pause reading)."""
+        return self.backlog > self.high
+
+    def when_relieved(self, callback: Callable[[], None]) -> None:
+        """Call back once the backlog is below the low mark."""
+        self._relief.append(callback)
+
+    def _relieve(self) -> None:
+        if self._relief and self.backlog < self.low:
+            waiting, self._relief = self._relief, []
+            for callback in waiting:
+                with contextlib.suppress(Exception):
+                    callback()
 
     def submit(self, callback: Callback, *args: Any) -> None:
         """Queue one command; `callback` gets its reply (or an exception instance)."""
@@ -348,12 +382,14 @@ class Batcher:
         if self._queue and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+        self._relieve()
 
     def _fail_queued(self) -> None:
         queued, self._queue = self._queue, []
         for _, callback in queued:
             with contextlib.suppress(Exception):
                 callback(Unavailable("Redis is unavailable"))
+        self._relieve()
 
     async def close(self) -> None:
         if self._connecting is not None:

@@ -42,11 +42,13 @@ class Session:
     __slots__ = (
         "acking",
         "answers",
+        "byte_bucket",
         "catching",
         "closed",
         "conn",
         "cursor",
         "early",
+        "expires_at",
         "frame_bucket",
         "gen",
         "held",
@@ -67,18 +69,23 @@ class Session:
         "stalled",
         "token",
         "unacked",
+        "unacked_bytes",
         "writing",
     )
 
-    def __init__(self, conn: Conn, mobile: str, jti: str, node_id: str) -> None:
+    def __init__(
+        self, conn: Conn, mobile: str, jti: str, node_id: str, expires_at: int = 0
+    ) -> None:
         self.conn = conn
         self.mobile = mobile
         self.jti = jti
+        self.expires_at = expires_at  # the token's exp: the socket closes with 4003 after it
         self.sid = secrets.token_hex(6)
         self.route = keys.route_value(node_id, self.sid)
         # made on the first frame or when needed: an idle socket carries none of them
         self.send_bucket: ratelimit.Bucket | None = None
         self.frame_bucket: ratelimit.Bucket | None = None
+        self.byte_bucket: ratelimit.Bucket | None = None
         self.held: list[str | bytes] | None = None  # frames waiting for `ready` or `slow`
         self.slow: list[tuple[Answer, str | None, Job]] | None = None  # need PostgreSQL
         self.answers: list[Answer] | None = None  # answers waiting for an earlier one
@@ -86,10 +93,14 @@ class Session:
         self.outbox: list[bytes] = []
         self.outbytes = 0  # bytes in outbox
         self.queued = 0  # bytes of frames in `answers`, waiting for an earlier answer
-        self.unacked: dict[str, tuple[inbox.Entry, float]] = {}  # in the order sent
-        self.acking: set[str] | None = None  # acked by the client, XACK not yet answered
-        self.refused = 0  # rate-limit refusals in a row
-        self.invalid = 0  # invalid frames in a row
+        # what is out on this socket and not acked, in the order sent; bounded by the
+        # unacked caps (delivery.py): past them, entries wait in Redis
+        self.unacked: dict[str, tuple[inbox.Entry, float]] = {}
+        self.unacked_bytes = 0  # frame bytes held in `unacked`
+        # acked by the client, XACK not yet answered: msgId -> entry
+        self.acking: dict[str, inbox.Entry] | None = None
+        self.refused = 0  # refusals (rate limits, unknown recipients) since the last accepted send
+        self.invalid: ratelimit.Bucket | None = None  # invalid frames allowed, refilled slowly
         self.ready = False  # the route is claimed: frames are handled
         self.closed = False
         self.writing = False  # queued for the end-of-turn flush
@@ -101,6 +112,28 @@ class Session:
         self.gen = 0  # bumped when the catch-up restarts: older replies are stale
         self.token: str | None = None  # the live token pushes carry
         self.offered: str | None = None  # the token GO_LIVE is taking
+
+    def hold(self, entry: inbox.Entry, sent: float) -> None:
+        """Note an entry as out on this socket (or sent again, which moves it last)."""
+        old = self.unacked.pop(entry.msg_id, None)
+        if old is not None:
+            self.unacked_bytes -= len(old[0].frame)
+        self.unacked[entry.msg_id] = (entry, sent)
+        self.unacked_bytes += len(entry.frame)
+
+    def holds(self, sender: str) -> set[str]:
+        """Client ids of `sender`'s messages out on this socket (unacked, or acked with
+        the XACK on its way): what a read receipt may name besides acked messages."""
+        out = [e for e, _ in self.unacked.values()]
+        out += self.acking.values() if self.acking else ()
+        return {e.client_id for e in out if e.kind == "m" and e.sender == sender}
+
+    def release(self, msg_id: str) -> tuple[inbox.Entry, float] | None:
+        """Forget an entry that was acked; None if it was not out on this socket."""
+        held = self.unacked.pop(msg_id, None)
+        if held is not None:
+            self.unacked_bytes -= len(held[0].frame)
+        return held
 
 
 class Outbox:

@@ -119,9 +119,13 @@ async def test_bad_tokens_from_one_address_are_limited(strict: tuple[NodeProc, N
 async def test_frame_sender_comes_from_the_token(
     api_a: Api, cluster: tuple[NodeProc, NodeProc]
 ) -> None:
-    """A `from` field in a frame is ignored: the sender is the token's user."""
+    """A `from` or `by` field in a frame is ignored: the sender is the token's user."""
     alice, bob, mallory = await new_user(api_a), await new_user(api_a), await new_user(api_a)
+    async with connected(cluster[1].ws, bob.token) as b:
+        await b.send_message(mallory.mobile, "hello mallory", cid="b1")
     async with connected(cluster[0].ws, mallory.token) as m:
+        got = await m.recv_type("message")
+        await m.send({"type": "ack", "msgIds": [got["msgId"]]})
         await m.send(
             {
                 "type": "send",
@@ -133,10 +137,11 @@ async def test_frame_sender_comes_from_the_token(
             }
         )
         assert (await m.recv_type("accepted"))["id"] == "spoof"
-        await m.send({"type": "read", "to": bob.mobile, "ids": ["x1"], "by": alice.mobile})
+        await m.send({"type": "read", "to": bob.mobile, "ids": ["b1"], "by": alice.mobile})
+        assert await m.quiet(0.5, "error") == []
     async with connected(cluster[1].ws, bob.token) as b:
-        got = [await b.recv() for _ in range(2)]
-    assert {g["type"] for g in got} == {"message", "receipt"}
+        got = [await b.recv_where(lambda f: f["type"] in ("message", "receipt")) for _ in range(3)]
+    assert sorted(g.get("status", g["type"]) for g in got) == ["delivered", "message", "read"]
     assert all(g.get("from", g.get("by")) == mallory.mobile for g in got)
 
 

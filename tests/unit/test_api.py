@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatnode import api
+from chatnode import api, netaddr
 from chatnode.errors import InvalidRequest
 
 
@@ -21,7 +21,7 @@ from chatnode.errors import InvalidRequest
     ],
 )
 def test_limit_subject(address: str, subject: str) -> None:
-    assert api.limit_subject(address) == subject
+    assert netaddr.limit_subject(address) == subject
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,15 @@ def test_read_parses_into_read() -> None:
     assert frame.type == "read"
 
 
+def test_read_takes_at_most_100_ids() -> None:
+    """Each id of a read becomes part of an entry in someone's inbox: a small cap."""
+    ids = [f"c{i}" for i in range(frames.MAX_READ_IDS)]
+    frame = parse_client(enc({"type": "read", "to": BOB, "ids": ids}), ME)
+    assert isinstance(frame, Read) and len(frame.ids) == 100
+    err = refused(enc({"type": "read", "to": BOB, "ids": [*ids, "c100"]}))
+    assert err.code == Code.INVALID_FRAME and "1 to 100" in err.message
+
+
 @pytest.mark.parametrize("state", ["start", "stop"])
 def test_typing_parses_into_typing(state: str) -> None:
     frame = parse_client(enc({"type": "typing", "to": BOB, "state": state}), ME)
@@ -339,7 +348,7 @@ BAD_IDS = [
     ["c-1", None],
     ["c-1", "é"],
     {"c-1": True},
-    ["x"] * (frames.MAX_IDS_PER_FRAME + 1),
+    [f"x{i}" for i in range(frames.MAX_READ_IDS + 1)],
 ]
 
 
