@@ -65,7 +65,7 @@ class Delivery:
         if s.cursor == "0" and gen:
             # a restart: the route may be live (with a token whose pushes are dropped
             # now); UNLIVE runs before the read, so every entry pushed so far is pending
-            inbox.unlive(self.batcher, s.mobile, s.route)
+            self._unlive(s)
         if s.cursor is not None:
             inbox.read_pending(
                 self.batcher, s.mobile, s.cursor, lambda reply: self._on_pending(s, gen, reply)
@@ -136,6 +136,17 @@ class Delivery:
             or self.outbox.lagging(s)
         )
 
+    def _unlive(self, s: Session) -> None:
+        """Stop pushes under the session's token. If that fails, the route may still be
+        live with a token the session no longer takes, and entries pushed meanwhile would
+        wait pending until the next reconnect: the catch-up starts over (with UNLIVE)."""
+
+        def done(reply: Any) -> None:
+            if isinstance(reply, Exception) and not s.closed:
+                self._stall(s, reply)
+
+        inbox.unlive(self.batcher, s.mobile, s.route, done)
+
     def _stall(self, s: Session, error: Exception) -> None:
         """A read failed (Redis away): the sweep restarts the catch-up from the start,
         since a GO_LIVE whose answer was lost may have made the route live."""
@@ -146,7 +157,7 @@ class Delivery:
     def restart(self, s: Session) -> None:
         """Catch up again from the first pending entry; pushes stop until live again."""
         if s.token is not None or s.offered is not None:
-            inbox.unlive(self.batcher, s.mobile, s.route)  # stop pushes now, not at the read
+            self._unlive(s)  # stop pushes now, not at the read
         s.gen += 1  # replies in flight are stale now
         s.catching, s.cursor, s.token, s.offered, s.early = True, "0", None, None, None
         self.step(s)

@@ -381,10 +381,9 @@ def _decoded(make: Callable[[], list[Entry]]) -> list[Entry] | Exception:
         return Unavailable("the inbox reply could not be read")
 
 
-def unlive(batcher: Batcher, mobile: str, route: str) -> None:
+def unlive(batcher: Batcher, mobile: str, route: str, callback: Callback) -> None:
     """Stop pushes to this session; entries wait in the inbox until it reads them."""
-    # a failed UNLIVE is harmless: the catch-up's own UNLIVE, or GO_LIVE, resets the route
-    batcher.submit_script(ignore, UNLIVE, [keys.route(mobile)], [route])
+    batcher.submit_script(callback, UNLIVE, [keys.route(mobile)], [route])
 
 
 def parse_push(payload: str) -> tuple[str, str, list[Entry] | None]:

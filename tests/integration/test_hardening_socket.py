@@ -406,3 +406,32 @@ async def test_handshake_limits_key_on_the_forwarded_address_only_behind_a_trust
         assert other == (401 if trusted else 429)
     finally:
         node.stop()
+
+
+async def test_misses_are_remembered_and_a_new_signup_is_still_reached_at_once(
+    stack: Stack, api_a: Api, cluster: Cluster, redis: aioredis.Redis
+) -> None:
+    """A miss is not looked up again for a while; a number that signs up meanwhile is in
+    Redis at once (signup copies it there), so sends to it work without a look-up."""
+    from chatnode import accounts, redisio
+    from chatnode.recipients import Recipients
+
+    batcher = redisio.Batcher(stack.redis_url)
+    pool = await accounts.create_pool(stack.database_url, max_size=2)
+    try:
+        recipients = Recipients(pool, batcher)
+        ghost = new_mobile()
+        assert not await recipients.load(ghost)
+        assert recipients.known_missing(ghost)
+        await pool.close()  # a second look-up would fail now: it is not made
+        assert not await recipients.load(ghost)
+        sender = await new_user(api_a)
+        status, _, _ = await api_a.call(
+            "POST", "/auth/signup", {"name": "Late", "mobileNo": ghost, "password": "password123"}
+        )
+        assert status == 201
+        async with connected(cluster[1].ws, sender.token) as c:
+            assert (await c.send_message(ghost, "welcome"))["type"] == "accepted"
+    finally:
+        await batcher.close()
+        await pool.close()

@@ -68,3 +68,27 @@ async def test_a_killed_connection_is_replaced_on_the_next_command(
         assert await b.run("CLIENT", "ID") != first_id
     finally:
         await b.close()
+
+
+async def test_a_backlog_past_the_high_mark_is_congested_until_below_the_low_mark(
+    stack: Stack,
+) -> None:
+    """Point 21 of the hardening issue: the node stops reading sockets while Redis is
+    behind (congested), and hears when it may read again (relieved)."""
+    b = Batcher(stack.redis_url)
+    b.high, b.low = 100, 20
+    relieved = asyncio.Event()
+    try:
+        await b.run("PING")
+        busy = b.call("EVAL", BUSY_200MS, 0)
+        pings = [b.call("PING") for _ in range(150)]
+        assert b.backlog >= 150 and b.congested()
+        b.when_relieved(relieved.set)
+        await asyncio.sleep(0.05)
+        assert b.congested() and not relieved.is_set()  # Redis is busy: replies are late
+        async with asyncio.timeout(5):
+            await relieved.wait()
+        assert b.backlog < 20 and not b.congested()
+        await asyncio.gather(busy, *pings)
+    finally:
+        await b.close()
