@@ -108,7 +108,7 @@ async def test_go_live_reads_what_is_new_then_turns_the_route_live(
     assert await call(inbox.go_live, batcher, bob, route, "t1", 60) == "live"
     assert await redis.get(keys.route(bob)) == keys.live_route(route, "t1")
     assert 0 < await redis.ttl(keys.route(bob)) <= 60  # KEEPTTL
-    inbox.unlive(batcher, bob, route)
+    assert await call(inbox.unlive, batcher, bob, route) == 1
     assert await call(inbox.read_pending, batcher, bob, "0") != []
     assert await redis.get(keys.route(bob)) == route
 
@@ -119,7 +119,7 @@ async def test_go_live_is_refused_to_a_replaced_session_and_remakes_a_lost_route
     bob = await user(redis)
     await redis.set(keys.route(bob), "node-b|newer")
     assert await call(inbox.go_live, batcher, bob, "node-a|older", "t", 60) == "gone"
-    inbox.unlive(batcher, bob, "node-a|older")  # not ours: left alone
+    assert await call(inbox.unlive, batcher, bob, "node-a|older") == 1  # not ours: untouched
     assert await call(inbox.read_pending, batcher, bob, "0") == []
     assert await redis.get(keys.route(bob)) == "node-b|newer"
     await redis.delete(keys.route(bob))  # Redis lost it
