@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from chatnode import accounts, logs
-from chatnode.config import ConfigError, Settings
+from chatnode.config import (
+    KNOWN_PLACEHOLDER_SECRETS,
+    MIN_JWT_SECRET_BYTES,
+    ConfigError,
+    Settings,
+)
 
 DEV_DATA_DIR = ".chatnode-dev"
 
@@ -66,8 +71,9 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(
         http_port=args.http_port, ws_port=args.ws_port, node_id=args.node_id, host=args.host
     )
-    if not settings.jwt_secret:
-        print("chatnode: CHATNODE_JWT_SECRET is not set; serve refuses to start", file=sys.stderr)
+    refusal = secret_refusal(settings.jwt_secret)
+    if refusal is not None:
+        print(f"chatnode: {refusal}; serve refuses to start", file=sys.stderr)
         return 2
     logs.configure(settings.node_id, settings.log_format)
     try:
@@ -76,6 +82,19 @@ def serve(args: argparse.Namespace) -> int:
         print(f"chatnode: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def secret_refusal(secret: str) -> str | None:
+    """Why this JWT secret must not sign tokens (anyone could guess it), or None."""
+    hint = f"set it to {MIN_JWT_SECRET_BYTES}+ random bytes, e.g. openssl rand -hex 32"
+    if not secret:
+        return f"CHATNODE_JWT_SECRET is not set ({hint})"
+    if secret.strip().lower() in KNOWN_PLACEHOLDER_SECRETS:
+        return f"CHATNODE_JWT_SECRET is a known placeholder ({hint})"
+    size = len(secret.encode("utf-8", "surrogateescape"))
+    if size < MIN_JWT_SECRET_BYTES:
+        return f"CHATNODE_JWT_SECRET is {size} bytes, fewer than {MIN_JWT_SECRET_BYTES} ({hint})"
+    return None
 
 
 def migrate(settings: Settings) -> int:
