@@ -15,15 +15,27 @@ from chatnode import accounts, api, auth, logs, redisio, session, wsserver
 from chatnode.config import Settings
 from chatnode.frames import MAX_FRAME_BYTES
 from chatnode.gateway import Gateway
+from chatnode.health import REQUIRED_EVICTION_POLICY, Health
 from chatnode.metrics import Metrics
 from chatnode.routing import Router
 
 log = logs.get(__name__)
 SEEN_FLUSH_S = 2.0
+SUBSCRIBE_TIMEOUT_S = 5.0
+# Redis's maxmemory-policy is read again this often; /readyz answers 503 once it changes.
+EVICTION_CHECK_S = 2.0
+# An HTTP connection is closed when it has been idle this long after a response, or has
+# not completed a request's headers this long after connecting or after its last response
+# (aiohttp's keep-alive timer does both): a slowloris client cannot keep it.
+HTTP_KEEPALIVE_S = 5.0
+# A request's body must arrive within this; then it is answered 408.
+HTTP_BODY_TIMEOUT_S = 10.0
+# How long an unread body is still read and ignored after the answer, before closing.
+HTTP_LINGER_S = 2.0
 
 
 class StartupError(Exception):
-    """A dependency the node needs at start-up is unreachable."""
+    """A dependency the node needs at start-up is unreachable or unsafe."""
 
 
 def safe_url(url: str) -> str:
@@ -59,6 +71,31 @@ def _hide_item(item: str) -> str:
     return item
 
 
+async def eviction_policy(batcher: redisio.Batcher) -> str | None:
+    """Redis's maxmemory-policy from INFO memory; None if INFO does not say."""
+    info = await batcher.run("INFO", "memory")
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "maxmemory_policy":
+            return value.strip()
+    return None
+
+
+@web.middleware
+async def body_deadline(request: web.Request, handler: api.Handler) -> web.StreamResponse:
+    """Read the body (at most client_max_size) within HTTP_BODY_TIMEOUT_S, before the
+    handler: a client that trickles it cannot hold a handler and its connection."""
+    if request.can_read_body:
+        try:
+            async with asyncio.timeout(HTTP_BODY_TIMEOUT_S):
+                await request.read()  # kept by aiohttp: the handler's read() returns it
+        except TimeoutError:
+            request.protocol.close()  # no keep-alive after this one
+            raise web.HTTPRequestTimeout(reason="the request body took too long") from None
+    return await handler(request)
+
+
 class Node:
     """One chatnode process: HTTP API and WebSocket gateway on shared pools."""
 
@@ -70,7 +107,9 @@ class Node:
         self.batcher: redisio.Batcher | None = None
         self._ws_server: wsserver.Server | None = None
         self._http: web.AppRunner | None = None
+        self._metrics_http: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.health = Health()
         self.started = False
 
     async def start(self) -> None:
@@ -82,6 +121,7 @@ class Node:
             reason = str(exc) or type(exc).__name__
             raise StartupError(f"cannot reach Redis at {safe_url(s.redis_url)}: {reason}") from None
         self.batcher = redisio.Batcher(s.redis_url, on_pipeline=metrics.count_pipeline)
+        await self._require_noeviction()
         try:
             self.pool = await accounts.create_pool(s.database_url)
         except Exception as exc:
@@ -102,22 +142,99 @@ class Node:
                 self._every_async(s.route_ttl_s / 3, self.gateway.refresh_routes), name="routes"
             ),
             asyncio.create_task(self._every_async(SEEN_FLUSH_S, self._flush_seen), name="seen"),
+            asyncio.create_task(
+                self._every_async(EVICTION_CHECK_S, self._check_eviction), name="eviction"
+            ),
         ]
-        async with asyncio.timeout(5):
-            await router.connected.wait()
-        services = api.Services(s, self.batcher, self.pool, router, tokens, self.passwords, metrics)
-        self._http = web.AppRunner(api.build(services), access_log=None, handle_signals=False)
-        await self._http.setup()
-        await web.TCPSite(self._http, s.host, s.http_port, shutdown_timeout=2).start()
+        await self._subscribed(router)
+        services = api.Services(
+            s, self.batcher, self.pool, router, tokens, self.passwords, metrics, self.health
+        )
+        self._http = await self._serve_http(
+            api.build(services, with_metrics=not s.metrics_port), s.http_port
+        )
+        if s.metrics_port:
+            self._metrics_http = await self._serve_http(api.metrics_app(services), s.metrics_port)
         self._ws_server = wsserver.Server(
             self.gateway,
             max_size=MAX_FRAME_BYTES,
             heartbeat_s=s.heartbeat_s,
             write_high=session.OUT_BUFFER_LOW,
         )
-        await self._ws_server.start(s.host, s.ws_port)
+        try:
+            await self._ws_server.start(s.host, s.ws_port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {s.host}:{s.ws_port}: {exc.strerror}") from None
         self.started = True
-        log.info("node_started", http_port=s.http_port, ws_port=s.ws_port, host=s.host)
+        log.info(
+            "node_started",
+            http_port=s.http_port,
+            ws_port=s.ws_port,
+            metrics_port=s.metrics_port or s.http_port,
+            host=s.host,
+        )
+
+    async def _require_noeviction(self) -> None:
+        """Refuse a Redis that may evict keys: revocations (tokens work again) and inboxes
+        (messages lost) must never go. INFO works where CONFIG is disabled."""
+        assert self.batcher is not None
+        url = safe_url(self.settings.redis_url)
+        try:
+            policy = await eviction_policy(self.batcher)
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            raise StartupError(
+                f"cannot read maxmemory-policy of Redis at {url}: {reason}"
+            ) from None
+        if policy != REQUIRED_EVICTION_POLICY:
+            raise StartupError(
+                f"Redis at {url} has maxmemory-policy {policy or 'unknown'}; chatnode needs "
+                f"{REQUIRED_EVICTION_POLICY} (any other may evict revocations and inboxes): "
+                f"set maxmemory-policy {REQUIRED_EVICTION_POLICY}"
+            )
+        self.health.eviction_policy = policy
+
+    async def _check_eviction(self) -> None:
+        """Keep /readyz honest if someone changes the policy while the node runs."""
+        assert self.batcher is not None
+        try:
+            policy = await eviction_policy(self.batcher) or "unknown"
+        except Exception:
+            return  # Redis is away: /readyz's own ping says so
+        if policy != self.health.eviction_policy:
+            log.warning("redis_eviction_policy", policy=policy, ready=policy == "noeviction")
+            self.health.eviction_policy = policy
+
+    async def _subscribed(self, router: Router) -> None:
+        """Wait for this node's channel; without it no push would reach this node."""
+        try:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+                await router.connected.wait()
+        except TimeoutError:
+            raise StartupError(
+                f"cannot subscribe to this node's channel on Redis at "
+                f"{safe_url(self.settings.redis_url)} within {SUBSCRIBE_TIMEOUT_S:.0f} s"
+            ) from None
+
+    async def _serve_http(self, app: web.Application, port: int) -> web.AppRunner:
+        """An aiohttp site with deadlines for headers, body and idle keep-alive."""
+        app.middlewares.append(body_deadline)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=HTTP_KEEPALIVE_S,
+            lingering_time=HTTP_LINGER_S,
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.settings.host, port, shutdown_timeout=2).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise StartupError(
+                f"cannot listen on {self.settings.host}:{port}: {exc.strerror}"
+            ) from None
+        return runner
 
     def _redeliver_tick(self) -> float:
         return max(0.1, min(self.settings.redelivery_s / 4, 5.0))
@@ -152,14 +269,8 @@ class Node:
 
     async def stop(self) -> None:
         """Drain sockets with 1012, then close servers and pools in reverse order."""
-        if self._ws_server is not None:
-            self._ws_server.stop_accepting()
-        if self.gateway is not None:
-            await self.gateway.drain()
-        if self._ws_server is not None:
-            await self._ws_server.close()
-        if self._http is not None:
-            await self._http.cleanup()
+        self.health.draining = True  # /readyz answers 503 from now: balancers move on
+        await self._close_servers()
         if self.gateway is not None and self.pool is not None:
             with contextlib.suppress(Exception):
                 await self._flush_seen()
@@ -182,6 +293,19 @@ class Node:
                     await self.pool.close()
         if self.started:
             log.info("node_stopped")
+
+    async def _close_servers(self) -> None:
+        """Sockets first (drained with 1012), then the HTTP sites: /readyz answers until
+        the sockets are gone."""
+        if self._ws_server is not None:
+            self._ws_server.stop_accepting()
+        if self.gateway is not None:
+            await self.gateway.drain()
+        if self._ws_server is not None:
+            await self._ws_server.close()
+        for runner in (self._http, self._metrics_http):
+            if runner is not None:
+                await runner.cleanup()
 
 
 async def run(settings: Settings) -> None:

@@ -81,6 +81,8 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     appendonly: bool = True
     fsync: str = "always"
+    # chatnode refuses any other: an evicted revocation or inbox is a security hole or lost mail
+    maxmemory_policy: str = "noeviction"
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,6 +107,8 @@ class RedisServer:
             "yes" if self.appendonly else "no",
             "--appendfsync",
             self.fsync,
+            "--maxmemory-policy",
+            self.maxmemory_policy,
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]
