@@ -4,7 +4,9 @@
 #   docker build -t chatnode .
 #   docker run --rm -e CHATNODE_JWT_SECRET=... -e CHATNODE_REDIS_URL=... \
 #       -e CHATNODE_DATABASE_URL=... -p 8080:8080 -p 8765:8765 chatnode
-# `chatnode migrate` applies the schema (see compose.yaml).
+# `chatnode migrate` applies the schema (see compose.yaml). CHATNODE_JWT_SECRET must be
+# 32+ random bytes (openssl rand -hex 32). CHATNODE_METRICS_PORT moves /metrics off the
+# HTTP port to one you do not publish (compose uses 9100).
 
 # ---- build: install the package and its dependencies into a venv -------------------
 FROM python:3.11-slim AS build
