@@ -59,7 +59,7 @@ def safe_url(url: str) -> str:
     return f"{scheme}{sep}{userinfo}{at}{tail}"
 
 
-# `password = 'it''s'`, `sslpassword=x`: a libpq keyword DSN's secret values, quoted or not
+# `password = 'it\'s'`, `sslpassword=x`: a libpq keyword DSN's secret values, quoted or not
 _KEYWORD_SECRET = re.compile(r"(?i)(\w*password\s*=\s*)('(?:\\.|[^'\\])*'?|\S*)")
 
 
