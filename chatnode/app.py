@@ -27,7 +27,7 @@ EVICTION_CHECK_S = 2.0
 # An HTTP connection is closed when it has been idle this long after a response, or has
 # not completed a request's headers this long after connecting or after its last response
 # (aiohttp's keep-alive timer does both): a slowloris client cannot keep it.
-HTTP_KEEPALIVE_S = 5.0
+HTTP_KEEPALIVE_S = 10.0
 # A request's body must arrive within this; then it is answered 408.
 HTTP_BODY_TIMEOUT_S = 10.0
 # How long an unread body is still read and ignored after the answer, before closing.

@@ -16,6 +16,7 @@ from chatnode.errors import Code
 MOBILE_RE = re.compile(r"^\+?[0-9]{7,15}\Z")
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 MSG_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
+MAX_ID_PART = 2**64 - 1  # a stream id's parts are unsigned 64-bit numbers
 MAX_FRAME_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16384
 MAX_IDS_PER_FRAME = 1000  # msgIds in one ack
@@ -131,6 +132,8 @@ def _id_list(
     for value in values:
         if not isinstance(value, str) or pattern.match(value) is None:
             raise FrameError(Code.INVALID_FRAME, f"{name} holds a malformed id", ref)
+        if pattern is MSG_ID_RE and any(int(p) > MAX_ID_PART for p in value.split("-")):
+            raise FrameError(Code.INVALID_FRAME, f"{name} holds an id out of range", ref)
     return tuple(dict.fromkeys(values))
 
 

@@ -51,7 +51,7 @@ CLOSE_WAIT_S = 5.0
 
 ACK_FAILED = "could not ack, send the ack again"
 UNAVAILABLE = "Redis is unavailable, try again"
-NOT_DELIVERED = "ids named no message this sender delivered to you; they were dropped"
+NOT_DELIVERED = "ids named messages not delivered to you yet; they were dropped"
 
 Delivered = tuple[str, tuple[inbox.Entry, float]]  # msgId, (entry, when sent)
 
@@ -79,7 +79,7 @@ class Gateway:
         self.seen_to_store: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.recipients = Recipients(pool, batcher)
-        self._paused: list[Session] = []  # reading paused while Redis is congested
+        self._paused: set[Session] = set()  # reading paused while Redis is congested
         self.outbox = Outbox(self.close, self._written)
         self.delivery = Delivery(settings, batcher, router, self.outbox, metrics, self.close)
         self.accepting = True
@@ -274,13 +274,15 @@ class Gateway:
 
     def _pause_for_redis(self, s: Session) -> None:
         """Redis is behind: stop reading this socket until the backlog shrinks."""
+        if s in self._paused:
+            return
         s.conn.pause_reading()
-        self._paused.append(s)
+        self._paused.add(s)
         if len(self._paused) == 1:
             self.batcher.when_relieved(self._resume_paused)
 
     def _resume_paused(self) -> None:
-        paused, self._paused = self._paused, []
+        paused, self._paused = self._paused, set()
         for s in paused:
             if not s.closed and s.held is None:
                 s.conn.resume_reading()
@@ -371,11 +373,16 @@ class Gateway:
         done = [(m, held) for m in frame.msg_ids if (held := s.release(m)) is not None]
         answer = self.outbox.later(s)
         self.delivery.acked(s)  # room for more entries on this socket
-        if len(done) < len(frame.msg_ids):  # delivered before this socket (a reconnect)
-            taken = {m for m, _ in done}
-            unknown = [m for m in frame.msg_ids if m not in taken]
+        taken = {m for m, _ in done}
+        acking = s.acking or {}
+        # not out on this socket and not being acked already: delivered before (a reconnect)
+        unknown = [m for m in frame.msg_ids if m not in taken and m not in acking]
+        if unknown:
             ids = self._acking(s, done)
             self._slow(s, answer, None, lambda: self._ack_earlier(s, done, ids, unknown))
+            return
+        if not done:  # every id is being acked already
+            self.outbox.answer(s, answer, None)
             return
         ids = self._acking(s, done)
         receipts = self._receipts_for(s, done)
@@ -398,7 +405,9 @@ class Gateway:
                 self._slow(s, answer, None, lambda: self._ack_slow(s, done, ids, failed))
 
         for receipt in receipts:
-            inbox.submit_receipt(self.batcher, receipt, 0, functools.partial(stored, receipt))
+            inbox.submit_receipt(
+                self.batcher, receipt, self.settings.inbox_limit, functools.partial(stored, receipt)
+            )
 
     def _remove(self, s: Session, done: list[Delivered], ids: list[str], answer: Answer) -> None:
         """XDEL and XACK entries whose receipts are stored."""
@@ -409,6 +418,7 @@ class Gateway:
                 self._unacked_again(s, done)
                 self._refuse(s, Code.UNAVAILABLE, ACK_FAILED, None, answer)
             else:
+                s.refused = 0  # an ack that went through ends a run of refusals
                 self.metrics.acked += len(done)
                 self.outbox.answer(s, answer, None)
 
@@ -458,7 +468,9 @@ class Gateway:
         try:
             for receipt in receipts:
                 try:
-                    await inbox.enqueue_receipt(self.batcher, self.recipients.load, receipt, 0)
+                    await inbox.enqueue_receipt(
+                        self.batcher, self.recipients.load, receipt, self.settings.inbox_limit
+                    )
                 except UnknownRecipient:
                     pass  # the sender's account is gone: nobody to tell
             if ids:
@@ -491,24 +503,29 @@ class Gateway:
 
     def _read_receipt(self, s: Session, frame: frames.Read) -> None:
         """A read receipt names only messages its sender delivered to this user, each
-        once (inbox.READ); it then goes to the sender's inbox like any receipt."""
+        once (inbox.READ); it then goes to the sender's inbox like any receipt. Ids of
+        messages stored but not delivered are refused (invalid_frame); ids with no
+        record (made up, or past the dedupe window) are dropped in silence."""
         answer = self.outbox.later(s)
 
         def checked(reply: Any) -> None:
             if isinstance(reply, Exception):
                 self._refuse(s, Code.UNAVAILABLE, UNAVAILABLE, None, answer)
                 return
-            bad, fresh = reply
-            if bad:
+            missing, undelivered, fresh = reply
+            if undelivered:
                 assert s.invalid is not None
                 if not s.invalid.take():
                     self.close(s, CloseCode.POLICY, "too many invalid frames")
                     return
             if fresh:
                 receipt = inbox.Receipt(frame.to, s.mobile, "read", fresh, presence.now_ms())
-                self._store_read(s, receipt, bool(bad), answer)
-            elif bad:  # nothing to receipt: say why (no such user, or never delivered)
-                self._slow(s, answer, None, lambda: self._not_delivered(frame.to))
+                self._store_read(s, receipt, bool(undelivered), answer)
+            elif undelivered:
+                self.metrics.refuse(Code.INVALID_FRAME)
+                self.outbox.answer(s, answer, frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None))
+            elif missing == len(frame.ids):  # no record at all: is there such a user?
+                self._slow(s, answer, None, lambda: self._known(frame.to))
             else:
                 self.outbox.answer(s, answer, None)  # all receipted already
 
@@ -540,17 +557,16 @@ class Gateway:
                 unread()
                 self._refuse(s, Code.INBOX_FULL, InboxFull.default_message, None, answer)
             else:  # stored, or dropped by a block as v1 says
+                s.refused = 0
                 self.outbox.answer(s, answer, after)
 
         inbox.submit_receipt(self.batcher, receipt, limit, done)
 
-    async def _not_delivered(self, to: str) -> bytes:
-        """The answer to a read frame none of whose ids may be receipted."""
+    async def _known(self, to: str) -> None:
+        """UnknownRecipient unless `to` has an account (Redis, else PostgreSQL)."""
         if not await self.batcher.run("EXISTS", keys.account(to)):
             if not await self.recipients.load(to):
                 raise UnknownRecipient()
-        self.metrics.refuse(Code.INVALID_FRAME)
-        return frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None)
 
     def _typing(self, s: Session, frame: frames.Typing) -> None:
         answer = self.outbox.later(s)

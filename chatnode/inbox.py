@@ -28,11 +28,12 @@ log = logs.get(__name__)
 
 READ_COUNT = 200
 
-# KEYS: account, blocks, inbox, dedupe, route, last blocked id of the recipient.
+# KEYS: account, blocks, inbox, dedupe, route of the recipient.
 # ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient.
 # The dedupe value is `msgId|ts`, then flags: `|b` a blocked send (never stored), `|r` a
-# read receipt was sent for it (READ). A blocked send gets an id made the way XADD makes
-# them (Redis time in ms, then a sequence within that ms), so it looks like a real one.
+# read receipt was sent for it (READ). A blocked send is added and deleted at once: its
+# id comes from the stream like every real one (and moves the stream's last id on), and
+# the inbox limit applies to it too, so nothing tells a blocked sender it is blocked.
 SEND = Script(
     keys.LUA_ROUTES
     + """
@@ -45,21 +46,13 @@ if prior then
 end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[2] == 1 then return {'blocked'} end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[5]) then return {'full'} end
 if hit[1] == 1 then
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local seq = 0
-  local last = redis.call('GET', KEYS[6])
-  if last then
-    local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
-    if lms and tonumber(lms) >= ms then ms, seq = tonumber(lms), tonumber(lseq) + 1 end
-  end
-  local id = string.format('%d-%d', ms, seq)
-  redis.call('SET', KEYS[6], id, 'PX', 1000)
+  local id = redis.call('XADD', KEYS[3], '*', 'k', '')
+  redis.call('XDEL', KEYS[3], id)
   redis.call('SET', KEYS[4], id .. '|' .. ARGV[4] .. '|b', 'EX', ARGV[6])
   return {'ok', id, ARGV[4]}
 end
-if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[5]) then return {'full'} end
 local id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],
                       'b', ARGV[3], 't', ARGV[4])
 redis.call('SET', KEYS[4], id .. '|' .. ARGV[4], 'EX', ARGV[6])
@@ -70,31 +63,37 @@ return {'ok', id, ARGV[4]}
 
 # KEYS: the reader's inbox, then the dedupe key of each client id the read frame names
 # (sender = the frame's `to`, recipient = the reader). ARGV: per id, 1 if it is out on
-# the reader's socket now (delivered, not yet acked), else 0. An id may get a read receipt
-# if its message was stored for the reader and is out on the socket, or was acked (its
-# entry is gone from the stream), and it had no read receipt yet; those are marked read.
-# Ids of sends a block dropped are passed over in silence, like receipts across a block.
-# Returns {count never delivered, indexes of the ids to receipt (1-based)}: a read names
-# only what its sender really got, once each.
+# the reader's socket now, else 0. An id may get a read receipt if its message was stored
+# for the reader and was delivered: out on the socket, pending in the group (read for
+# delivery, e.g. on a socket before a reconnect), or acked (gone from the stream); and if
+# it had no read receipt yet. Those are marked read. Ids of sends a block dropped, and
+# ids read already, are passed over in silence, like receipts across a block. Returns
+# {ids with no record (never sent, or past the dedupe window), ids stored but never
+# delivered, indexes of the ids to receipt (1-based)}.
 READ = Script(
     """
-local fresh, bad = {}, 0
+local fresh, missing, undelivered = {}, 0, 0
 for i = 2, #KEYS do
   local v = redis.call('GET', KEYS[i])
   local id, rest = nil, nil
   if v then id, rest = string.match(v, '^([^|]+)|(.*)$') end
   if not id then
-    bad = bad + 1
+    missing = missing + 1
   elseif not string.find(rest, '|[br]') then
-    if ARGV[i - 1] == '1' or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
+    local out = ARGV[i - 1] == '1'
+    if not out then
+      local held = redis.pcall('XPENDING', KEYS[1], 'g', id, id, 1)
+      out = type(held) == 'table' and held[1] ~= nil
+    end
+    if out or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
       redis.call('SET', KEYS[i], v .. '|r', 'KEEPTTL')
       fresh[#fresh + 1] = i - 1
     else
-      bad = bad + 1  -- stored, not delivered yet
+      undelivered = undelivered + 1
     end
   end
 end
-return {bad, fresh}
+return {missing, undelivered, fresh}
 """
 )
 
@@ -113,17 +112,15 @@ return 1
 )
 
 # KEYS: account, blocks, inbox, route of the receipt's owner (the original sender).
-# ARGV: by, status, comma-joined client ids, ts, owner, inbox limit (0: none).
-# Read receipts count against the inbox limit; delivered receipts, at most one per message
-# the owner sent, do not (an ack must not wait on the sender's inbox).
+# ARGV: by, status, comma-joined client ids, ts, owner, a bound on the inbox's length, and
+# the answer past it ('full', or 'dropped': not stored, and the caller goes on).
 RECEIPT = Script(
     keys.LUA_ROUTES
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[1] == 1 or hit[2] == 1 then return {'dropped'} end
-local limit = tonumber(ARGV[6])
-if limit > 0 and redis.call('XLEN', KEYS[3]) >= limit then return {'full'} end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then return {ARGV[7]} end
 redis.call('XADD', KEYS[3], '*', 'k', 'r', 's', ARGV[2], 'f', ARGV[1], 'i', ARGV[3],
            't', ARGV[4])
 push(KEYS[3], redis.call('GET', KEYS[4]), ARGV[5])
@@ -197,7 +194,6 @@ def _message_call(
         keys.inbox(to),
         keys.dedupe(to, sender, send.id),
         keys.route(to),
-        keys.last_blocked_id(to),
     ]
     return keys_, [sender, send.id, send.body, ts, limit, keys.DEDUPE_TTL_S, to]
 
@@ -265,25 +261,30 @@ class Receipt:
     ids: list[str]
     ts: int
 
-    def call(self) -> tuple[list[str], list[Any]]:
+    def call(self, limit: int) -> tuple[list[str], list[Any]]:
+        """The script's keys and arguments, with the bound for an inbox of `limit`.
+
+        A read receipt counts against the inbox limit (`full`: the reader may send the
+        read again later). A delivered receipt must not hold up the ack it comes from,
+        so it is stored past the limit, up to twice it, and dropped beyond: an owner who
+        never acks cannot have receipts of their own sends pile up without end."""
         owner = self.owner
         keys_ = [keys.account(owner), keys.blocks(owner), keys.inbox(owner), keys.route(owner)]
-        return keys_, [self.by, self.status, ",".join(self.ids), self.ts, owner]
+        bound = (limit, "full") if self.status == "read" else (2 * limit, "dropped")
+        return keys_, [self.by, self.status, ",".join(self.ids), self.ts, owner, *bound]
 
 
 def submit_receipt(batcher: Batcher, receipt: Receipt, limit: int, callback: Callback) -> None:
-    """Queue the receipt script; its reply is ['ok'], ['dropped'], ['full'] (only with
-    a `limit`) or ['unknown']."""
-    keys_, args = receipt.call()
-    batcher.submit_script(callback, RECEIPT, keys_, [*args, limit])
+    """Queue the receipt script; its reply is ['ok'], ['dropped'], ['full'] or
+    ['unknown'] (Redis lacks the owner)."""
+    batcher.submit_script(callback, RECEIPT, *receipt.call(limit))
 
 
 async def enqueue_receipt(batcher: Batcher, load: Loader, receipt: Receipt, limit: int) -> None:
     """Put a receipt in its owner's inbox, reloading the owner from PostgreSQL if Redis
     lacks them (a block may drop it). UnknownRecipient if there is no such user,
-    InboxFull if a `limit` is given and reached."""
-    keys_, args = receipt.call()
-    reply = await _with_reload(batcher, load, receipt.owner, RECEIPT, keys_, [*args, limit])
+    InboxFull if a read receipt finds the inbox full."""
+    reply = await _with_reload(batcher, load, receipt.owner, RECEIPT, *receipt.call(limit))
     if reply[0] == "full":
         raise InboxFull()
 
@@ -302,14 +303,14 @@ def submit_read(
 ) -> None:
     """Which of `ids` (client ids `sender` gave messages to `reader`; `held` those out on
     the reader's socket) may be receipted as read; they are marked read. The callback
-    gets (never delivered count, those ids)."""
+    gets (count with no record, count stored but not delivered, those ids)."""
 
     def done(reply: Any) -> None:
         if isinstance(reply, Exception):
             callback(reply)
             return
-        bad, fresh = reply
-        callback((int(bad), [ids[int(i) - 1] for i in fresh or ()]))
+        missing, undelivered, fresh = reply
+        callback((int(missing), int(undelivered), [ids[int(i) - 1] for i in fresh or ()]))
 
     flags = ["1" if i in held else "0" for i in ids]
     batcher.submit_script(done, READ, _read_keys(reader, sender, ids), flags)

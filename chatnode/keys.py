@@ -45,12 +45,6 @@ def send_tokens(mobile: str) -> str:
     return _tag(mobile) + ":sendrl"
 
 
-def last_blocked_id(mobile: str) -> str:
-    """The id last given to a send this user blocked (kept a second): the next such send
-    in the same millisecond takes the next sequence number, as XADD would."""
-    return _tag(mobile) + ":bid"
-
-
 def blocked_marker(mobile: str) -> str:
     """The member of N's blocks set saying that `mobile` blocked N."""
     return "<" + mobile

@@ -73,7 +73,10 @@ def isolated(stack: Stack, workdir: Path) -> Iterator[NodeProc]:
 
 @pytest.fixture(scope="session")
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+    # the client drops idle connections before a node does (10 s), so a request never
+    # goes out on a connection the node is closing at that moment
+    connector = aiohttp.TCPConnector(keepalive_timeout=4)
+    async with aiohttp.ClientSession(connector=connector) as session:
         yield session
 
 

@@ -554,3 +554,11 @@ def test_frame_error_round_trips_into_an_error_frame() -> None:
     obj = decoded(frames.error(err.code, err.message, err.ref))
     assert obj["code"] == "invalid_frame"
     assert obj["ref"] == "c-1"
+
+
+def test_ack_refuses_stream_ids_past_64_bits() -> None:
+    """Redis would answer ERR for the whole ack: refused here, the others unharmed."""
+    err = refused(enc({"type": "ack", "msgIds": ["1-0", f"{2**64}-0"]}))
+    assert err.code == Code.INVALID_FRAME and "out of range" in err.message
+    ok = parse_client(enc({"type": "ack", "msgIds": [f"{2**64 - 1}-{2**64 - 1}"]}), ME)
+    assert isinstance(ok, Ack)
