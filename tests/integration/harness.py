@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
 import websockets
@@ -219,8 +220,11 @@ class Api:
         token: str | None = None,
         raw: bytes | None = None,
         params: dict[str, str] | None = None,
+        forwarded_for: str | None = None,
     ) -> tuple[int, dict[str, Any], Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if forwarded_for is not None:
+            headers["X-Forwarded-For"] = forwarded_for
         data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -230,7 +234,7 @@ class Api:
             data=data,
             headers=headers,
             params=params,
-            timeout=aiohttp.ClientTimeout(total=15),
+            timeout=aiohttp.ClientTimeout(total=30),
         ) as resp:
             text = await resp.read()
             try:
@@ -469,3 +473,17 @@ def report(scenario: str, **figures: Any) -> None:
     if path:
         with open(path, "a") as out:
             out.write(json.dumps({"scenario": scenario, **figures}) + "\n")
+
+
+async def auth_event_kinds(database_url: str, mobile: str) -> list[tuple[str, str]]:
+    """(kind, node) of a user's auth_events rows, oldest first."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT e.kind, e.node FROM auth_events e JOIN users u ON u.id = e.user_id"
+            " WHERE u.mobile_no = $1 ORDER BY e.id",
+            mobile,
+        )
+    finally:
+        await conn.close()
+    return [(r["kind"], r["node"]) for r in rows]

@@ -23,7 +23,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import jwt
-import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
@@ -37,6 +36,7 @@ from tests.integration.harness import (
     NodeProc,
     Stack,
     User,
+    auth_event_kinds,
     connected,
     new_mobile,
     new_user,
@@ -102,21 +102,9 @@ async def call(
     token: str | None = None,
     params: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any], Any]:
-    headers = {"Content-Type": "application/json"}
-    if forwarded_for is not None:
-        headers["X-Forwarded-For"] = forwarded_for
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    data = orjson.dumps(body) if body is not None else None
-    async with http.request(
-        method,
-        node.http + path,
-        data=data,
-        headers=headers,
-        params=params,
-        timeout=aiohttp.ClientTimeout(total=30),
-    ) as resp:
-        return resp.status, orjson.loads(await resp.read()), resp.headers
+    return await Api(http, node.http).call(
+        method, path, body, token=token, params=params, forwarded_for=forwarded_for
+    )
 
 
 async def login(
@@ -531,16 +519,8 @@ async def test_failed_logins_are_recorded_in_auth_events(api_a: Api, stack: Stac
         "POST", "/auth/login", {"mobileNo": user.mobile, "password": "wrong-guess"}
     )
     assert status == 401
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        kinds = await conn.fetch(
-            "SELECT e.kind FROM auth_events e JOIN users u ON u.id = e.user_id"
-            " WHERE u.mobile_no = $1 ORDER BY e.id",
-            user.mobile,
-        )
-    finally:
-        await conn.close()
-    assert [r["kind"] for r in kinds] == ["signup", "login", "login_failed"]
+    kinds = [kind for kind, _ in await auth_event_kinds(stack.database_url, user.mobile)]
+    assert kinds == ["signup", "login", "login_failed"]
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncpg
 import pytest
 
-from tests.integration.harness import Api, Stack, new_mobile, new_user
+from tests.integration.harness import Api, Stack, auth_event_kinds, new_mobile, new_user
 
 
 def assert_error(status: int, body: dict, want_status: int, code: str) -> None:
@@ -235,17 +234,8 @@ async def test_health_ready_metrics(api_a: Api) -> None:
 async def test_auth_events_record_signup_login_logout(api_a: Api, stack: Stack) -> None:
     user = await new_user(api_a)
     await api_a.call("POST", "/auth/logout", token=user.token)
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        kinds = await conn.fetch(
-            "SELECT e.kind, e.node FROM auth_events e JOIN users u ON u.id = e.user_id"
-            " WHERE u.mobile_no = $1 ORDER BY e.id",
-            user.mobile,
-        )
-    finally:
-        await conn.close()
-    assert [r["kind"] for r in kinds] == ["signup", "login", "logout"]
-    assert all(r["node"] == "test-a" for r in kinds)
+    kinds = await auth_event_kinds(stack.database_url, user.mobile)
+    assert kinds == [("signup", "test-a"), ("login", "test-a"), ("logout", "test-a")]
 
 
 @pytest.mark.parametrize(
