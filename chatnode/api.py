@@ -164,11 +164,14 @@ async def looking_up(request: web.Request) -> auth.Claims:
     svc = request.app[SERVICES]
     claims = await current_user(request)
     cfg = svc.settings
-    verdict = await ratelimit.hit(
-        svc.batcher, "lookup-user", claims.mobile, cfg.lookups_per_user, cfg.lookup_window_s
-    )
-    if not verdict.allowed:
-        raise RateLimited("too many look-ups, try again later", retry_after=verdict.retry_after)
+    # per address too: accounts are cheap, so one host must not harvest with many of them
+    for kind, subject, limit in (
+        ("lookup-user", claims.mobile, cfg.lookups_per_user),
+        ("lookup-address", client_address(request), cfg.lookups_per_address),
+    ):
+        verdict = await ratelimit.hit(svc.batcher, kind, subject, limit, cfg.lookup_window_s)
+        if not verdict.allowed:
+            raise RateLimited("too many look-ups, try again later", retry_after=verdict.retry_after)
     return claims
 
 
@@ -231,7 +234,7 @@ async def signup(request: web.Request) -> web.Response:
         raise RateLimited("too many signups, try again later", retry_after=verdict.retry_after)
     if await accounts.is_registered(svc.pool, mobile):
         raise Conflict("this mobile number is already registered")
-    hashed = await svc.passwords.hash(password)
+    hashed = await svc.passwords.hash(password, address)
     user_id = await accounts.create_user(svc.pool, mobile, name, hashed, cfg.node_id)
     try:  # Redis learns of the user now; if it can't, the first send reloads from PostgreSQL
         await blocks.load_into_redis(svc.pool, svc.batcher, mobile)
@@ -253,9 +256,8 @@ async def login(request: web.Request) -> web.Response:
     if not isinstance(mobile, str):
         raise InvalidRequest("mobileNo must be a string")
     cfg = svc.settings
-    limits = login_limits(
-        cfg, mobile if is_mobile(mobile) else "malformed", client_address(request)
-    )
+    address = client_address(request)
+    limits = login_limits(cfg, mobile if is_mobile(mobile) else "malformed", address)
     verdict = await ratelimit.reserve(svc.batcher, limits, cfg.login_fail_window_s)
     if not verdict.allowed:
         raise RateLimited(
@@ -263,7 +265,7 @@ async def login(request: web.Request) -> web.Response:
         )
     try:
         user = await accounts.find_user(svc.pool, mobile) if is_mobile(mobile) else None
-        good = await svc.passwords.verify(password, user.password_hash if user else None)
+        good = await svc.passwords.verify(password, user.password_hash if user else None, address)
     except Exception:  # not a guess: the database or bcrypt could not judge it (503)
         await ratelimit.release(svc.batcher, limits)
         raise
@@ -297,7 +299,13 @@ async def logout(request: web.Request) -> web.Response:
     expires = datetime.fromtimestamp(claims.expires_at, UTC)
     await accounts.revoke_token(svc.pool, claims.uid, claims.jti, expires, svc.settings.node_id)
     ttl = max(1, claims.expires_at - _now())
-    await svc.batcher.run("SET", keys.revoked(claims.jti), "1", "EX", ttl)
+    try:
+        await svc.batcher.run("SET", keys.revoked(claims.jti), "1", "EX", ttl)
+    except ChatError:
+        # PostgreSQL holds the revocation and Redis does not: no node may trust Redis
+        # alone until it holds them all again (they are then copied back)
+        _distrust_redis_revocations(svc.batcher)
+        raise
     try:
         route = await svc.batcher.run("GET", keys.route(claims.mobile))
         svc.router.to_route(route, f"l|{claims.mobile}|{claims.jti}")
@@ -305,6 +313,28 @@ async def logout(request: web.Request) -> web.Response:
         log.warning("logout_close_failed", user=claims.mobile, error=type(exc).__name__)
     log.info("logout", user=claims.mobile)
     return ok(message="logged out")
+
+
+_distrusting: set[asyncio.Task[None]] = set()
+
+
+def _distrust_redis_revocations(batcher: Batcher) -> None:
+    """Delete the marker saying Redis holds every revocation, retried for a while in the
+    background (Redis may be away right now)."""
+
+    async def delete() -> None:
+        for pause in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0):
+            await asyncio.sleep(pause)
+            try:
+                await batcher.run("DEL", keys.REVOCATIONS_LOADED)
+                return
+            except ChatError:
+                continue
+        log.error("revocations_marker_not_deleted")
+
+    task = asyncio.get_running_loop().create_task(delete())
+    _distrusting.add(task)
+    task.add_done_callback(_distrusting.discard)
 
 
 def login_limits(settings: Settings, mobile: str, address: str) -> list[tuple[str, str, int]]:

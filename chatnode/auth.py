@@ -8,7 +8,7 @@ import os
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,7 @@ MAX_PASSWORD_BYTES = 72
 ACCOUNT_CACHE_TTL_S = 60.0
 ACCOUNT_CACHE_MAX = 100_000
 MAX_UID = 2**63 - 1  # users.id is a BIGINT
+MAX_WAITING_PER_CLIENT = 1000  # requests of one address queued for bcrypt; then 503
 
 
 def _yield_cpu() -> None:
@@ -39,49 +40,99 @@ def _yield_cpu() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BCRYPT_NICE)
 
 
-class Passwords:
-    """bcrypt on a small thread pool; callers queue on semaphores with a timeout.
+class FairSlots:
+    """`n` slots handed out in turn among the clients waiting for one, a client at a time:
+    a client that floods waits behind itself, never in front of the others."""
 
-    Two lanes share the pool. Every bcrypt call takes one of the `workers` slots; a
-    signup's hash must first take one of `workers - 1` signup slots as well. So signups
-    hold at most `workers - 1` threads however many arrive, and logins (verify) always
-    have a thread signups cannot occupy: a signup flood slows signups, not logins. With
-    one worker there is nothing to keep back, and signups share it."""
+    def __init__(self, n: int, most_waiting: int = MAX_WAITING_PER_CLIENT) -> None:
+        self._free = n
+        self._most_waiting = most_waiting
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+
+    async def acquire(self, client: str) -> None:
+        if self._free and not self._waiting:
+            self._free -= 1
+            return
+        queue = self._waiting.setdefault(client, deque())
+        if len(queue) >= self._most_waiting:
+            raise Unavailable("too many logins in progress, try again")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # given a slot just as the wait ended: pass it on
+            elif fut in queue:
+                queue.remove(fut)
+                if not queue and self._waiting.get(client) is queue:
+                    del self._waiting[client]
+            raise
+
+    def release(self) -> None:
+        """Give the slot to the next client in turn (its oldest waiter), else keep it."""
+        while self._waiting:
+            client, queue = next(iter(self._waiting.items()))
+            fut = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(client)  # its next waiter goes after the others
+            else:
+                del self._waiting[client]
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
+class Passwords:
+    """bcrypt on a small thread pool; callers queue for it with a timeout.
+
+    Every bcrypt call takes one of the `workers` slots, handed out in turn among client
+    addresses (FairSlots): a flood of logins from one address, with any accounts, delays
+    that address, not everyone's logins. A signup's hash must first take one of
+    `workers - 1` signup slots as well, so signups hold at most `workers - 1` threads
+    however many arrive, and logins always have a thread signups cannot occupy. With one
+    worker there is nothing to keep back, and signups share it."""
 
     def __init__(self, rounds: int, workers: int = BCRYPT_WORKERS) -> None:
         self._rounds = rounds
         self._pool = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="bcrypt", initializer=_yield_cpu
         )
-        self._slots = asyncio.Semaphore(workers)
+        self._slots = FairSlots(workers)
         self._signup_slots = asyncio.Semaphore(max(1, workers - 1))
         self._dummy: bytes | None = None
 
-    async def _run(self, lanes: tuple[asyncio.Semaphore, ...], fn: Any, *args: Any) -> Any:
-        held: list[asyncio.Semaphore] = []
+    async def _run(self, client: str, signup: bool, fn: Any, *args: Any) -> Any:
+        lane = self._signup_slots if signup else None
+        laned = slotted = False
         try:
             try:
                 async with asyncio.timeout(BCRYPT_WAIT_S):
-                    for lane in lanes:
+                    if lane is not None:
                         await lane.acquire()
-                        held.append(lane)
+                        laned = True
+                    await self._slots.acquire(client)
+                    slotted = True
             except TimeoutError:
                 raise Unavailable("too many logins in progress, try again") from None
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
-            for lane in reversed(held):
+            if slotted:
+                self._slots.release()
+            if laned and lane is not None:
                 lane.release()
 
-    async def hash(self, password: str) -> str:
+    async def hash(self, password: str, client: str = "") -> str:
         """A signup's hash: in the signup lane (see the class)."""
-        return await self._hash(password, (self._signup_slots, self._slots))
+        return await self._hash(password, client, signup=True)
 
-    async def _hash(self, password: str, lanes: tuple[asyncio.Semaphore, ...]) -> str:
+    async def _hash(self, password: str, client: str, *, signup: bool) -> str:
         salt = bcrypt.gensalt(self._rounds)
-        hashed: bytes = await self._run(lanes, bcrypt.hashpw, password.encode(), salt)
+        hashed: bytes = await self._run(client, signup, bcrypt.hashpw, password.encode(), salt)
         return hashed.decode()
 
-    async def verify(self, password: str, hashed: str | None) -> bool:
+    async def verify(self, password: str, hashed: str | None, client: str = "") -> bool:
         """Check a password. With no hash, or a password no signup could have set, burn the
         same time anyway, so answers and timing don't tell which numbers exist."""
         try:
@@ -91,12 +142,12 @@ class Passwords:
         usable = raw is not None and len(raw) <= MAX_PASSWORD_BYTES and b"\x00" not in raw
         if hashed is None or not usable:
             if self._dummy is None:
-                dummy = await self._hash("not-a-real-password", (self._slots,))
+                dummy = await self._hash("not-a-real-password", client, signup=False)
                 self._dummy = dummy.encode()
-            await self._run((self._slots,), bcrypt.checkpw, b"not-the-password", self._dummy)
+            await self._run(client, False, bcrypt.checkpw, b"not-the-password", self._dummy)
             return False
         assert raw is not None
-        return bool(await self._run((self._slots,), bcrypt.checkpw, raw, hashed.encode()))
+        return bool(await self._run(client, False, bcrypt.checkpw, raw, hashed.encode()))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

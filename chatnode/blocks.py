@@ -9,7 +9,9 @@ send to them is judged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 from chatnode import accounts, keys, logs
@@ -43,12 +45,12 @@ return 1
 """
 )
 
-# KEYS: blocks, loading. ARGV: SADD or SREM, the member. One user's half of a block
-# change, made after PostgreSQL committed it; it also stops any reload of this user in
-# flight, which may have read PostgreSQL before the change.
+# KEYS: blocks, loading. ARGV: SADD or SREM, the member, 1 if PostgreSQL changed. One
+# user's half of a block change, made after PostgreSQL committed it; a change also stops
+# any reload of this user in flight, which may have read PostgreSQL before it.
 MIRROR = Script(
     """
-redis.call('DEL', KEYS[2])
+if ARGV[3] == '1' then redis.call('DEL', KEYS[2]) end
 redis.call(ARGV[1], KEYS[1], ARGV[2])
 return 1
 """
@@ -96,28 +98,42 @@ async def _load(batcher: Batcher, mobile: str, copy: accounts.RedisCopy, nonce: 
     return True
 
 
+@contextlib.asynccontextmanager
+async def _pair_lock(conn: Any, me: str, target: str) -> AsyncIterator[None]:
+    """Block changes of one pair, PostgreSQL and then Redis, one at a time: a block and
+    an unblock racing could otherwise leave Redis with the other's answer. (A session
+    lock: the pool's reset on release unlocks it if the unlock here fails.)"""
+    key = f"block|{me}|{target}"
+    await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+
+
 async def block(pool: Any, batcher: Batcher, me: str, target: str) -> None:
     """Record that `me` blocks `target` (idempotent); NotFound if target is unknown."""
     if target == me:
         raise InvalidRequest("you cannot block yourself")
-    async with connection(pool) as conn:
-        found = await conn.fetchval(
+    async with connection(pool) as conn, _pair_lock(conn, me, target):
+        row = await conn.fetchrow(
             "WITH t AS (SELECT id FROM users WHERE mobile_no = $2),"
             " ins AS (INSERT INTO blocks (blocker_id, blocked_id)"
             "   SELECT u.id, t.id FROM users u, t WHERE u.mobile_no = $1"
-            "   ON CONFLICT DO NOTHING)"
-            " SELECT count(*) FROM t",
+            "   ON CONFLICT DO NOTHING RETURNING 1)"
+            " SELECT (SELECT count(*) FROM t) AS found, (SELECT count(*) FROM ins) AS added",
             me,
             target,
         )
-    if not found:
-        raise NotFound("no user has this mobile number")
-    await _mirror(batcher, "SADD", me, target)
+        if not row["found"]:
+            raise NotFound("no user has this mobile number")
+        await _mirror(batcher, "SADD", me, target, changed=row["added"] > 0)
 
 
 async def unblock(pool: Any, batcher: Batcher, me: str, target: str) -> None:
     """Lift a block; NotFound if target is unknown or not blocked by `me`."""
-    async with connection(pool) as conn:
+    async with connection(pool) as conn, _pair_lock(conn, me, target):
         deleted = await conn.fetchval(
             "WITH d AS (DELETE FROM blocks k USING users a, users b"
             " WHERE a.mobile_no = $1 AND b.mobile_no = $2"
@@ -126,13 +142,13 @@ async def unblock(pool: Any, batcher: Batcher, me: str, target: str) -> None:
             me,
             target,
         )
-    # SREM either way: a retry after a failed mirror must still lift the Redis copy
-    await _mirror(batcher, "SREM", me, target)
+        # SREM either way: a retry after a failed mirror must still lift the Redis copy
+        await _mirror(batcher, "SREM", me, target, changed=deleted > 0)
     if not deleted:
         raise NotFound("this number is unknown or not blocked")
 
 
-async def _mirror(batcher: Batcher, command: str, me: str, target: str) -> None:
+async def _mirror(batcher: Batcher, command: str, me: str, target: str, *, changed: bool) -> None:
     """Apply a committed block change to both users' Redis copies.
 
     PostgreSQL is the truth; a Redis copy that missed the change must not outlive it.
@@ -140,7 +156,8 @@ async def _mirror(batcher: Batcher, command: str, me: str, target: str) -> None:
     send to them reloads from PostgreSQL). Unavailable only if that failed too: the
     client's retry runs both steps again (both are idempotent), and meanwhile the drop
     is retried in the background."""
-    halves = {me: (command, target), target: (command, keys.blocked_marker(me))}
+    flag = int(changed)
+    halves = {me: (command, target, flag), target: (command, keys.blocked_marker(me), flag)}
     results = await asyncio.gather(
         *(
             batcher.script(MIRROR, [keys.blocks(user), loading_key(user)], list(args))

@@ -38,6 +38,7 @@ DEFAULT_REFUSALS_BEFORE_CLOSE = 100
 DEFAULT_SIGNUPS_PER_ADDRESS = 100
 DEFAULT_SIGNUP_WINDOW_S = 60
 DEFAULT_LOOKUPS_PER_USER = 300
+DEFAULT_LOOKUPS_PER_ADDRESS = 1000
 DEFAULT_LOOKUP_WINDOW_S = 60
 DEFAULT_UNACKED_MAX_ENTRIES = 256
 DEFAULT_UNACKED_MAX_BYTES = 1024 * 1024
@@ -90,6 +91,7 @@ class Settings:
     signups_per_address: int = DEFAULT_SIGNUPS_PER_ADDRESS
     signup_window_s: int = DEFAULT_SIGNUP_WINDOW_S
     lookups_per_user: int = DEFAULT_LOOKUPS_PER_USER
+    lookups_per_address: int = DEFAULT_LOOKUPS_PER_ADDRESS
     lookup_window_s: int = DEFAULT_LOOKUP_WINDOW_S
     unacked_max_entries: int = DEFAULT_UNACKED_MAX_ENTRIES
     unacked_max_bytes: int = DEFAULT_UNACKED_MAX_BYTES
@@ -135,6 +137,7 @@ class Settings:
             self.signups_per_address,
             self.signup_window_s,
             self.lookups_per_user,
+            self.lookups_per_address,
             self.lookup_window_s,
             self.unacked_max_entries,
             self.unacked_max_bytes,

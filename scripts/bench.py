@@ -162,6 +162,7 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
         # every bench user signs up from 127.0.0.1
         "CHATNODE_SIGNUPS_PER_ADDRESS": "1000000",
         "CHATNODE_LOOKUPS_PER_USER": "1000000",
+        "CHATNODE_LOOKUPS_PER_ADDRESS": "1000000",
     }
     migrate = subprocess.run(
         [sys.executable, "-m", "chatnode", "migrate"],

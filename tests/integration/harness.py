@@ -41,6 +41,7 @@ NODE_ENV = {
     # their own on nodes with small limits
     "CHATNODE_SIGNUPS_PER_ADDRESS": "1000000",
     "CHATNODE_LOOKUPS_PER_USER": "1000000",
+    "CHATNODE_LOOKUPS_PER_ADDRESS": "1000000",
 }
 # A node for floods: a big inbox and no send or frame limits worth the name.
 FLOOD_ENV = {

@@ -557,3 +557,105 @@ async def test_ordinary_names_in_any_script_are_fine(api_a: Api, name: str) -> N
         "POST", "/auth/signup", {"name": name, "mobileNo": new_mobile(), "password": "secret123"}
     )
     assert status == 201, body
+
+
+# -- found by a second attack on the fixes ----------------------------------------------
+
+
+async def test_a_login_flood_from_one_address_does_not_hold_up_others(
+    stack: Stack, workdir: Path, http: aiohttp.ClientSession
+) -> None:
+    """40 wrong logins at once from one address (no account needed), then the owner of an
+    account logs in from another: bcrypt's threads go round the addresses waiting, so
+    the owner waits for a thread, not for the flood (which once made logins 503)."""
+    node = NodeProc(
+        stack,
+        "hard-flood",
+        workdir,
+        CHATNODE_BCRYPT_ROUNDS="10",
+        CHATNODE_TRUSTED_PROXIES="127.0.0.1",
+        CHATNODE_LOGIN_FAILS_PER_ADDRESS="100000",
+    ).start()
+    try:
+        user = await new_user(Api(http, node.http))
+        flooder = new_address()
+        done: list[int] = []
+
+        async def guess() -> None:
+            done.append((await login(http, node, new_mobile(), "wrong-guess", flooder))[0])
+
+        flood = [asyncio.create_task(guess()) for _ in range(40)]
+        await asyncio.sleep(0.3)  # the flood is queued for bcrypt
+        status, body, _ = await login(http, node, user.mobile, user.password, new_address())
+        before = len(done)
+        await asyncio.gather(*flood)
+        assert status == 200, body
+        assert before < 10, f"the owner's login waited for {before} of 40 guesses"
+        assert done.count(401) == 40
+    finally:
+        node.stop()
+
+
+async def test_lookups_are_limited_per_address_too(
+    stack: Stack, workdir: Path, api_a: Api, http: aiohttp.ClientSession
+) -> None:
+    """Accounts are cheap: one address with several of them shares one look-up budget."""
+    node = NodeProc(
+        stack,
+        "hard-lookups",
+        workdir,
+        CHATNODE_TRUSTED_PROXIES="127.0.0.1",
+        CHATNODE_LOOKUPS_PER_USER="5",
+        CHATNODE_LOOKUPS_PER_ADDRESS="7",
+    ).start()
+    try:
+        users = [await new_user(api_a) for _ in range(3)]
+        address = new_address()
+        statuses = []
+        for user in users:
+            for _ in range(3):
+                status, _, _ = await call(
+                    http,
+                    node,
+                    "GET",
+                    "/block-action/list",
+                    token=user.token,
+                    forwarded_for=address,
+                )
+                statuses.append(status)
+        assert statuses == [200] * 7 + [429] * 2
+        status, _, _ = await call(
+            http,
+            node,
+            "GET",
+            "/block-action/list",
+            token=users[2].token,
+            forwarded_for=new_address(),
+        )
+        assert status == 200
+    finally:
+        node.stop()
+
+
+async def test_a_block_and_an_unblock_racing_leave_redis_as_postgresql(
+    api_a: Api, api_b: Api, pool: Any, redis: aioredis.Redis
+) -> None:
+    """Block on one node and unblock on the other at the same moment, 30 times: Redis
+    once could end up 'not blocked' while PostgreSQL said 'blocked'."""
+    me, target = await new_user(api_a), await new_user(api_a)
+    for _ in range(30):
+        await asyncio.gather(
+            api_a.call(
+                "POST", "/block-action/block", {"blockedUserMobileNo": target.mobile}, me.token
+            ),
+            api_b.call(
+                "DELETE",
+                "/block-action/unblock",
+                token=me.token,
+                params={"mobileNo": target.mobile},
+            ),
+        )
+        in_pg = await blocks.has_blocked(pool, me.mobile, target.mobile)
+        in_redis = await redis.sismember(keys.blocks(me.mobile), target.mobile)
+        marker = await redis.sismember(keys.blocks(target.mobile), keys.blocked_marker(me.mobile))
+        assert (in_pg, bool(in_redis), bool(marker)) in ((True, True, True), (False, False, False))

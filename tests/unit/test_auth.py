@@ -43,6 +43,59 @@ async def test_one_worker_is_shared() -> None:
         passwords.close()
 
 
+async def test_slots_go_round_the_clients_waiting() -> None:
+    """One client floods: a second client's request waits for one slot, not the flood."""
+    slots = auth.FairSlots(1)
+    await slots.acquire("flood")
+    order: list[str] = []
+
+    async def one(client: str, name: str) -> None:
+        await slots.acquire(client)
+        order.append(name)
+        await asyncio.sleep(0)
+        slots.release()
+
+    flood = [asyncio.create_task(one("flood", f"f{i}")) for i in range(5)]
+    await asyncio.sleep(0)
+    other = asyncio.create_task(one("other", "o"))
+    await asyncio.sleep(0)
+    slots.release()
+    await asyncio.gather(*flood, other)
+    assert order[:2] == ["f0", "o"] and sorted(order) == ["f0", "f1", "f2", "f3", "f4", "o"]
+
+
+async def test_a_waiter_that_gives_up_leaves_nothing_behind() -> None:
+    slots = auth.FairSlots(1)
+    await slots.acquire("a")
+    gave_up = asyncio.create_task(slots.acquire("b"))
+    await asyncio.sleep(0)
+    gave_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gave_up
+    slots.release()
+    await asyncio.wait_for(slots.acquire("c"), 1)  # the slot came back, not lost to "b"
+    # a waiter cancelled just after it was given the slot passes it on
+    taker = asyncio.create_task(slots.acquire("d"))
+    await asyncio.sleep(0)
+    slots.release()  # resolves taker's future ...
+    taker.cancel()  # ... but it is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await taker
+    await asyncio.wait_for(slots.acquire("e"), 1)
+
+
+async def test_one_client_may_queue_only_so_many() -> None:
+    slots = auth.FairSlots(1, most_waiting=2)
+    await slots.acquire("a")
+    waiting = [asyncio.create_task(slots.acquire("a")) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Unavailable):
+        await slots.acquire("a")
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
 def test_tokens_carry_the_account_id() -> None:
     tokens = auth.Tokens(SECRET, 60)
     token, claims = tokens.issue("+15551234567", 42)
