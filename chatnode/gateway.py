@@ -422,7 +422,8 @@ class Gateway:
                 self.metrics.acked += len(done)
                 self.outbox.answer(s, answer, None)
 
-        inbox.submit_ack(self.batcher, s.mobile, ids, acked)
+        # nobody waits for it (no answer unless it fails): it rides with other work
+        inbox.submit_ack(self.batcher, s.mobile, ids, acked, defer=True)
 
     def _acking(self, s: Session, done: list[Delivered]) -> list[str]:
         """Note ids whose XACK is on its way: a pending read already in flight still

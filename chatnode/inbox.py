@@ -431,8 +431,11 @@ async def fetch(batcher: Batcher, mobile: str, msg_ids: list[str]) -> list[Entry
     return [decode(item[0], item[1]) for reply in replies for item in reply or ()]
 
 
-def submit_ack(batcher: Batcher, mobile: str, msg_ids: list[str], callback: Callback) -> None:
-    """Remove these entries from `mobile`'s inbox: XDEL, then XACK, in one pipeline.
+def submit_ack(
+    batcher: Batcher, mobile: str, msg_ids: list[str], callback: Callback, *, defer: bool = False
+) -> None:
+    """Remove these entries from `mobile`'s inbox: XDEL, then XACK, in one pipeline
+    (with `defer`, the next one that goes out anyway).
 
     Two plain commands cost Redis less than a script. In this order a connection lost
     between them leaves at worst a pending id whose entry is gone, which a pending read
@@ -447,8 +450,9 @@ def submit_ack(batcher: Batcher, mobile: str, msg_ids: list[str], callback: Call
     def acked(reply: Any) -> None:
         callback(failed[0] if failed else reply)
 
-    batcher.submit(deleted, "XDEL", inbox_key, *msg_ids)
-    batcher.submit(acked, "XACK", inbox_key, keys.GROUP, *msg_ids)
+    submit = batcher.defer if defer else batcher.submit
+    submit(deleted, "XDEL", inbox_key, *msg_ids)
+    submit(acked, "XACK", inbox_key, keys.GROUP, *msg_ids)
 
 
 async def ack(batcher: Batcher, mobile: str, msg_ids: list[str]) -> None:

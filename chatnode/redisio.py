@@ -45,6 +45,9 @@ EXPECTED_REPLY_ERRORS = ("NOSCRIPT", "BUSYGROUP", "NOGROUP")
 # it reads again.
 BACKLOG_HIGH = 20_000
 BACKLOG_LOW = 5_000
+# A deferred command rides with the next pipeline that goes out, or goes on its own
+# after this long: work nobody waits for costs no write of its own under load.
+DEFER_S = 0.005
 
 Reply = Any  # a value, or an exception instance: Unavailable, or an expected ResponseError
 Callback = Callable[[Reply], None]
@@ -260,6 +263,7 @@ class Batcher:
         self.high = BACKLOG_HIGH
         self.low = BACKLOG_LOW
         self._relief: list[Callable[[], None]] = []  # waiting for the backlog to shrink
+        self._deferred: asyncio.TimerHandle | None = None
 
     @property
     def backlog(self) -> int:
@@ -305,6 +309,19 @@ class Batcher:
             callback(reply)
 
         self.submit(first, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def defer(self, callback: Callback, *args: Any) -> None:
+        """Queue one command in order like `submit`, but let it wait (at most DEFER_S) for
+        a pipeline that goes out anyway."""
+        self._queue.append((args, callback))
+        if not self._scheduled and self._deferred is None:
+            self._deferred = asyncio.get_running_loop().call_later(DEFER_S, self._due)
+
+    def _due(self) -> None:
+        self._deferred = None
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future resolves with its reply or its error."""
@@ -392,6 +409,9 @@ class Batcher:
         self._relieve()
 
     async def close(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         if self._connecting is not None:
             self._connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

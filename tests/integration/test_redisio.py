@@ -92,3 +92,26 @@ async def test_a_backlog_past_the_high_mark_is_congested_until_below_the_low_mar
         await asyncio.gather(busy, *pings)
     finally:
         await b.close()
+
+
+async def test_a_deferred_command_rides_with_the_next_pipeline_or_goes_alone(
+    stack: Stack,
+) -> None:
+    pipelines: list[int] = []
+    b = Batcher(stack.redis_url, on_pipeline=pipelines.append)
+    key = "test:defer:" + new_mobile()
+    try:
+        await b.run("PING")
+        pipelines.clear()
+        got: list[object] = []
+        b.defer(got.append, "INCR", key)
+        assert await b.call("INCR", key) == 2  # in order, one pipeline of two
+        assert got == [1] and pipelines == [2]
+        b.defer(got.append, "INCR", key)
+        async with asyncio.timeout(1):  # nothing else goes: it goes alone, soon
+            while len(got) < 2:
+                await asyncio.sleep(0.001)
+        assert got == [1, 3] and pipelines == [2, 1]
+        await b.run("DEL", key)
+    finally:
+        await b.close()
