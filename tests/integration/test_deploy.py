@@ -174,6 +174,15 @@ def test_haproxy_denies_metrics_and_openapi_on_the_public_frontend() -> None:
     assert "metrics" in rules and "openapi" in rules
 
 
+@pytest.mark.parametrize(("frontend", "most"), [("frontend http", 64), ("frontend ws", 2000)])
+def test_haproxy_bounds_the_connections_of_one_client_address(frontend: str, most: int) -> None:
+    """A slowloris from one host cannot hold every descriptor of the proxy."""
+    lines = _haproxy_sections()[frontend]
+    assert any(line.startswith("stick-table") and "conn_cur" in line for line in lines)
+    assert "tcp-request connection track-sc0 src" in lines
+    assert f"tcp-request connection reject if {{ sc0_conn_cur gt {most} }}" in lines
+
+
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed here")
 @pytest.mark.timeout(60)
 async def test_through_haproxy_the_token_stays_out_of_its_log_and_internal_paths_are_404(
