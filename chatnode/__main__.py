@@ -180,7 +180,7 @@ def _start_dev_node(i: int, http: int, ws: int, env: dict[str, str]) -> Any:
         f"dev-{i + 1}",
     ]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # dev stops it in order
-    for _ in range(200):
+    for _ in range(600):  # 30 s: a loaded machine starts Python slowly
         if devstack.port_open(ws) or proc.poll() is not None:
             break
         time.sleep(0.05)

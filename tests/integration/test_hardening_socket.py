@@ -115,6 +115,7 @@ async def test_a_message_stored_but_not_yet_delivered_cannot_be_read(
     api = Api(http, strict[0].http)
     alice, bob = await new_user(api), await new_user(api)
     async with connected(strict[0].ws, alice.token) as a, connected(strict[1].ws, bob.token) as b:
+        await asyncio.sleep(0.5)  # bob is live: u1 and u2 are pushed, not read by his catch-up
         await a.send_message(bob.mobile, "first", cid="u1")
         assert (await b.recv_type("message"))["id"] == "u1"
         await a.send_message(bob.mobile, "second", cid="u2")

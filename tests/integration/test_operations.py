@@ -147,6 +147,8 @@ async def test_dev_starts_embedded_services_and_two_nodes_and_stops_on_ctrl_c(
     os.chmod(data, 0o755)
     http_base, ws_base = _consecutive_free_ports(2), _consecutive_free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATNODE_")}
+    errors_path = data / "dev-stderr.txt"
+    errors = errors_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -162,7 +164,7 @@ async def test_dev_starts_embedded_services_and_two_nodes_and_stops_on_ctrl_c(
         str(data / "state"),
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=errors,
     )
     assert proc.stdout is not None
     try:
@@ -170,7 +172,7 @@ async def test_dev_starts_embedded_services_and_two_nodes_and_stops_on_ctrl_c(
         async with asyncio.timeout(90):
             while not lines or "is up" not in lines[-1]:
                 line = (await proc.stdout.readline()).decode()
-                assert line, f"dev exited early: {lines}"
+                assert line, f"dev exited early: {lines} {errors_path.read_text()[-2000:]}"
                 lines.append(line)
         for i in range(2):
             assert f"http://127.0.0.1:{http_base + i}" in "".join(lines)
@@ -191,4 +193,5 @@ async def test_dev_starts_embedded_services_and_two_nodes_and_stops_on_ctrl_c(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        errors.close()
         shutil.rmtree(data, ignore_errors=True)
