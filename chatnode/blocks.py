@@ -16,11 +16,12 @@ from typing import Any
 
 from chatnode import accounts, keys, logs
 from chatnode.accounts import connection
-from chatnode.errors import InvalidRequest, NotFound, Unavailable
+from chatnode.errors import InvalidRequest, NotFound, RateLimited, Unavailable
 from chatnode.redisio import Batcher, Script
 
 log = logs.get(__name__)
 
+PAIR_WAITERS_MAX = 8  # block changes of one pair waiting their turn on a node; then 429
 LOAD_CHUNK = 1000  # set members per script call (Lua unpack fails at about 8,000)
 LOAD_ATTEMPTS = 4
 LOADING_TTL_S = 30
@@ -98,12 +99,38 @@ async def _load(batcher: Batcher, mobile: str, copy: accounts.RedisCopy, nonce: 
     return True
 
 
+_pair_waiting: dict[str, int] = {}
+_pair_turns: dict[str, asyncio.Lock] = {}
+
+
 @contextlib.asynccontextmanager
-async def _pair_lock(conn: Any, me: str, target: str) -> AsyncIterator[None]:
+async def _pair_lock(pool: Any, me: str, target: str) -> AsyncIterator[Any]:
     """Block changes of one pair, PostgreSQL and then Redis, one at a time: a block and
-    an unblock racing could otherwise leave Redis with the other's answer. (A session
-    lock: the pool's reset on release unlocks it if the unlock here fails.)"""
+    an unblock racing could otherwise leave Redis with the other's answer. Requests of a
+    pair wait their turn in this process before they take a pool connection (at most
+    PAIR_WAITERS_MAX of them, then 429), so a burst on one pair cannot fill the pool;
+    across nodes, a PostgreSQL advisory lock (a session lock: the pool's reset on
+    release unlocks it if the unlock here fails). Yields the connection."""
     key = f"block|{me}|{target}"
+    waiting = _pair_waiting.get(key, 0)
+    if waiting >= PAIR_WAITERS_MAX:
+        raise RateLimited("too many changes of this block at once, try again")
+    _pair_waiting[key] = waiting + 1
+    turn = _pair_turns.setdefault(key, asyncio.Lock())
+    try:
+        async with turn, connection(pool) as conn, _advisory(conn, key):
+            yield conn
+    finally:
+        left = _pair_waiting[key] - 1
+        if left:
+            _pair_waiting[key] = left
+        else:
+            del _pair_waiting[key]
+            del _pair_turns[key]
+
+
+@contextlib.asynccontextmanager
+async def _advisory(conn: Any, key: str) -> AsyncIterator[None]:
     await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
     try:
         yield
@@ -116,7 +143,7 @@ async def block(pool: Any, batcher: Batcher, me: str, target: str) -> None:
     """Record that `me` blocks `target` (idempotent); NotFound if target is unknown."""
     if target == me:
         raise InvalidRequest("you cannot block yourself")
-    async with connection(pool) as conn, _pair_lock(conn, me, target):
+    async with _pair_lock(pool, me, target) as conn:
         row = await conn.fetchrow(
             "WITH t AS (SELECT id FROM users WHERE mobile_no = $2),"
             " ins AS (INSERT INTO blocks (blocker_id, blocked_id)"
@@ -133,7 +160,7 @@ async def block(pool: Any, batcher: Batcher, me: str, target: str) -> None:
 
 async def unblock(pool: Any, batcher: Batcher, me: str, target: str) -> None:
     """Lift a block; NotFound if target is unknown or not blocked by `me`."""
-    async with connection(pool) as conn, _pair_lock(conn, me, target):
+    async with _pair_lock(pool, me, target) as conn:
         deleted = await conn.fetchval(
             "WITH d AS (DELETE FROM blocks k USING users a, users b"
             " WHERE a.mobile_no = $1 AND b.mobile_no = $2"

@@ -132,9 +132,19 @@ def _id_list(
     for value in values:
         if not isinstance(value, str) or pattern.match(value) is None:
             raise FrameError(Code.INVALID_FRAME, f"{name} holds a malformed id", ref)
-        if pattern is MSG_ID_RE and any(int(p) > MAX_ID_PART for p in value.split("-")):
-            raise FrameError(Code.INVALID_FRAME, f"{name} holds an id out of range", ref)
+    if pattern is MSG_ID_RE:
+        values = [_stream_id(value, name, ref) for value in values]
     return tuple(dict.fromkeys(values))
+
+
+def _stream_id(value: str, name: str, ref: str | None) -> str:
+    """A stream id as Redis writes it: `007-0` and `7-0` name one entry, and must not
+    pass for two (an ack would then make two receipts)."""
+    ms, _, seq = value.partition("-")
+    parts = int(ms), int(seq)
+    if max(parts) > MAX_ID_PART:
+        raise FrameError(Code.INVALID_FRAME, f"{name} holds an id out of range", ref)
+    return f"{parts[0]}-{parts[1]}"
 
 
 # Server frames: small functions returning the encoded UTF-8 JSON, one per frame type.

@@ -179,7 +179,7 @@ def test_haproxy_bounds_the_connections_of_one_client_address(frontend: str, mos
     """A slowloris from one host cannot hold every descriptor of the proxy."""
     lines = _haproxy_sections()[frontend]
     assert any(line.startswith("stick-table") and "conn_cur" in line for line in lines)
-    assert "tcp-request connection track-sc0 src" in lines
+    assert "tcp-request connection track-sc0 src,ipmask(32,64)" in lines  # v6 by /64
     assert f"tcp-request connection reject if {{ sc0_conn_cur gt {most} }}" in lines
 
 

@@ -659,3 +659,20 @@ async def test_a_block_and_an_unblock_racing_leave_redis_as_postgresql(
         in_redis = await redis.sismember(keys.blocks(me.mobile), target.mobile)
         marker = await redis.sismember(keys.blocks(target.mobile), keys.blocked_marker(me.mobile))
         assert (in_pg, bool(in_redis), bool(marker)) in ((True, True, True), (False, False, False))
+
+
+async def test_a_burst_on_one_block_pair_waits_its_turn_without_filling_the_pool(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
+    """40 blocks of one pair at once on one node: they go one at a time, at most 8 wait
+    (the rest 429), and another user's request is served meanwhile."""
+    me, target, bystander = await new_user(api_a), await new_user(api_a), await new_user(api_a)
+    burst = [
+        api_a.call("POST", "/block-action/block", {"blockedUserMobileNo": target.mobile}, me.token)
+        for _ in range(40)
+    ]
+    other = api_a.call("GET", "/block-action/list", token=bystander.token)
+    *answers, (status, _, _) = await asyncio.gather(*burst, other)
+    assert status == 200
+    statuses = [a[0] for a in answers]
+    assert set(statuses) == {200, 429}  # some waited their turn, the rest were refused

@@ -562,3 +562,9 @@ def test_ack_refuses_stream_ids_past_64_bits() -> None:
     assert err.code == Code.INVALID_FRAME and "out of range" in err.message
     ok = parse_client(enc({"type": "ack", "msgIds": [f"{2**64 - 1}-{2**64 - 1}"]}), ME)
     assert isinstance(ok, Ack)
+
+
+def test_ack_ids_are_written_as_redis_writes_them() -> None:
+    """Leading zeros name the same entry: one id, not several (each would be a receipt)."""
+    frame = parse_client(enc({"type": "ack", "msgIds": ["0005-00", "5-0", "05-0", "6-01"]}), ME)
+    assert frame == Ack(msg_ids=("5-0", "6-1"))
