@@ -103,19 +103,9 @@ class RateLimited(ChatError):
         self.retry_after = retry_after
 
 
-class InvalidFrame(ChatError):
-    code = Code.INVALID_FRAME
-    default_message = "invalid frame"
-
-
 class UnknownRecipient(ChatError):
     code = Code.UNKNOWN_RECIPIENT
     default_message = "no such user"
-
-
-class TooLarge(ChatError):
-    code = Code.TOO_LARGE
-    default_message = "body is over 16384 bytes"
 
 
 class Blocked(ChatError):

@@ -45,9 +45,6 @@ class Bucket:
             return True
         return False
 
-    def retry_after(self) -> float:
-        return max(0.0, (1 - self.tokens) / self.rate)
-
 
 @dataclass(frozen=True, slots=True)
 class Verdict:

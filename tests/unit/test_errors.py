@@ -59,9 +59,7 @@ SUBCLASSES = [
     (errors.NotFound, Code.NOT_FOUND, 404),
     (errors.Conflict, Code.CONFLICT, 409),
     (errors.Unavailable, Code.UNAVAILABLE, 503),
-    (errors.InvalidFrame, Code.INVALID_FRAME, None),
     (errors.UnknownRecipient, Code.UNKNOWN_RECIPIENT, None),
-    (errors.TooLarge, Code.TOO_LARGE, None),
     (errors.Blocked, Code.BLOCKED, None),
     (errors.InboxFull, Code.INBOX_FULL, None),
 ]
@@ -117,8 +115,8 @@ def test_payload_too_large_via_override_is_413() -> None:
 
 
 def test_socket_only_codes_fall_back_to_400() -> None:
-    assert errors.TooLarge().status == 400
     assert errors.InboxFull().status == 400
+    assert errors.Blocked().status == 400
 
 
 def test_close_codes_are_those_of_the_protocol() -> None:
