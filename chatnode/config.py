@@ -6,7 +6,7 @@ import math
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from chatnode import netaddr
@@ -112,9 +112,6 @@ class Settings:
         settings = cls(**values)
         settings.validate()
         return settings
-
-    def with_changes(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
 
     def validate(self) -> None:
         if not (0 < self.heartbeat_s < math.inf and 0 < self.redelivery_s < math.inf):

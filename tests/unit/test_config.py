@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -176,12 +177,6 @@ def test_settings_are_frozen() -> None:
         s.inbox_limit = 1  # type: ignore[misc]
 
 
-def test_with_changes_returns_a_copy() -> None:
-    s = Settings.from_env({"CHATNODE_NODE_ID": "a"})
-    t = s.with_changes(node_id="b")
-    assert (s.node_id, t.node_id) == ("a", "b")
-
-
 # --- secrets never shown -----------------------------------------------------------
 
 
@@ -217,8 +212,8 @@ def test_repr_hides_secrets_given_as_overrides() -> None:
     assert "override-secret-123" not in text
 
 
-def test_repr_hides_secrets_after_with_changes() -> None:
-    text = repr(_secret_settings().with_changes(jwt_secret="changed-secret-456"))
+def test_repr_hides_secrets_after_replace() -> None:
+    text = repr(replace(_secret_settings(), jwt_secret="changed-secret-456"))
     assert "changed-secret-456" not in text
 
 
