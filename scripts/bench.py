@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from loadgen import idle_entry, worker_entry  # noqa: E402
 
 from chatnode import devstack  # noqa: E402
+from tests.pgutil import ensure_database  # noqa: E402
 
 P99_LIMIT_MS = 100.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -148,7 +149,7 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
     if not database_url:
         database_url = "postgresql://127.0.0.1:5432/chatnode_bench"
         if not asyncio.run(
-            devstack.ensure_database("postgresql://127.0.0.1:5432/postgres", "chatnode_bench")
+            ensure_database("postgresql://127.0.0.1:5432/postgres", "chatnode_bench")
         ):
             cluster.owned_pg = devstack.PostgresServer(tmp / "pg", database="chatnode_bench")
             database_url = cluster.owned_pg.start().url

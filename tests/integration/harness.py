@@ -26,6 +26,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from chatnode import devstack
+from tests.pgutil import ensure_database
 
 TEST_DB = "chatnode_test"
 JWT_SECRET = "test-secret-" + "x" * 32
@@ -88,7 +89,7 @@ async def start_stack(tmp: Path) -> Stack:
     database_url = os.environ.get("CHATNODE_TEST_DATABASE_URL", "")
     if not database_url:
         admin = "postgresql://127.0.0.1:5432/postgres"
-        if not embedded and await devstack.ensure_database(admin, TEST_DB):
+        if not embedded and await ensure_database(admin, TEST_DB):
             database_url = f"postgresql://127.0.0.1:5432/{TEST_DB}"
         else:
             # PostgreSQL runs unprivileged when we are root: give it a folder it can reach.
