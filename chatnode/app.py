@@ -11,7 +11,7 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from chatnode import accounts, api, auth, logs, redisio, session, wsserver
+from chatnode import accounts, api, apibase, auth, logs, redisio, session, wsserver
 from chatnode.config import Settings
 from chatnode.frames import MAX_FRAME_BYTES
 from chatnode.gateway import Gateway
@@ -83,7 +83,7 @@ async def eviction_policy(batcher: redisio.Batcher) -> str | None:
 
 
 @web.middleware
-async def body_deadline(request: web.Request, handler: api.Handler) -> web.StreamResponse:
+async def body_deadline(request: web.Request, handler: apibase.Handler) -> web.StreamResponse:
     """Read the body (at most client_max_size) within HTTP_BODY_TIMEOUT_S, before the
     handler: a client that trickles it cannot hold a handler and its connection."""
     if request.can_read_body:
@@ -147,7 +147,7 @@ class Node:
             ),
         ]
         await self._subscribed(router)
-        services = api.Services(
+        services = apibase.Services(
             s, self.batcher, self.pool, router, tokens, self.passwords, metrics, self.health
         )
         self._http = await self._serve_http(

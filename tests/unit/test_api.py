@@ -1,10 +1,10 @@
-"""chatnode.api helpers: which counter a client address falls in; what a name may hold."""
+"""HTTP API helpers: which counter a client address falls in; what a name may hold."""
 
 from __future__ import annotations
 
 import pytest
 
-from chatnode import api, netaddr
+from chatnode import apiauth, netaddr
 from chatnode.errors import InvalidRequest
 
 
@@ -48,9 +48,9 @@ def test_limit_subject(address: str, subject: str) -> None:
 )
 def test_names_refused(name: str) -> None:
     with pytest.raises(InvalidRequest):
-        api.name_field({"name": name})
+        apiauth.name_field({"name": name})
 
 
 @pytest.mark.parametrize("name", ["Zoë", "محمد", "李小龍", "Ana 😀", "O'Brien-Smith", "x" * 64])
 def test_names_kept(name: str) -> None:
-    assert api.name_field({"name": name}) == name
+    assert apiauth.name_field({"name": name}) == name

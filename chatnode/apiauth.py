@@ -1,0 +1,200 @@
+"""The HTTP endpoints of accounts: signup, login, logout."""
+
+from __future__ import annotations
+
+import asyncio
+import unicodedata
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from chatnode import accounts, auth, blocks, keys, logs, ratelimit
+from chatnode.apibase import (
+    SERVICES,
+    Services,
+    client_address,
+    current_user,
+    json_body,
+    mobile_field,
+    ok,
+    string_field,
+)
+from chatnode.config import Settings
+from chatnode.errors import ChatError, Conflict, InvalidCredentials, InvalidRequest, RateLimited
+from chatnode.frames import is_mobile
+from chatnode.redisio import Batcher
+
+log = logs.get(__name__)
+
+# Invisible characters that change how the text around them is shown (bidi overrides and
+# isolates, zero-width characters): a name must not pass for another or reorder what
+# follows it. Most are category Cf anyway; they are listed to say what is meant.
+INVISIBLE = frozenset(
+    [
+        *map(chr, range(0x202A, 0x202F)),  # LRE, RLE, PDF, LRO, RLO
+        *map(chr, range(0x2066, 0x206A)),  # LRI, RLI, FSI, PDI
+        *map(chr, range(0x200B, 0x2010)),  # ZWSP, ZWNJ, ZWJ, LRM, RLM
+        "\u2060",  # word joiner
+        "\ufeff",  # zero-width no-break space
+    ]
+)
+# control, format, surrogate, line and paragraph separator
+UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def name_field(body: dict[str, Any]) -> str:
+    name = string_field(body, "name")
+    if not 1 <= len(name) <= 64 or not name.strip():
+        raise InvalidRequest("name must be 1-64 characters")
+    if any(ch in INVISIBLE or unicodedata.category(ch) in UNPRINTABLE_CATEGORIES for ch in name):
+        raise InvalidRequest("name must not contain control, format or invisible characters")
+    return name
+
+
+def password_field(body: dict[str, Any]) -> str:
+    password = string_field(body, "password")
+    if "\x00" in password:  # bcrypt would silently cut the password there
+        raise InvalidRequest("password must not contain NUL characters")
+    if not 8 <= len(password.encode("utf-8", "surrogatepass")) <= auth.MAX_PASSWORD_BYTES:
+        raise InvalidRequest("password must be 8-72 UTF-8 bytes")
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("password must be valid UTF-8") from None
+    return password
+
+
+async def signup(request: web.Request) -> web.Response:
+    """Create an account. Limited per client address; a taken number is refused before
+    the bcrypt hash (cheap conflicts; the insert still settles a race), and the hash runs
+    in bcrypt's signup lane, so signups cannot take all of the logins' threads."""
+    svc = request.app[SERVICES]
+    body = await json_body(request)
+    name = name_field(body)
+    mobile = mobile_field(body.get("mobileNo"), "mobileNo")
+    password = password_field(body)
+    cfg = svc.settings
+    address = client_address(request)
+    verdict = await ratelimit.hit(
+        svc.batcher, "signup-address", address, cfg.signups_per_address, cfg.signup_window_s
+    )
+    if not verdict.allowed:
+        log.info("signup_limited", address=address)
+        raise RateLimited("too many signups, try again later", retry_after=verdict.retry_after)
+    if await accounts.is_registered(svc.pool, mobile):
+        raise Conflict("this mobile number is already registered")
+    hashed = await svc.passwords.hash(password, address)
+    user_id = await accounts.create_user(svc.pool, mobile, name, hashed, cfg.node_id)
+    try:  # Redis learns of the user now; if it can't, the first send reloads from PostgreSQL
+        await blocks.load_into_redis(svc.pool, svc.batcher, mobile)
+    except Exception as exc:
+        log.warning("signup_redis_copy_failed", user=mobile, error=type(exc).__name__)
+    log.info("signup", user=mobile)
+    return ok(201, message="signed up", id=str(user_id))
+
+
+async def login(request: web.Request) -> web.Response:
+    """Log in. Each attempt reserves its place in the failed-login counters before bcrypt
+    runs (so parallel guesses cannot all pass a limit), and a right password gives its
+    place back. The per-number counter is kept per client address too: a guesser locks
+    the number only from where they guess, and its owner logs in from elsewhere."""
+    svc = request.app[SERVICES]
+    body = await json_body(request)
+    mobile = body.get("mobileNo")
+    password = string_field(body, "password")
+    if not isinstance(mobile, str):
+        raise InvalidRequest("mobileNo must be a string")
+    cfg = svc.settings
+    address = client_address(request)
+    limits = login_limits(cfg, mobile if is_mobile(mobile) else "malformed", address)
+    verdict = await ratelimit.reserve(svc.batcher, limits, cfg.login_fail_window_s)
+    if not verdict.allowed:
+        raise RateLimited(
+            "too many failed logins, try again later", retry_after=verdict.retry_after
+        )
+    try:
+        user = await accounts.find_user(svc.pool, mobile) if is_mobile(mobile) else None
+        good = await svc.passwords.verify(password, user.password_hash if user else None, address)
+    except Exception:  # not a guess: the database or bcrypt could not judge it (503)
+        await ratelimit.release(svc.batcher, limits)
+        raise
+    if user is None or not good:
+        if user is not None:
+            await record_failed_login(svc, user)
+        raise InvalidCredentials()
+    await ratelimit.release(svc.batcher, limits)
+    token, claims = svc.tokens.issue(user.mobile, user.id)
+    svc.tokens.known.remember(user.id, user.mobile)
+    await accounts.record_event(svc.pool, user.id, "login", cfg.node_id)
+    log.info("login", user=user.mobile)
+    return ok(message="logged in", token=token, expiresIn=claims.expires_at - _now())
+
+
+async def record_failed_login(svc: Services, user: accounts.User) -> None:
+    """The audit trail of a wrong password (numbers without an account have no row to
+    point at). A database that cannot take it does not change the answer."""
+    try:
+        await accounts.record_event(svc.pool, user.id, "login_failed", svc.settings.node_id)
+    except Exception as exc:
+        log.warning("login_failed_not_recorded", user=user.mobile, error=type(exc).__name__)
+
+
+async def logout(request: web.Request) -> web.Response:
+    """Revoke the token; done once PostgreSQL and Redis hold the revocation. Closing the
+    socket it opened is best effort: if the route look-up or the message fails, each
+    node's periodic token check closes it anyway."""
+    svc = request.app[SERVICES]
+    claims = await current_user(request)
+    expires = datetime.fromtimestamp(claims.expires_at, UTC)
+    await accounts.revoke_token(svc.pool, claims.uid, claims.jti, expires, svc.settings.node_id)
+    ttl = max(1, claims.expires_at - _now())
+    try:
+        await svc.batcher.run("SET", keys.revoked(claims.jti), "1", "EX", ttl)
+    except ChatError:
+        # PostgreSQL holds the revocation and Redis does not: no node may trust Redis
+        # alone until it holds them all again (they are then copied back)
+        _distrust_redis_revocations(svc.batcher)
+        raise
+    try:
+        route = await svc.batcher.run("GET", keys.route(claims.mobile))
+        svc.router.to_route(route, f"l|{claims.mobile}|{claims.jti}")
+    except Exception as exc:
+        log.warning("logout_close_failed", user=claims.mobile, error=type(exc).__name__)
+    log.info("logout", user=claims.mobile)
+    return ok(message="logged out")
+
+
+_distrusting: set[asyncio.Task[None]] = set()
+
+
+def _distrust_redis_revocations(batcher: Batcher) -> None:
+    """Delete the marker saying Redis holds every revocation, retried for a while in the
+    background (Redis may be away right now)."""
+
+    async def delete() -> None:
+        for pause in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0):
+            await asyncio.sleep(pause)
+            try:
+                await batcher.run("DEL", keys.REVOCATIONS_LOADED)
+                return
+            except ChatError:
+                continue
+        log.error("revocations_marker_not_deleted")
+
+    task = asyncio.get_running_loop().create_task(delete())
+    _distrusting.add(task)
+    task.add_done_callback(_distrusting.discard)
+
+
+def login_limits(settings: Settings, mobile: str, address: str) -> list[tuple[str, str, int]]:
+    """Failed-login counters a login is judged by: per number at this client address,
+    and per client address."""
+    return [
+        ("login-number", f"{mobile}|{address}", settings.login_fails_per_number),
+        ("login-address", address, settings.login_fails_per_address),
+    ]
+
+
+def _now() -> int:
+    return int(datetime.now(UTC).timestamp())
