@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -139,11 +140,11 @@ class Node:
                 self._every(self._redeliver_tick(), self.gateway.redeliver), name="redeliver"
             ),
             asyncio.create_task(
-                self._every_async(s.route_ttl_s / 3, self.gateway.refresh_routes), name="routes"
+                self._every(s.route_ttl_s / 3, self.gateway.refresh_routes), name="routes"
             ),
-            asyncio.create_task(self._every_async(SEEN_FLUSH_S, self._flush_seen), name="seen"),
+            asyncio.create_task(self._every(SEEN_FLUSH_S, self._flush_seen), name="seen"),
             asyncio.create_task(
-                self._every_async(EVICTION_CHECK_S, self._check_eviction), name="eviction"
+                self._every(EVICTION_CHECK_S, self._check_eviction), name="eviction"
             ),
         ]
         await self._subscribed(router)
@@ -239,23 +240,23 @@ class Node:
     def _redeliver_tick(self) -> float:
         return max(0.1, min(self.settings.redelivery_s / 4, 5.0))
 
-    async def _every(self, period: float, fn: Any) -> None:
+    async def _every(self, period: float, sweep: Callable[[], Awaitable[None] | None]) -> None:
+        """Run `sweep` (plain or async) every `period` seconds until cancelled. A failure
+        is logged and the next round runs: with its traceback from plain code (no I/O, so
+        a bug), as one warning line from an async sweep (Redis or PostgreSQL was away)."""
+        name = getattr(sweep, "__name__", "?")
         while True:
             await asyncio.sleep(period)
+            pending = None
             try:
-                fn()
-            except Exception:
-                log.exception("sweep_failed", sweep=getattr(fn, "__name__", "?"))
-
-    async def _every_async(self, period: float, fn: Any) -> None:
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await fn()
+                pending = sweep()
+                if pending is not None:
+                    await pending
             except Exception as exc:
-                log.warning(
-                    "sweep_failed", sweep=getattr(fn, "__name__", "?"), error=type(exc).__name__
-                )
+                if pending is None:
+                    log.exception("sweep_failed", sweep=name)
+                else:
+                    log.warning("sweep_failed", sweep=name, error=type(exc).__name__)
 
     async def _flush_seen(self) -> None:
         assert self.gateway is not None

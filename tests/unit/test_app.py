@@ -1,10 +1,15 @@
-"""chatnode.app.safe_url: URLs in messages people read never show a password."""
+"""chatnode.app: URLs in messages people read never show a password; sweeps outlive
+their failures."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
-from chatnode.app import safe_url
+import pytest
+from structlog.testing import capture_logs
+
+from chatnode.app import Node, safe_url
+from chatnode.config import Settings
 
 
 @pytest.mark.parametrize(
@@ -119,3 +124,31 @@ def test_keyword_dsn_keeps_the_other_keywords() -> None:
 def test_unencoded_separators_in_the_password_do_not_leak_it(password: str) -> None:
     out = safe_url(f"postgresql://chat:{password}@db:5432/chatnode")
     assert out == "postgresql://chat:***@db:5432/chatnode"
+
+
+async def test_a_failing_sweep_is_logged_and_runs_again() -> None:
+    node = Node(Settings.from_env({}))
+    calls: list[str] = []
+
+    def plain() -> None:
+        calls.append("plain")
+        raise RuntimeError("a bug")
+
+    async def remote() -> None:
+        calls.append("remote")
+        raise ConnectionError("Redis is away")
+
+    with capture_logs() as logged:
+        sweeps = [asyncio.create_task(node._every(0.01, fn)) for fn in (plain, remote)]
+        async with asyncio.timeout(5):
+            while calls.count("plain") < 2 or calls.count("remote") < 2:
+                await asyncio.sleep(0.01)
+        for task in sweeps:
+            task.cancel()
+        await asyncio.gather(*sweeps, return_exceptions=True)
+    plain_logs = [e for e in logged if e.get("sweep") == "plain"]
+    remote_logs = [e for e in logged if e.get("sweep") == "remote"]
+    assert plain_logs and all(e["log_level"] == "error" and e["exc_info"] for e in plain_logs)
+    assert remote_logs and all(
+        e["log_level"] == "warning" and e["error"] == "ConnectionError" for e in remote_logs
+    )
