@@ -6,7 +6,7 @@ turn goes out as one write (DESIGN.md, "Batching"). All commands travel over one
 connection, so Redis runs them in the order they were issued: the sends of one socket
 reach an inbox in the order the client sent them. hiredis (the C parser redis-py uses)
 packs the commands and parses the replies; replies reach plain callbacks, with no task
-or timeout object per pipeline. One watchdog gives every reply a deadline.
+or timeout object per pipeline. One watchdog gives every reply a deadline (resp.Wire).
 """
 
 from __future__ import annotations
@@ -14,32 +14,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import socket
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-import hiredis
-from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from chatnode import logs
 from chatnode.errors import Unavailable
+from chatnode.resp import Callback as Callback  # re-exported: callers type their callbacks
+from chatnode.resp import Reply, Wire, handshake, open_connection, options
 
 log = logs.get(__name__)
 
 COMMAND_TIMEOUT_S = 5.0
-CONNECT_TIMEOUT_S = 2.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
-WATCHDOG_S = 0.5
 # Pipelines written and not yet answered. Commands submitted meanwhile wait for a reply and
 # go out together: under load a node makes fewer, larger writes (each costs a syscall on
 # both ends), at the price of at most one Redis round trip of latency.
 MAX_IN_FLIGHT = 2
-EXPECTED_REPLY_ERRORS = ("NOSCRIPT", "BUSYGROUP", "NOGROUP")
 # Commands queued or awaiting replies past which the node stops reading its sockets
 # (Redis is slow: their frames wait in the kernel, not in this process), and below which
 # it reads again.
@@ -48,9 +43,6 @@ BACKLOG_LOW = 5_000
 # A deferred command rides with the next pipeline that goes out, or goes on its own
 # after this long: work nobody waits for costs no write of its own under load.
 DEFER_S = 0.005
-
-Reply = Any  # a value, or an exception instance: Unavailable, or an expected ResponseError
-Callback = Callable[[Reply], None]
 
 _SCRIPTS: list[Script] = []
 
@@ -67,40 +59,6 @@ class Script:
         _SCRIPTS.append(self)
 
 
-def options(url: str) -> dict[str, Any]:
-    """Connection options from a Redis URL (plain TCP or a unix socket)."""
-    opts: dict[str, Any] = dict(parse_url(url))
-    if opts.get("connection_class") not in (None, UnixDomainSocketConnection):
-        raise ValueError("chatnode speaks plain TCP or a unix socket to Redis")
-    return opts
-
-
-def handshake(opts: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """AUTH and SELECT, as the URL asks, to send first on a new connection."""
-    hello: list[tuple[Any, ...]] = []
-    if opts.get("password"):
-        user = opts.get("username")
-        hello.append(("AUTH", user, opts["password"]) if user else ("AUTH", opts["password"]))
-    if opts.get("db"):
-        hello.append(("SELECT", opts["db"]))
-    return hello
-
-
-async def open_connection(opts: dict[str, Any], factory: Callable[[], asyncio.Protocol]) -> Any:
-    """Connect with a timeout and TCP_NODELAY; the protocol instance made by `factory`."""
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(CONNECT_TIMEOUT_S):
-        if opts.get("path"):
-            transport, proto = await loop.create_unix_connection(factory, opts["path"])
-        else:
-            host, port = opts.get("host", "127.0.0.1"), opts.get("port", 6379)
-            transport, proto = await loop.create_connection(factory, host, port)
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return proto
-
-
 async def check(url: str) -> None:
     """Connect, authenticate and PING once; raises what went wrong (for start-up)."""
     wire: Wire = await open_connection(options(url), lambda: Wire(COMMAND_TIMEOUT_S))
@@ -114,129 +72,6 @@ async def check(url: str) -> None:
                 await fut
     finally:
         wire.abort()
-
-
-def meaning(reply: Exception) -> Exception:
-    """Error replies the code handles stay as they are; any other (LOADING while Redis
-    reads its append-only file, OOM, ...) means Redis cannot serve us now."""
-    text = str(reply)
-    if text.startswith("NOSCRIPT"):
-        return NoScriptError(text)
-    if text.startswith(EXPECTED_REPLY_ERRORS):
-        return reply
-    log.warning("redis_error_reply", error=text[:200])
-    return Unavailable("Redis is unavailable")
-
-
-class Wire(asyncio.Protocol):
-    """One RESP connection: commands written in order, replies handed to callbacks in order."""
-
-    def __init__(self, timeout: float, on_settled: Callable[[], None] | None = None) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
-        self._callbacks: deque[Callback] = deque()
-        self._marks: deque[tuple[float, int]] = deque()  # (written at, replies owed until)
-        self._written = 0
-        self._replied = 0
-        self._timeout = timeout
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._on_settled = on_settled
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    @property
-    def usable(self) -> bool:
-        return self.transport is not None and not self.lost.done()
-
-    @property
-    def in_flight(self) -> int:
-        """Pipelines written whose replies have not all come back."""
-        return len(self._marks)
-
-    @property
-    def owed(self) -> int:
-        """Commands written whose replies have not come back."""
-        return len(self._callbacks)
-
-    def send(self, batch: Sequence[tuple[tuple[Any, ...], Callback]]) -> None:
-        """Write the commands as one pipeline; each callback gets its reply in turn."""
-        assert self.transport is not None
-        packed: list[bytes] = []
-        for args, callback in batch:
-            try:
-                packed.append(hiredis.pack_command(args))
-            except (TypeError, ValueError) as exc:  # a bug in a caller: that command only
-                log.error("redis_command_unpackable", command=str(args[0])[:20], error=str(exc))
-                callback(Unavailable("a command could not be sent"))
-                continue
-            self._callbacks.append(callback)
-        if not packed:
-            return
-        self._written += len(packed)
-        self._marks.append((time.monotonic(), self._written))
-        self.transport.write(b"".join(packed))
-        if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().call_later(WATCHDOG_S, self._check)
-
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        callbacks = self._callbacks
-        while True:
-            try:
-                reply = self._reader.gets()
-            except hiredis.ProtocolError:
-                log.error("redis_protocol_error")
-                self.abort()
-                return
-            if reply is False:
-                break
-            self._replied += 1
-            if isinstance(reply, ResponseError):
-                reply = meaning(reply)
-            callback = callbacks.popleft()
-            try:
-                callback(reply)
-            except Exception:
-                log.exception("redis_callback_failed")
-        marks = self._marks
-        while marks and marks[0][1] <= self._replied:
-            marks.popleft()
-        if self._on_settled is not None:
-            self._on_settled()
-
-    def _check(self) -> None:
-        """A reply later than the timeout means Redis is stuck or gone: drop the link."""
-        self._watchdog = None
-        if self.lost.done():
-            return
-        if self._marks and time.monotonic() - self._marks[0][0] > self._timeout:
-            log.warning("redis_reply_timeout", waiting=len(self._callbacks))
-            self.abort()
-            return
-        if self._callbacks:
-            self._watchdog = asyncio.get_running_loop().call_later(WATCHDOG_S, self._check)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-        self.connection_lost(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.lost.done():
-            return
-        self.lost.set_result(None)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        callbacks, self._callbacks = self._callbacks, deque()
-        self._marks.clear()
-        for callback in callbacks:  # every waiter hears of it; none hangs
-            with contextlib.suppress(Exception):
-                callback(Unavailable("Redis is unavailable"))
-        if self._on_settled is not None:
-            self._on_settled()  # commands queued behind this wire: reconnect or fail them
 
 
 class Batcher:

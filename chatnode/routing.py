@@ -12,12 +12,11 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import hiredis
 from redis.exceptions import ResponseError
 
-from chatnode import inbox, keys, logs, redisio
+from chatnode import inbox, keys, logs, redisio, resp
 from chatnode.errors import Unavailable
 from chatnode.redisio import Batcher
 
@@ -105,7 +104,7 @@ class Subscriber:
         on_message: Callable[[str], None],
         on_change: Callable[[], None],
     ) -> None:
-        self._opts = redisio.options(url)
+        self._opts = resp.options(url)
         self._channel = channel
         self._on_message = on_message
         self._on_change = on_change  # the subscription was lost, or is back after a loss
@@ -118,8 +117,8 @@ class Subscriber:
         while True:
             wire: _SubWire | None = None
             try:
-                wire = await redisio.open_connection(self._opts, lambda: _SubWire(self._on_message))
-                await wire.subscribe(redisio.handshake(self._opts), self._channel)
+                wire = await resp.open_connection(self._opts, lambda: _SubWire(self._on_message))
+                await wire.subscribe(resp.handshake(self._opts), self._channel)
                 self.connected.set()
                 if not first:
                     self._on_change()  # messages may have been missed meanwhile
@@ -141,25 +140,21 @@ class Subscriber:
             backoff = min(backoff * 2, redisio.BACKOFF_MAX_S)
 
 
-class _SubWire(asyncio.Protocol):
+class _SubWire(resp.Link):
+    """The subscriber connection: channel messages, pongs, and the replies to its commands."""
+
     def __init__(self, on_message: Callable[[str], None]) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
+        super().__init__()
         self._on_message = on_message
         self._replies: deque[asyncio.Future[Any]] = deque()
         self._pongs = 0
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     async def subscribe(self, hello: list[tuple[Any, ...]], channel: str) -> None:
-        assert self.transport is not None
         loop = asyncio.get_running_loop()
         commands = [*hello, ("SUBSCRIBE", channel)]
         futures = [loop.create_future() for _ in commands]
         self._replies.extend(futures)
-        self.transport.write(b"".join(hiredis.pack_command(c) for c in commands))
+        self.write_commands(commands)
         async with asyncio.timeout(redisio.COMMAND_TIMEOUT_S):
             for fut in futures:
                 reply = await fut
@@ -168,46 +163,29 @@ class _SubWire(asyncio.Protocol):
 
     async def watch(self) -> None:
         """Return when the connection is lost or stops answering pings."""
-        assert self.transport is not None
         while True:
             pongs = self._pongs
-            self.transport.write(hiredis.pack_command(("PING",)))
+            self.write_commands([("PING",)])
             await asyncio.wait([self.lost], timeout=SUBSCRIBER_PING_S)
             if self.lost.done():
                 raise Unavailable("the subscription connection closed")
             if self._pongs == pongs:
                 raise TimeoutError("Redis did not answer a ping on the subscription")
 
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        while True:
+    def on_reply(self, reply: Any) -> None:
+        if isinstance(reply, list) and reply and reply[0] == "message" and len(reply) == 3:
             try:
-                reply = self._reader.gets()
-            except hiredis.ProtocolError:
-                self.abort()
-                return
-            if reply is False:
-                return
-            if isinstance(reply, list) and reply and reply[0] == "message" and len(reply) == 3:
-                try:
-                    self._on_message(reply[2])
-                except Exception:
-                    log.exception("channel_message_failed")
-            elif isinstance(reply, list) and reply and reply[0] == "pong":
-                self._pongs += 1
-            elif self._replies:
-                fut = self._replies.popleft()
-                if not fut.done():
-                    fut.set_result(reply)
+                self._on_message(reply[2])
+            except Exception:
+                log.exception("channel_message_failed")
+        elif isinstance(reply, list) and reply and reply[0] == "pong":
+            self._pongs += 1
+        elif self._replies:
+            fut = self._replies.popleft()
+            if not fut.done():
+                fut.set_result(reply)
 
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-        self.connection_lost(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
+    def on_lost(self) -> None:
         for fut in self._replies:
             if not fut.done():
                 fut.set_result(Unavailable("Redis is unavailable"))

@@ -1,4 +1,5 @@
-"""chatnode.redisio.Wire: RESP in order over one connection, fed bytes without a network."""
+"""chatnode.resp.Wire and chatnode.redisio: RESP in order over one connection, fed bytes
+without a network."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from redis.exceptions import NoScriptError, ResponseError
 
 from chatnode.errors import Unavailable
-from chatnode.redisio import Batcher, Script, Wire, meaning
+from chatnode.redisio import Batcher, Script
+from chatnode.resp import Wire, meaning
 
 
 class Transport:
@@ -131,3 +133,26 @@ def test_batcher_refuses_tls_urls_it_cannot_speak() -> None:
 def test_script_sha_is_the_sha1_of_its_source() -> None:
     source = "return 1"
     assert Script(source).sha == hashlib.sha1(source.encode()).hexdigest()
+
+
+async def test_a_callback_that_aborts_the_wire_ends_the_read() -> None:
+    """The replies after it are not handed to anyone twice: their waiters heard of the loss."""
+    w, t = wire()
+    got: list[Any] = []
+
+    def aborting(reply: Any) -> None:
+        got.append(reply)
+        w.abort()
+
+    w.send([(("PING",), aborting), (("PING",), got.append)])
+    w.data_received(b"+PONG\r\n+PONG\r\n")
+    assert got[0] == "PONG" and isinstance(got[1], Unavailable) and len(got) == 2
+    assert t.aborted and not w.usable
+
+
+async def test_a_protocol_error_aborts_the_wire_and_fails_its_waiters() -> None:
+    w, t = wire()
+    got: list[Any] = []
+    w.send([(("PING",), got.append)])
+    w.data_received(b"?garbage\r\n")
+    assert t.aborted and isinstance(got[0], Unavailable)

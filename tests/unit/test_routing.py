@@ -1,14 +1,17 @@
-"""chatnode.routing.dispatch: decoding node-channel payloads into listener calls."""
+"""chatnode.routing: node-channel payloads decoded into listener calls, and the subscriber
+connection fed bytes without a network."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
 
+from chatnode.errors import Unavailable
 from chatnode.inbox import Entry
-from chatnode.routing import dispatch
+from chatnode.routing import _SubWire, dispatch
 
 
 class Recorder:
@@ -152,3 +155,44 @@ def test_each_payload_makes_exactly_one_call() -> None:
     ):
         dispatch(rec, payload)
     assert [name for name, _ in rec.calls] == ["push", "kick", "logout", "typing"]
+
+
+class Transport:
+    """Records what the subscriber connection writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_subscriber_wire_hands_on_messages_counts_pongs_and_answers_commands() -> None:
+    got: list[str] = []
+    w = _SubWire(got.append)
+    t = Transport()
+    w.connection_made(t)  # type: ignore[arg-type]
+    subscribed = asyncio.ensure_future(w.subscribe([("SELECT", 1)], "ch"))
+    await asyncio.sleep(0)
+    assert t.writes == [b"*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n"]
+    w.data_received(b"+OK\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+    await subscribed
+    w.data_received(
+        b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nk|a|b\r\n*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+    )
+    assert got == ["k|a|b"] and w._pongs == 1
+
+
+async def test_subscriber_wire_loss_fails_a_pending_subscription() -> None:
+    w = _SubWire(lambda _: None)
+    w.connection_made(Transport())  # type: ignore[arg-type]
+    subscribed = asyncio.ensure_future(w.subscribe([], "ch"))
+    await asyncio.sleep(0)
+    w.connection_lost(ConnectionResetError())
+    with pytest.raises(Unavailable):
+        await subscribed
+    assert w.lost.done()
