@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from chatnode import accounts, auth, blocks, keys, logs, ratelimit
+from chatnode import accounts, auth, blocks, channel, keys, logs, ratelimit
 from chatnode.apibase import (
     SERVICES,
     Services,
@@ -158,7 +158,7 @@ async def logout(request: web.Request) -> web.Response:
         raise
     try:
         route = await svc.batcher.run("GET", keys.route(claims.mobile))
-        svc.router.to_route(route, f"l|{claims.mobile}|{claims.jti}")
+        svc.router.to_route(route, channel.logout(claims.mobile, claims.jti))
     except Exception as exc:
         log.warning("logout_close_failed", user=claims.mobile, error=type(exc).__name__)
     log.info("logout", user=claims.mobile)

@@ -2,8 +2,8 @@
 
 Each node subscribes to its own channel only; a message goes only to the node named in
 the recipient's route key. Inbox entries are published by the scripts that store them
-(inbox.py); nodes publish kicks and logouts. A publish to a dead node is harmless: the
-entry waits in the inbox.
+(inbox.py); nodes publish kicks and logouts (channel.py writes and reads them all). A
+publish to a dead node is harmless: the entry waits in the inbox.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import orjson
 from redis.exceptions import ResponseError
 
-from chatnode import inbox, keys, logs, redisio, resp
+from chatnode import channel, inbox, keys, logs, redisio, resp
 from chatnode.errors import Unavailable
 from chatnode.redisio import Batcher
 
@@ -36,22 +37,29 @@ class Listener(Protocol):
 
 def dispatch(listener: Listener, payload: str) -> None:
     """Decode one channel message and hand it to the listener."""
-    kind, _, rest = payload.partition("|")
-    if kind == "e":
-        owner, token, entries = inbox.parse_push(rest)
-        if entries is None:
-            log.error("channel_push_malformed", user=owner)
-        listener.on_push(owner, token, entries)
-        return
-    parts = rest.split("|")
-    if kind == "k" and len(parts) == 2:
-        listener.on_kick(parts[0], parts[1])
-    elif kind == "l" and len(parts) == 2:
-        listener.on_logout(parts[0], parts[1])
-    elif kind == "t" and len(parts) == 3:
-        listener.on_typing(parts[0], parts[1], parts[2])
-    else:
-        log.warning("channel_message_unknown", kind=kind)
+    match channel.decode(payload):
+        case channel.Push(owner, token, data):
+            entries = pushed_entries(data)
+            if entries is None:
+                log.error("channel_push_malformed", user=owner)
+            listener.on_push(owner, token, entries)
+        case channel.Kick(mobile, session):
+            listener.on_kick(mobile, session)
+        case channel.Logout(mobile, jti):
+            listener.on_logout(mobile, jti)
+        case channel.Typing(to, sender, state):
+            listener.on_typing(to, sender, state)
+        case None:
+            pass
+
+
+def pushed_entries(data: str) -> list[inbox.Entry] | None:
+    """The entries of a push (cjson's array of XREADGROUP's entries); None if they cannot
+    be read (they are pending in the group all the same)."""
+    try:
+        return [inbox.decode(str(msg_id), fields) for msg_id, fields in orjson.loads(data)]
+    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return None
 
 
 class Router:

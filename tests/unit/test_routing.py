@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from chatnode import channel, keys
 from chatnode.errors import Unavailable
 from chatnode.inbox import Entry
 from chatnode.routing import _SubWire, dispatch
@@ -44,7 +45,7 @@ def calls_for(payload: str) -> list[tuple[str, tuple[Any, ...]]]:
 
 def push_payload(owner: str, token: str, entries: list[tuple[str, list[str]]]) -> str:
     """What the send and receipt scripts publish (cjson's encoding of XREADGROUP's reply)."""
-    return f"e|{owner}|{token}|" + json.dumps([[i, f] for i, f in entries])
+    return channel.push(owner, token, json.dumps([[i, f] for i, f in entries]))
 
 
 def test_push_of_a_message_decodes_its_frame() -> None:
@@ -112,7 +113,7 @@ def test_typing(state: str) -> None:
 
 
 def test_typing_argument_order_is_to_then_sender() -> None:
-    # gateway publishes f"t|{frame.to}|{sender}|{state}"
+    # presence publishes channel.typing(frame.to, sender, state)
     (
         (
             name,
@@ -143,6 +144,18 @@ def test_typing_argument_order_is_to_then_sender() -> None:
 )
 def test_unknown_or_malformed_payload_calls_nothing(payload: str) -> None:
     assert calls_for(payload) == []
+
+
+def test_what_the_encoders_write_decodes_to_the_same_fields() -> None:
+    assert channel.decode(channel.kick("+1555", "s1")) == channel.Kick("+1555", "s1")
+    assert channel.decode(channel.logout("+1555", "j1")) == channel.Logout("+1555", "j1")
+    assert channel.decode(channel.typing("a", "b", "stop")) == channel.Typing("a", "b", "stop")
+    assert channel.decode(channel.push("a", "t", "[]")) == channel.Push("a", "t", "[]")
+    assert calls_for(channel.kick("1234567", "s")) == [("kick", ("1234567", "s"))]
+
+
+def test_the_lua_that_pushes_entries_takes_its_tag_from_the_codec() -> None:
+    assert f"'{channel.PUSH}|' .. owner" in keys.LUA_ROUTES
 
 
 def test_each_payload_makes_exactly_one_call() -> None:
