@@ -22,6 +22,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from chatnode import logs
+from chatnode.tasks import TaskSet
 
 log = logs.get(__name__)
 
@@ -102,7 +103,7 @@ class Conn(asyncio.Protocol):
             if isinstance(event, Frame):
                 self._on_frame(event)
             elif isinstance(event, Request):
-                self.server.spawn(self._handshake(event))
+                self.server.tasks.spawn(self._handshake(event))
         if ws.state is not State.OPEN:
             self._ended()  # a close frame, or a frame the protocol refused
 
@@ -288,7 +289,7 @@ class Server:
         self.conns: set[Conn] = set()
         self.idle = asyncio.Event()  # set while no connection is open
         self.idle.set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet()  # handshakes waiting for the handler's authorize
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -298,11 +299,6 @@ class Server:
             lambda: Conn(self), host, port, backlog=HANDSHAKE_BACKLOG, reuse_address=True
         )
         self._sweeper = loop.create_task(self._sweep_forever(), name="ws-sweep")
-
-    def spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _sweep_forever(self) -> None:
         period = min(1.0, self.heartbeat_s / 4)
@@ -343,10 +339,7 @@ class Server:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1)
+        await self.tasks.cancel(1)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1):
