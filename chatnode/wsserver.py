@@ -256,15 +256,19 @@ class Conn(asyncio.Protocol):
 
     @staticmethod
     def _half_close(transport: asyncio.Transport) -> None:
-        """Send EOF, or close when EOF cannot be sent. uvloop raises from write_eof on a
-        socket the peer already reset; that must not end a sweep or a drain part-way."""
+        """Send EOF, or close when EOF cannot be sent.
+
+        write_eof raises OSError on a socket the peer already reset (uvloop; asyncio's
+        shutdown() too) and RuntimeError on a closed uvloop handle. The socket is dead
+        then: abort it, and let the read or the closing of many sockets go on."""
+        if not transport.can_write_eof():
+            transport.close()
+            return
         try:
-            if transport.can_write_eof():
-                transport.write_eof()
-                return
-        except Exception as exc:
+            transport.write_eof()
+        except (OSError, RuntimeError) as exc:
             log.debug("ws_write_eof_failed", error=type(exc).__name__)
-        transport.close()
+            transport.abort()
 
 
 class Server:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from typing import Any
+from typing import Any, cast
 
+import pytest
 from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
@@ -218,28 +219,83 @@ async def test_frames_that_come_with_a_close_frame_still_count() -> None:
 
 
 class EofFails(Transport):
-    """uvloop's transport raises from write_eof when the peer reset the socket."""
+    """uvloop's transport raises from write_eof when the peer reset the socket (OSError)
+    or its handle is closed (RuntimeError)."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__()
+        self.error = error or OSError(107, "Transport endpoint is not connected")
 
     def write_eof(self) -> None:
-        raise OSError(107, "Transport endpoint is not connected")
+        raise self.error
 
 
-async def test_a_failing_write_eof_closes_the_transport_instead_of_raising() -> None:
-    h = Handler()
-    conn = Conn(server(h))
-    t = EofFails()
+async def opened_on(t: Transport, h: Handler, srv: Server | None = None) -> Conn:
+    conn = Conn(srv or server(h))
     conn.connection_made(t)  # type: ignore[arg-type]
     conn.data_received(request_bytes())
     for _ in range(5):
         await asyncio.sleep(0)
+    return conn
+
+
+@pytest.mark.parametrize(
+    "error", [OSError(107, "Transport endpoint is not connected"), RuntimeError("closed")]
+)
+async def test_a_failing_write_eof_aborts_the_transport_instead_of_raising(
+    error: Exception,
+) -> None:
+    h = Handler()
+    t = EofFails(error)
+    conn = await opened_on(t, h)
     conn.close(1012, "node restarting")
     conn.data_received(client_frame(Opcode.CLOSE, Close(1012, "").serialize()))
-    assert t.closed and len(h.closed) == 1
+    assert t.aborted and not t.closed and len(h.closed) == 1
 
 
-async def test_a_peer_eof_with_a_failing_write_eof_closes_the_transport() -> None:
+async def test_a_peer_eof_with_a_failing_write_eof_aborts_the_transport() -> None:
     conn, _, _ = await opened()
     t = EofFails()
     conn.transport = t  # type: ignore[assignment]
     assert conn.eof_received() is False
-    assert t.closed
+    assert t.aborted
+
+
+async def test_a_refused_handshake_with_a_failing_write_eof_aborts_the_transport() -> None:
+    h = Handler(refuse=True)
+    t = EofFails()
+    await opened_on(t, h)
+    assert t.data.startswith(b"HTTP/1.1 401 ") and t.aborted
+
+
+async def test_a_transport_that_cannot_write_eof_is_closed() -> None:
+    class NoEof(Transport):
+        def can_write_eof(self) -> bool:
+            return False
+
+    h = Handler(refuse=True)
+    t = NoEof()
+    await opened_on(t, h)
+    assert t.closed and not t.eof and not t.aborted
+
+
+async def test_closing_every_socket_goes_on_past_sockets_whose_write_eof_raises() -> None:
+    """What a drain does: close each socket with 1012, then each peer echoes the close
+    (the server's EOF follows); the failing sockets are aborted, and the sweep after it
+    still pings and times out the others."""
+    h = Handler()
+    srv = server(h, heartbeat_s=10.0, close_timeout=2.0)
+    transports = [EofFails(), Transport(), EofFails(RuntimeError("closed")), Transport()]
+    conns = [await opened_on(t, h, srv) for t in transports]
+    live = await opened_on(Transport(), h, srv)  # not closed: the sweep pings it
+    for conn in conns:
+        conn.close(1012, "node restarting")
+    for conn in conns:
+        conn.data_received(client_frame(Opcode.CLOSE, Close(1012, "").serialize()))
+    assert [t.aborted for t in transports] == [True, False, True, False]
+    assert [t.eof for t in transports] == [False, True, False, True]
+    assert len(h.closed) == 4
+    srv.sweep(live.next_ping)
+    assert [f.opcode for f in server_frames(cast(Transport, live.transport).data)] == [Opcode.PING]
+    srv.sweep(conns[1].deadline + 0.1)  # the closes that did not finish are aborted
+    assert transports[1].aborted and transports[3].aborted
