@@ -12,8 +12,9 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from chatnode import accounts, api, apibase, auth, logs, redisio, session, wsserver
+from chatnode import accounts, api, apibase, auth, logs, redisio, wsserver
 from chatnode.config import Settings
+from chatnode.core.answers import OUT_BUFFER_LOW
 from chatnode.frames import MAX_FRAME_BYTES
 from chatnode.gateway import Gateway
 from chatnode.health import REQUIRED_EVICTION_POLICY, Health
@@ -160,7 +161,7 @@ class Node:
             self.gateway,
             max_size=MAX_FRAME_BYTES,
             heartbeat_s=s.heartbeat_s,
-            write_high=session.OUT_BUFFER_LOW,
+            write_high=OUT_BUFFER_LOW,
         )
         try:
             await self._ws_server.start(s.host, s.ws_port)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from chatnode import channel
+
 GROUP = "g"
 CONSUMER = "c"  # one session per user, so one consumer per inbox
 DEDUPE_TTL_S = 24 * 3600
@@ -72,11 +74,6 @@ def route_value(node_id: str, session: str) -> str:
     return f"{node_id}|{session}"
 
 
-def live_route(route: str, token: str) -> str:
-    """The route of a live session, `node|session|token`: sends push entries to it."""
-    return f"{route}|{token}"
-
-
 def parse_route(value: str | None) -> tuple[str, str] | None:
     """(node, session) of a route value, live or not."""
     if not value:
@@ -104,7 +101,7 @@ local function push(inbox, route, owner)
                           'STREAMS', inbox, '>')
   if type(res) == 'table' and res[1] then
     redis.pcall('PUBLISH', '{NODE_CHANNEL_PREFIX}' .. node,
-                'e|' .. owner .. '|' .. token .. '|' .. cjson.encode(res[1][2]))
+                '{channel.PUSH}|' .. owner .. '|' .. token .. '|' .. cjson.encode(res[1][2]))
   end
 end
 """

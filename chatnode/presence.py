@@ -6,9 +6,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from chatnode import accounts, blocks, keys
+from chatnode import accounts, blocks, channel, keys
 from chatnode.errors import NotFound, Unavailable
-from chatnode.redisio import Batcher, Callback, Script
+from chatnode.redisio import Batcher, Script
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -20,7 +20,9 @@ CLAIM = Script(
 local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-redis.pcall('XGROUP', 'CREATE', KEYS[3], 'g', '0', 'MKSTREAM')
+redis.pcall('XGROUP', 'CREATE', KEYS[3], '"""
+    + keys.GROUP
+    + """', '0', 'MKSTREAM')
 return old
 """
 )
@@ -64,17 +66,16 @@ def iso(ms: int) -> str:
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def claim(batcher: Batcher, mobile: str, route: str, ttl_s: int, callback: Callback) -> None:
-    """Point the user's route at this session; `callback` gets the previous route or None.
-
-    Last seen is stamped too, so a node that dies before its first refresh still
+def claim_call(mobile: str, route: str, ttl_s: int, ms: int) -> tuple[list[str], list[Any]]:
+    """CLAIM: point the user's route at this session; the reply is the previous route or
+    None. Last seen is stamped too, so a node that dies before its first refresh still
     leaves a plausible time behind."""
-    batcher.submit_script(
-        callback,
-        CLAIM,
-        [keys.route(mobile), keys.seen(mobile), keys.inbox(mobile)],
-        [route, ttl_s, now_ms(), keys.SEEN_TTL_S],
-    )
+    return [keys.route(mobile), keys.seen(mobile), keys.inbox(mobile)], [
+        route,
+        ttl_s,
+        ms,
+        keys.SEEN_TTL_S,
+    ]
 
 
 def refresh(batcher: Batcher, mobile: str, route: str, ttl_s: int, ms: int) -> Any:
@@ -84,10 +85,9 @@ def refresh(batcher: Batcher, mobile: str, route: str, ttl_s: int, ms: int) -> A
     )
 
 
-def release(batcher: Batcher, mobile: str, route: str, ms: int, callback: Callback) -> None:
-    batcher.submit_script(
-        callback, RELEASE, [keys.route(mobile), keys.seen(mobile)], [route, ms, keys.SEEN_TTL_S]
-    )
+def release_call(mobile: str, route: str, ms: int) -> tuple[list[str], list[Any]]:
+    """RELEASE: the route goes if it is still this session's; last seen is stamped."""
+    return [keys.route(mobile), keys.seen(mobile)], [route, ms, keys.SEEN_TTL_S]
 
 
 async def last_seen(pool: Any, batcher: Batcher, viewer: str, target: str) -> dict[str, Any]:
@@ -128,11 +128,10 @@ return 1
 )
 
 
-def typing(batcher: Batcher, sender: str, to: str, state: str, callback: Callback) -> None:
-    """Forward a typing frame to the recipient's node unless a block stands between them."""
-    batcher.submit_script(
-        callback,
-        TYPING,
-        [keys.account(to), keys.blocks(to), keys.route(to)],
-        [sender, f"t|{to}|{sender}|{state}"],
-    )
+def typing_call(sender: str, to: str, state: str) -> tuple[list[str], list[Any]]:
+    """TYPING: forward a typing frame to the recipient's node unless a block stands
+    between them."""
+    return [keys.account(to), keys.blocks(to), keys.route(to)], [
+        sender,
+        channel.typing(to, sender, state),
+    ]

@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import orjson
 from redis.exceptions import ResponseError
 
 from chatnode import channel, inbox, keys, logs, redisio, resp
@@ -39,7 +38,7 @@ def dispatch(listener: Listener, payload: str) -> None:
     """Decode one channel message and hand it to the listener."""
     match channel.decode(payload):
         case channel.Push(owner, token, data):
-            entries = pushed_entries(data)
+            entries = inbox.pushed_entries(data)
             if entries is None:
                 log.error("channel_push_malformed", user=owner)
             listener.on_push(owner, token, entries)
@@ -51,15 +50,6 @@ def dispatch(listener: Listener, payload: str) -> None:
             listener.on_typing(to, sender, state)
         case None:
             pass
-
-
-def pushed_entries(data: str) -> list[inbox.Entry] | None:
-    """The entries of a push (cjson's array of XREADGROUP's entries); None if they cannot
-    be read (they are pending in the group all the same)."""
-    try:
-        return [inbox.decode(str(msg_id), fields) for msg_id, fields in orjson.loads(data)]
-    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
-        return None
 
 
 class Router:

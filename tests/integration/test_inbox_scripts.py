@@ -10,8 +10,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from chatnode import frames, inbox, keys, presence
-from chatnode.redisio import Batcher, resolver
+from chatnode import channel, frames, inbox, keys, lua, presence
+from chatnode.redisio import Batcher
 from tests.integration.harness import Stack, new_mobile
 
 
@@ -22,11 +22,22 @@ async def batcher(stack: Stack) -> AsyncIterator[Batcher]:
     await b.close()
 
 
-async def call(submit: Any, *args: Any) -> Any:
-    """Run a callback-style inbox function and return what its callback got."""
-    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    submit(*args, resolver(fut))
-    return await fut
+def live_route(route: str, token: str) -> str:
+    """A live route as GO_LIVE writes it: `node|session|token`."""
+    return f"{route}|{token}"
+
+
+async def go_live(batcher: Batcher, mobile: str, route: str, token: str, ttl: int) -> Any:
+    reply = await batcher.script(lua.GO_LIVE, *inbox.go_live_call(mobile, route, token, ttl))
+    return inbox.go_live_result(reply)
+
+
+async def unlive(batcher: Batcher, mobile: str, route: str) -> Any:
+    return await batcher.script(lua.UNLIVE, *inbox.unlive_call(mobile, route))
+
+
+async def read_pending(batcher: Batcher, mobile: str, cursor: str) -> Any:
+    return inbox.pending_entries(await batcher.run(*inbox.pending_call(mobile, cursor)))
 
 
 async def user(redis: aioredis.Redis) -> str:
@@ -39,7 +50,7 @@ async def user(redis: aioredis.Redis) -> str:
 
 async def send(batcher: Batcher, sender: str, to: str, cid: str, body: str = "hi") -> Any:
     frame = frames.Send(cid, to, body)
-    return inbox.stored(await call(inbox.submit_message, batcher, sender, frame, 1, 100))
+    return inbox.stored(await batcher.script(lua.SEND, *inbox.message_call(sender, frame, 1, 100)))
 
 
 async def subscribe(redis: aioredis.Redis, node: str) -> Any:
@@ -63,7 +74,7 @@ async def test_send_to_a_live_route_pushes_the_entry_and_records_it_as_pending(
     batcher: Batcher, redis: aioredis.Redis
 ) -> None:
     alice, bob = await user(redis), await user(redis)
-    await redis.set(keys.route(bob), keys.live_route("node-x|s1", "tok"))
+    await redis.set(keys.route(bob), live_route("node-x|s1", "tok"))
     pubsub = await subscribe(redis, "node-x")
     try:
         stored = await send(batcher, alice, bob, "c1", "hello | world")
@@ -71,9 +82,9 @@ async def test_send_to_a_live_route_pushes_the_entry_and_records_it_as_pending(
     finally:
         await pubsub.aclose()
     assert payload is not None
-    kind, _, rest = payload.partition("|")
-    owner, token, entries = inbox.parse_push(rest) or ("", "", [])
-    assert (kind, owner, token) == ("e", bob, "tok")
+    push = channel.decode(payload)
+    assert isinstance(push, channel.Push) and (push.owner, push.token) == (bob, "tok")
+    entries = inbox.pushed_entries(push.entries) or []
     assert [e.msg_id for e in entries] == [stored.msg_id]
     assert orjson.loads(entries[0].frame)["body"] == "hello | world"
     assert (await redis.xpending(keys.inbox(bob), keys.GROUP))["pending"] == 1
@@ -102,14 +113,14 @@ async def test_go_live_reads_what_is_new_then_turns_the_route_live(
     await redis.set(keys.route(bob), route, ex=60)
     first = await send(batcher, alice, bob, "c1")
     second = await send(batcher, alice, bob, "c2")
-    got = await call(inbox.go_live, batcher, bob, route, "t1", 60)
+    got = await go_live(batcher, bob, route, "t1", 60)
     assert [e.msg_id for e in got] == [first.msg_id, second.msg_id]
     assert await redis.get(keys.route(bob)) == route  # not live while there was more
-    assert await call(inbox.go_live, batcher, bob, route, "t1", 60) == "live"
-    assert await redis.get(keys.route(bob)) == keys.live_route(route, "t1")
+    assert await go_live(batcher, bob, route, "t1", 60) == "live"
+    assert await redis.get(keys.route(bob)) == live_route(route, "t1")
     assert 0 < await redis.ttl(keys.route(bob)) <= 60  # KEEPTTL
-    assert await call(inbox.unlive, batcher, bob, route) == 1
-    assert await call(inbox.read_pending, batcher, bob, "0") != []
+    assert await unlive(batcher, bob, route) == 1
+    assert await read_pending(batcher, bob, "0") != []
     assert await redis.get(keys.route(bob)) == route
 
 
@@ -118,12 +129,12 @@ async def test_go_live_is_refused_to_a_replaced_session_and_remakes_a_lost_route
 ) -> None:
     bob = await user(redis)
     await redis.set(keys.route(bob), "node-b|newer")
-    assert await call(inbox.go_live, batcher, bob, "node-a|older", "t", 60) == "gone"
-    assert await call(inbox.unlive, batcher, bob, "node-a|older") == 1  # not ours: untouched
-    assert await call(inbox.read_pending, batcher, bob, "0") == []
+    assert await go_live(batcher, bob, "node-a|older", "t", 60) == "gone"
+    assert await unlive(batcher, bob, "node-a|older") == 1  # not ours: untouched
+    assert await read_pending(batcher, bob, "0") == []
     assert await redis.get(keys.route(bob)) == "node-b|newer"
     await redis.delete(keys.route(bob))  # Redis lost it
-    assert await call(inbox.go_live, batcher, bob, "node-a|older", "t", 60) == "live"
+    assert await go_live(batcher, bob, "node-a|older", "t", 60) == "live"
     assert await redis.get(keys.route(bob)) == "node-a|older|t"
 
 
@@ -134,16 +145,14 @@ async def test_pending_entries_come_back_until_acked_and_ack_removes_them(
     route = "node-p|s1"
     await redis.set(keys.route(bob), route, ex=60)
     stored = [await send(batcher, alice, bob, f"c{i}") for i in range(3)]
-    await call(inbox.go_live, batcher, bob, route, "t", 60)  # reads all three
-    pending = await call(inbox.read_pending, batcher, bob, "0")
+    await go_live(batcher, bob, route, "t", 60)  # reads all three
+    pending = await read_pending(batcher, bob, "0")
     assert [e.msg_id for e in pending] == [s.msg_id for s in stored]
-    after_first = await call(inbox.read_pending, batcher, bob, stored[0].msg_id)
+    after_first = await read_pending(batcher, bob, stored[0].msg_id)
     assert [e.msg_id for e in after_first] == [s.msg_id for s in stored[1:]]
     await inbox.ack(batcher, bob, [stored[0].msg_id, stored[1].msg_id])
     assert await redis.xlen(keys.inbox(bob)) == 1
-    assert [e.msg_id for e in await call(inbox.read_pending, batcher, bob, "0")] == [
-        stored[2].msg_id
-    ]
+    assert [e.msg_id for e in await read_pending(batcher, bob, "0")] == [stored[2].msg_id]
 
 
 async def test_a_repeated_send_id_is_stored_once_with_the_same_msgid(
@@ -161,9 +170,9 @@ async def test_refresh_keeps_a_live_token_and_tells_replaced_from_lost(
 ) -> None:
     bob = await user(redis)
     mine = "node-r|s1"
-    await redis.set(keys.route(bob), keys.live_route(mine, "tok"), ex=5)
+    await redis.set(keys.route(bob), live_route(mine, "tok"), ex=5)
     assert await presence.refresh(batcher, bob, mine, 60, 1) == 1
-    assert await redis.get(keys.route(bob)) == keys.live_route(mine, "tok")
+    assert await redis.get(keys.route(bob)) == live_route(mine, "tok")
     assert await redis.ttl(keys.route(bob)) > 5
     await redis.delete(keys.route(bob))
     assert await presence.refresh(batcher, bob, mine, 60, 2) == 2

@@ -1,0 +1,153 @@
+"""What a socket core asks its driver to do, and what it reads from the node."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from chatnode import frames, inbox
+from chatnode.config import Settings
+from chatnode.metrics import Metrics
+from chatnode.redisio import Script
+
+Then = Callable[[Any], None]
+
+
+@dataclass(slots=True)
+class Call:
+    """A Redis command, or a script when `script` is set (`args` are then its keys and
+    argv). Calls go to Redis in the order they were made; `then` takes the reply (a value,
+    or an exception instance). `defer`: it may ride with the next pipeline."""
+
+    args: Sequence[Any]
+    then: Then | None = None
+    script: Script | None = None
+    argv: Sequence[Any] = ()
+    defer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the socket after writing `last` (what was queued before the close)."""
+
+    code: int
+    reason: str
+    last: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A message on another node's channel (e.g. close the user's older session)."""
+
+    node: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """Pause (False) or resume (True) reading the socket."""
+
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunSlow:
+    """The slow lane has work: the driver runs `SocketCore.lane.next()` jobs one by one."""
+
+
+Action = Call | Close | Publish | Reading | RunSlow
+
+
+# -- slow jobs: work that may need PostgreSQL, run by slowpath.py one at a time per socket
+
+
+@dataclass(frozen=True, slots=True)
+class StoreMessage:
+    """The send script again, loading the recipient from PostgreSQL first: a Stored."""
+
+    sender: str
+    frame: frames.Send
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchEntries:
+    """The entries of the owner's inbox with these ids, those still there."""
+
+    owner: str
+    msg_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreReceipts:
+    """Store receipts (loading owners; an unknown owner is skipped), then XDEL and XACK
+    `ack_ids` from the acker's inbox."""
+
+    acker: str
+    receipts: list[inbox.Receipt]
+    ack_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRead:
+    """Store one read receipt, loading its owner: UnknownRecipient or InboxFull raised."""
+
+    receipt: inbox.Receipt
+
+
+@dataclass(frozen=True, slots=True)
+class CheckKnown:
+    """UnknownRecipient unless the user has an account."""
+
+    mobile: str
+
+
+Job = StoreMessage | FetchEntries | StoreReceipts | StoreRead | CheckKnown
+
+# What a slow job's result (or its exception) becomes: the answer frame (or None), or
+# the next job for the same place in the lane. It raises ChatError to answer an error.
+Finish = Callable[[Any], "bytes | Next | None"]
+
+
+@dataclass(slots=True)
+class Next:
+    job: Job
+    finish: Finish
+
+
+# -- what a core reads
+
+
+class Clock:
+    """Time as the core sees it; tests pass one they move by hand."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def perf(self) -> float:
+        return time.perf_counter()
+
+    def ms(self) -> int:
+        """Wall time in milliseconds since the epoch (message and receipt stamps)."""
+        return int(time.time() * 1000)
+
+
+class WriteBuffer(Protocol):
+    """The socket's write side as the core may look at it: how far behind it is."""
+
+    paused: bool
+
+    def buffered(self) -> int: ...
+
+
+@dataclass(slots=True)
+class Node:
+    """What every core of a node shares: settings, counters, the clock, and whether the
+    node hears its channel (a session goes live only while it does)."""
+
+    settings: Settings
+    metrics: Metrics
+    clock: Clock = field(default_factory=Clock)
+    channel_up: Callable[[], bool] = lambda: True

@@ -1,0 +1,313 @@
+"""One authenticated socket, without I/O: frames in, Redis calls and frames out.
+
+A frame is handled when it arrives: its Redis work becomes a `Call` whose reply comes
+back to this core, so a socket needs no task and frames of many sockets share one
+pipeline. The calls of one socket reach Redis in order over one connection. The rare
+frame that needs PostgreSQL (a recipient Redis lost) goes to the slow lane, and the
+socket's later frames wait until it is done.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from chatnode import channel, frames, inbox, keys, logs, lua, presence
+from chatnode.core.acks import Acks
+from chatnode.core.actions import (
+    Action,
+    Call,
+    Close,
+    Node,
+    Publish,
+    Reading,
+    StoreMessage,
+    WriteBuffer,
+)
+from chatnode.core.answers import OUT_BUFFER_LOW, Answer, Answers
+from chatnode.core.delivery import Delivery
+from chatnode.core.lane import SlowLane
+from chatnode.core.ledger import Ledger
+from chatnode.core.meter import Meter
+from chatnode.errors import ChatError, CloseCode, Code
+
+log = logs.get(__name__)
+
+MAX_HELD_FRAMES = 64  # frames waiting on a claim or a slow operation; then reading pauses
+
+UNAVAILABLE = "Redis is unavailable, try again"
+
+
+class SocketCore:
+    """One socket's state: its answers, what is out on it, its catch-up, its limits."""
+
+    __slots__ = (
+        "acks",
+        "actions",
+        "answers",
+        "closed",
+        "delivery",
+        "expires_at",
+        "held",
+        "jti",
+        "lane",
+        "ledger",
+        "meter",
+        "mobile",
+        "node",
+        "ready",
+        "route",
+        "settings",
+        "sid",
+        "wire",
+    )
+
+    def __init__(
+        self, node: Node, wire: WriteBuffer, mobile: str, jti: str, expires_at: int = 0
+    ) -> None:
+        self.node = node
+        self.settings = node.settings
+        self.wire = wire  # read only: how far behind the socket's writes are
+        self.mobile = mobile
+        self.jti = jti
+        self.expires_at = expires_at  # the token's exp: the socket closes with 4003 after it
+        self.sid = secrets.token_hex(6)
+        self.route = keys.route_value(node.settings.node_id, self.sid)
+        self.actions: list[Action] = []
+        self.answers = Answers()
+        self.ledger = Ledger()
+        self.delivery = Delivery(self)
+        self.acks = Acks(self)
+        self.meter = Meter(node.settings)
+        self.held: list[str | bytes] | None = None  # frames waiting for `ready` or `slow`
+        self.lane = SlowLane(self)  # frames that may need PostgreSQL, one at a time
+        self.ready = False  # the route is claimed: frames are handled
+        self.closed = False
+
+    # -- actions out -----------------------------------------------------------------
+
+    def emit(self, action: Action) -> None:
+        self.actions.append(action)
+
+    def take_actions(self) -> list[Action]:
+        actions, self.actions = self.actions, []
+        return actions
+
+    def reply(self, call: Call, reply: Any) -> None:
+        """The event of a Redis reply: the call's continuation takes it."""
+        if call.then is not None:
+            call.then(reply)
+
+    def lagging(self) -> bool:
+        """More than OUT_BUFFER_LOW waits to be written to this socket."""
+        wire = self.wire
+        return wire.paused or self.answers.waiting() + wire.buffered() > OUT_BUFFER_LOW
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the socket; safe to call twice. Frames queued before still go out."""
+        if not self.closed:
+            self.closed = True
+            self.emit(Close(code, reason, self.answers.take()))
+            self.answers.shut = True  # nothing more is written
+
+    # -- opening and ending ----------------------------------------------------------
+
+    def start(self) -> None:
+        """The socket is open: hello, the send tokens an earlier socket left, the claim."""
+        cfg = self.settings
+        # hello first: nothing else is queued for this session before it
+        self.answers.push(frames.hello(self.mobile, cfg.node_id, cfg.heartbeat_s))
+        # answered before the claim, so before any frame is handled: reconnecting does
+        # not refill them
+        self.emit(Call(("GET", keys.send_tokens(self.mobile)), self._restore_send_tokens))
+        args, argv = presence.claim_call(self.mobile, self.route, cfg.route_ttl_s, self.now_ms())
+        self.emit(Call(args, self._claimed, presence.CLAIM, argv))
+
+    def _claimed(self, old: Any) -> None:
+        if isinstance(old, Exception):
+            self.close(CloseCode.INTERNAL, "unavailable")
+            return
+        parsed = keys.parse_route(old)
+        if parsed is not None and parsed[1] != self.sid and parsed[0] != self.settings.node_id:
+            # the previous holder's node closes it (on this node that happened at open),
+            # even if this session is closed by now: one session per user
+            self.emit(Publish(parsed[0], channel.kick(self.mobile, parsed[1])))
+        if self.closed:
+            return
+        log.info("socket_open", user=self.mobile, session=self.sid)
+        self.ready = True
+        self.delivery.step()
+        self.release_held()
+
+    def _restore_send_tokens(self, reply: Any) -> None:
+        self.meter.restore(reply, self.node.clock.monotonic(), self.now_ms() / 1000)
+
+    def ended(self) -> None:
+        """The socket is gone (closed by either side): leave the send bucket's level for
+        the user's next socket, and release the route (last seen is stamped)."""
+        self.closed = True
+        self.answers.take()
+        self.answers.shut = True
+        self.held = None
+        saved = self.meter.saved(self.node.clock.monotonic(), self.now_ms() / 1000)
+        if saved is not None:
+            value, ttl = saved
+            self.emit(Call(("SET", keys.send_tokens(self.mobile), value, "EX", ttl)))
+        args, argv = presence.release_call(self.mobile, self.route, self.now_ms())
+        self.emit(Call(args, self._released, presence.RELEASE, argv))
+
+    def _released(self, reply: Any) -> None:
+        if isinstance(reply, Exception):  # the route expires on its own
+            log.warning("route_release_failed", user=self.mobile, error=type(reply).__name__)
+
+    def now_ms(self) -> int:
+        return self.node.clock.ms()
+
+    # -- frames in -------------------------------------------------------------------
+
+    def receive(self, data: str | bytes) -> None:
+        """A frame arrived; it waits while the route is not claimed or a slow job runs."""
+        if self.closed:
+            return
+        if not self.ready or self.lane.busy:
+            if self.held is None:
+                self.held = []
+            self.held.append(data)
+            if len(self.held) >= MAX_HELD_FRAMES:
+                self.emit(Reading(False))
+            return
+        self._on_frame(data)
+
+    def release_held(self) -> None:
+        """Handle the frames that waited, in order, until one starts a slow operation."""
+        held = self.held
+        if held is None:
+            return
+        while held and not self.lane.busy and not self.closed:
+            self._on_frame(held.pop(0))
+        if not held:
+            self.held = None
+            self.emit(Reading(True))
+
+    def _on_frame(self, data: str | bytes) -> None:
+        now = self.node.clock.monotonic()
+        metered = self.meter.frame(now, len(data))
+        try:
+            frame = frames.parse_client(data, self.mobile)
+        except frames.FrameError as exc:
+            if not metered:
+                self.rate_limited(exc.ref)
+                return
+            self.refuse(exc.code, exc.message, exc.ref)
+            self.invalid_frame()
+            return
+        ref = frame.id if isinstance(frame, frames.Send) else None
+        if not metered:
+            self.rate_limited(ref)
+            return
+        match frame:
+            case frames.Send():
+                if not self.meter.send(now):
+                    self.rate_limited(frame.id)
+                    return
+                self._send(frame)
+            case frames.Ack():
+                self.acks.ack(frame)
+            case frames.Read():
+                if not self.meter.send(now):
+                    self.rate_limited(None)  # a receipt costs what a send does
+                    return
+                self.acks.read(frame)
+            case frames.Typing():
+                self._typing(frame)
+
+    # -- refusals --------------------------------------------------------------------
+
+    def refuse(
+        self, code: str, message: str, ref: str | None, answer: Answer | None = None
+    ) -> None:
+        self.node.metrics.refuse(code)
+        self.answers.give(answer, frames.error(code, message, ref))
+
+    def rate_limited(self, ref: str | None) -> None:
+        """Refuse one frame; a client that keeps flooding past the limit is closed (1008)."""
+        self.refuse(Code.RATE_LIMITED, "too many frames, slow down", ref)
+        self.count_refusal()
+
+    def count_refusal(self) -> None:
+        """Rate-limit refusals and misses (unknown recipients) in a row close the socket."""
+        if self.meter.refusal():
+            self.close(CloseCode.POLICY, "flooding")
+
+    def invalid_frame(self) -> bool:
+        """Count an invalid frame; a burst of them (however many valid ones between)
+        closes the socket. False if it closed."""
+        if self.meter.invalid_frame(self.node.clock.monotonic()):
+            return True
+        self.close(CloseCode.POLICY, "too many invalid frames")
+        return False
+
+    # -- send and typing -------------------------------------------------------------
+
+    def _send(self, frame: frames.Send) -> None:
+        started = self.node.clock.perf()
+        ts = self.now_ms()
+        answer = self.answers.later()
+
+        def stored(reply: Any) -> None:
+            try:
+                result = inbox.stored(reply)
+            except ChatError as exc:
+                self.refuse(exc.code, exc.message, frame.id, answer)
+                return
+            if result is None:  # Redis lacks the recipient: reload from PostgreSQL
+                job = StoreMessage(self.mobile, frame, ts)
+                self.lane.add(answer, frame.id, job, lambda r: self._accepted(frame, r, started))
+                return
+            self.answers.give(answer, self._accepted(frame, result, started))
+
+        args, argv = inbox.message_call(self.mobile, frame, ts, self.settings.inbox_limit)
+        self.emit(Call(args, stored, lua.SEND, argv))
+
+    def _accepted(self, frame: frames.Send, result: Any, started: float) -> bytes:
+        if isinstance(result, Exception):
+            raise result
+        self.meter.refused = 0  # a stored message ends a run of refusals
+        metrics = self.node.metrics
+        metrics.accepted += 1
+        metrics.send_latency.observe(self.node.clock.perf() - started)
+        return frames.accepted(frame.id, result.msg_id, result.ts)
+
+    def _typing(self, frame: frames.Typing) -> None:
+        answer = self.answers.later()
+
+        def done(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                self.refuse(Code.UNAVAILABLE, UNAVAILABLE, None, answer)
+            else:
+                self.answers.give(answer, None)
+
+        args, argv = presence.typing_call(self.mobile, frame.to, frame.state)
+        self.emit(Call(args, done, presence.TYPING, argv))
+
+    # -- what the node's channel and timers bring -------------------------------------
+
+    def pushed(self, token: str, entries: list[inbox.Entry] | None) -> None:
+        if not self.closed:
+            self.delivery.on_push(token, entries)
+
+    def typing_from(self, sender: str, state: str) -> None:
+        if self.ready and not self.closed:
+            self.answers.push(frames.typing(sender, state))
+
+    def written(self) -> None:
+        """The driver wrote the outbox."""
+        self.delivery.written(self.wire.paused)
+
+    def drained(self) -> None:
+        """The socket's write buffer went below its low mark."""
+        self.delivery.drained()
+
+    def tick(self, now: float) -> None:
+        """The redelivery sweep."""
+        self.delivery.tick(now, self.wire.paused)

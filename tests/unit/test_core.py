@@ -1,0 +1,481 @@
+"""The socket core driven by hand: every transition, with no Redis, socket or loop."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from chatnode import inbox
+from chatnode.core.actions import (
+    CheckKnown,
+    Close,
+    FetchEntries,
+    Publish,
+    Reading,
+    RunSlow,
+    StoreMessage,
+    StoreReceipts,
+)
+from chatnode.core.socket import MAX_HELD_FRAMES, SocketCore
+from chatnode.errors import CloseCode, Unavailable, UnknownRecipient
+from tests.unit.corekit import (
+    ME,
+    PEER,
+    Clock,
+    Inbox,
+    Wire,
+    entry,
+    make,
+    name_of,
+    parse_push,
+    take,
+    written,
+)
+
+
+def run(core: SocketCore, model: Inbox) -> list[str]:
+    """Answer every call the core makes, in order, until it makes none; their names."""
+    names = []
+    while True:
+        calls, _ = take(core)
+        if not calls:
+            return names
+        for call in calls:
+            names.append(name_of(call))
+            core.reply(call, model.answer(call))
+
+
+def opened(**settings: object) -> tuple[SocketCore, Inbox]:
+    core = make(**settings)  # type: ignore[arg-type]
+    model = Inbox()
+    core.start()
+    assert written(core)[0]["type"] == "hello"
+    assert run(core, model) == ["GET", "CLAIM", "XREADGROUP", "GO_LIVE"]
+    assert core.ready and not core.delivery.catching
+    return core, model
+
+
+def send(n: int, to: str = PEER) -> str:
+    return orjson.dumps({"type": "send", "id": f"s{n}", "to": to, "body": "b"}).decode()
+
+
+# -- opening -----------------------------------------------------------------------
+
+
+def test_frames_before_the_claim_wait_and_go_in_order() -> None:
+    core = make()
+    model = Inbox()
+    core.start()
+    written(core)
+    core.receive(send(1))
+    core.receive(send(2))
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["GET", "CLAIM"]  # nothing sent yet
+    for call in calls:
+        core.reply(call, model.answer(call))
+    calls, other = take(core)
+    assert [name_of(c) for c in calls] == ["XREADGROUP", "SEND", "SEND"]
+    assert Reading(True) in other
+    assert [c.argv[1] for c in calls[1:]] == ["s1", "s2"]
+
+
+def test_a_claim_that_fails_closes_with_1011() -> None:
+    core = make()
+    core.start()
+    calls, _ = take(core)
+    core.reply(calls[1], Unavailable())
+    _, other = take(core)
+    assert isinstance(other[0], Close) and other[0].code == CloseCode.INTERNAL
+
+
+def test_a_claim_over_a_session_on_another_node_kicks_it() -> None:
+    core = make()
+    core.start()
+    calls, _ = take(core)
+    core.reply(calls[1], "n2|oldsession|tok")
+    _, other = take(core)
+    assert Publish("n2", f"k|{ME}|oldsession") in other
+
+
+def test_too_many_held_frames_pause_reading() -> None:
+    core = make()
+    core.start()
+    take(core)
+    for n in range(MAX_HELD_FRAMES):
+        core.receive(send(n))
+    _, other = take(core)
+    assert other == [Reading(False)]
+
+
+def test_saved_send_tokens_are_restored() -> None:
+    clock = Clock()
+    core = make(clock=clock, send_rate=1, send_burst=5)
+    core.start()
+    calls, _ = take(core)
+    core.reply(calls[0], f"0.000|{clock.ms() / 1000:.3f}")  # an earlier socket spent them
+    core.reply(calls[1], None)
+    run(core, Inbox())
+    core.receive(send(1))
+    _, _ = take(core)
+    assert written(core)[-1]["code"] == "rate_limited"
+
+
+# -- send --------------------------------------------------------------------------
+
+
+def test_answers_keep_frame_order_though_replies_do_not() -> None:
+    core, _ = opened()
+    core.receive(send(1))
+    core.receive("not json")
+    core.receive(send(2))
+    calls, _ = take(core)
+    assert written(core) == []  # the error waits behind s1's answer
+    core.reply(calls[1], ["ok", "2-0", "7"])
+    assert written(core) == []
+    core.reply(calls[0], ["full"])
+    out = written(core)
+    assert [(f["type"], f.get("ref") or f.get("id")) for f in out] == [
+        ("error", "s1"),
+        ("error", None),
+        ("accepted", "s2"),
+    ]
+    assert out[0]["code"] == "inbox_full"
+
+
+def test_a_recipient_redis_lacks_goes_to_the_slow_lane_and_holds_later_frames() -> None:
+    core, _ = opened()
+    core.receive(send(1))
+    calls, _ = take(core)
+    core.reply(calls[0], ["unknown"])
+    _, other = take(core)
+    assert other == [RunSlow()]
+    job = core.lane.next()
+    assert isinstance(job, StoreMessage) and job.frame.id == "s1"
+    core.receive(send(2))  # held behind the slow job
+    assert take(core) == ([], [])
+    core.lane.done(UnknownRecipient())
+    out = written(core)
+    assert out[0]["code"] == "unknown_recipient" and out[0]["ref"] == "s1"
+    calls, _ = take(core)
+    assert [c.argv[1] for c in calls] == ["s2"] and core.meter.refused == 1
+    assert core.lane.next() is None
+
+
+def test_refusals_in_a_row_close_the_socket() -> None:
+    core, _ = opened(send_rate=1, send_burst=1, refusals_before_close=3)
+    for n in range(4):
+        core.receive(send(n))
+    _, other = take(core)
+    assert any(isinstance(a, Close) and a.code == CloseCode.POLICY for a in other)
+
+
+def test_invalid_frames_in_a_burst_close_the_socket() -> None:
+    core, _ = opened()
+    for _ in range(20):
+        core.receive("{")
+    _, other = take(core)
+    closes = [a for a in other if isinstance(a, Close)]
+    assert closes and closes[0].reason == "too many invalid frames"
+    assert len(closes[0].last) == 20  # the errors queued before still go out
+
+
+# -- delivery ----------------------------------------------------------------------
+
+
+def test_pushes_with_the_live_token_are_written_others_dropped() -> None:
+    core, _ = opened()
+    token = core.delivery.token
+    assert token is not None
+    core.pushed(token, [entry(1)])
+    core.pushed("stale", [entry(2)])
+    assert [f["msgId"] for f in written(core)] == ["1-0"]
+    assert list(core.ledger.out) == ["1-0"]
+
+
+def test_pushes_before_go_live_is_answered_wait_for_it() -> None:
+    core = make()
+    model = Inbox()
+    core.start()
+    written(core)
+    names = []
+    while True:
+        calls, _ = take(core)
+        go = [c for c in calls if name_of(c) == "GO_LIVE"]
+        for call in calls:
+            if call in go:
+                continue
+            names.append(name_of(call))
+            core.reply(call, model.answer(call))
+        if go:
+            break
+    reply = model.answer(go[0])  # the route is live now; the reply is on its way
+    model.message_from_peer(1)
+    token, entries = parse_push(model.pushes.popleft())
+    core.pushed(token, entries)
+    assert written(core) == []
+    core.reply(go[0], reply)
+    assert [f["msgId"] for f in written(core)] == ["1-0"]
+
+
+def test_a_lagging_socket_stops_taking_pushes_and_catches_up_when_drained() -> None:
+    wire = Wire()
+    core = make(wire=wire)
+    model = Inbox()
+    core.start()
+    run(core, model)
+    wire.paused = True
+    core.written()  # the driver wrote, and the socket's buffer is full
+    assert core.delivery.catching
+    assert [name_of(c) for c in take(core)[0]] == ["UNLIVE"]
+    wire.paused = False
+    core.drained()
+    assert run(core, model) == ["UNLIVE", "XREADGROUP", "GO_LIVE"]
+    assert not core.delivery.catching
+
+
+def test_a_failed_unlive_starts_the_catch_up_over() -> None:
+    core, _ = opened()
+    core.delivery.restart()  # e.g. the node's channel came back
+    calls, _ = take(core)
+    # restart stops pushes at once; the catch-up's first read is behind its own UNLIVE
+    assert [name_of(c) for c in calls] == ["UNLIVE", "UNLIVE", "XREADGROUP"]
+    gen = core.delivery.gen
+    core.reply(calls[0], Unavailable())
+    d = core.delivery
+    assert d.stalled and d.cursor == "0" and d.gen == gen + 1 and d.token is None
+    core.reply(calls[1], 1)
+    core.reply(calls[2], [[f"{{u:{ME}}}:inbox", [["1-0", ["k", "m", "f", PEER, "i", "c1"]]]]])
+    assert not core.ledger.out  # stale reply: dropped, the catch-up starts over
+    assert [name_of(c) for c in take(core)[0]] == ["UNLIVE", "XREADGROUP"]
+
+
+def test_live_delivery_stops_at_the_unacked_entry_cap() -> None:
+    core, _ = opened(unacked_max_entries=3)
+    token = core.delivery.token
+    assert token is not None
+    core.pushed(token, [entry(i) for i in range(1, 6)])
+    assert list(core.ledger.out) == ["1-0", "2-0", "3-0"] and core.delivery.catching
+    take(core)
+    core.delivery.step()
+    assert core.delivery.stalled and take(core) == ([], [])  # full: nothing read
+    core.receive('{"type": "ack", "msgIds": ["1-0"]}')
+    assert [name_of(c) for c in take(core)[0]][:2] == ["UNLIVE", "XREADGROUP"]
+
+
+def test_the_unacked_byte_cap_holds_too() -> None:
+    size = len(entry(1).frame)
+    core, _ = opened(unacked_max_bytes=2 * size + size // 2)
+    assert core.delivery.token is not None
+    core.pushed(core.delivery.token, [entry(i) for i in range(1, 6)])
+    assert core.ledger.out_bytes == 3 * size
+    core.ledger.release("2-0")
+    assert core.ledger.out_bytes == 2 * size
+    core.ledger.hold(entry(1), 0.0)  # sent again: counted once
+    assert core.ledger.out_bytes == 2 * size and list(core.ledger.out) == ["3-0", "1-0"]
+
+
+def test_unacked_entries_go_again_after_the_redelivery_timeout() -> None:
+    clock = Clock()
+    core = make(clock=clock, redelivery_s=10)
+    model = Inbox()
+    core.start()
+    run(core, model)
+    written(core)
+    assert core.delivery.token is not None
+    core.pushed(core.delivery.token, [entry(1), entry(2)])
+    written(core)
+    clock.advance(5)
+    core.tick(clock.t)
+    assert written(core) == []
+    clock.advance(6)
+    core.tick(clock.t)
+    assert [f["msgId"] for f in written(core)] == ["1-0", "2-0"]
+    assert core.ledger.out["1-0"][1] == clock.t  # stamped again
+
+
+def test_reads_may_name_what_is_out_or_being_acked_only() -> None:
+    core = make()
+    core.ledger.hold(entry(1), 0.0)
+    core.ledger.hold(inbox.Entry("2-0", "r", PEER, "c2", b"r"), 0.0)  # a receipt
+    core.ledger.acking_now([entry(3)])
+    assert core.ledger.holds(PEER) == {"c1", "c3"}
+    assert core.ledger.holds("+15550003333") == set()
+
+
+# -- acks --------------------------------------------------------------------------
+
+
+def delivered(core: SocketCore, model: Inbox, n: int) -> list[str]:
+    """n messages from PEER, stored, pushed and written to the socket."""
+    ids = [model.message_from_peer(i) for i in range(n)]
+    while model.pushes:
+        token, entries = parse_push(model.pushes.popleft())
+        core.pushed(token, entries)
+    written(core)
+    return ids
+
+
+def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
+    core, model = opened()
+    ids = delivered(core, model, 2)
+    core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["RECEIPT"]  # one per sender
+    assert calls[0].argv[2] == "p0,p1"
+    core.reply(calls[0], ["ok"])
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK"] and all(c.defer for c in calls)
+    for call in calls:
+        core.reply(call, model.answer(call))
+    assert model.entries() == [] and not core.ledger.out and core.ledger.acking is None
+    assert written(core) == []  # an ack that goes through is not answered
+
+
+def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
+    core, model = opened()
+    ids = delivered(core, model, 1)
+    core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
+    calls, _ = take(core)
+    core.reply(calls[0], Unavailable())
+    job = core.lane.next()
+    assert isinstance(job, StoreReceipts) and job.ack_ids == ids
+    core.lane.done(Unavailable())
+    assert written(core)[0]["code"] == "unavailable"
+    assert list(core.ledger.out) == ids and core.ledger.acking is None
+
+
+def test_a_failed_xack_answers_unavailable_and_keeps_redelivering() -> None:
+    core, model = opened()
+    ids = delivered(core, model, 1)
+    core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
+    calls, _ = take(core)
+    core.reply(calls[0], ["ok"])
+    xdel, xack = take(core)[0]
+    core.reply(xdel, Unavailable())
+    core.reply(xack, 1)
+    assert written(core)[0]["code"] == "unavailable"
+    assert list(core.ledger.out) == ids
+
+
+def test_acking_what_an_earlier_socket_delivered_looks_it_up_first() -> None:
+    core, _ = opened()
+    core.receive('{"type": "ack", "msgIds": ["5-0"]}')
+    job = core.lane.next()
+    assert isinstance(job, FetchEntries) and job.msg_ids == ["5-0"]
+    core.lane.done([entry(5)])
+    job = core.lane.next()  # the same place in the lane: the receipts and the ack
+    assert isinstance(job, StoreReceipts) and job.ack_ids == ["5-0"]
+    assert core.ledger.knows("5-0")  # a pending read in flight must not send it again
+    core.lane.done(None)
+    assert core.lane.next() is None and not core.ledger.knows("5-0")
+    assert core.node.metrics.acked == 1
+
+
+def test_an_ack_of_ids_being_acked_already_is_answered_at_once() -> None:
+    core, model = opened()
+    ids = delivered(core, model, 1)
+    frame = orjson.dumps({"type": "ack", "msgIds": ids}).decode()
+    core.receive(frame)
+    take(core)
+    core.receive(frame)
+    assert take(core) == ([], []) and core.answers.queue is not None
+
+
+# -- read receipts and typing ------------------------------------------------------
+
+
+def read(ids: list[str], to: str = PEER) -> str:
+    return orjson.dumps({"type": "read", "to": to, "ids": ids}).decode()
+
+
+def test_a_read_names_only_messages_delivered_each_once() -> None:
+    core, model = opened()
+    delivered(core, model, 1)
+    core.receive(read(["p0", "zz"]))
+    calls, _ = take(core)
+    assert name_of(calls[0]) == "READ" and calls[0].argv == ["1", "0"]  # p0 is out here
+    core.reply(calls[0], [1, 0, [1]])
+    calls, _ = take(core)
+    assert name_of(calls[0]) == "RECEIPT" and calls[0].argv[1:3] == ["read", "p0"]
+    core.reply(calls[0], ["ok"])
+    assert written(core) == []
+
+
+def test_a_read_of_undelivered_ids_is_an_invalid_frame() -> None:
+    core, _ = opened()
+    core.receive(read(["p0"]))
+    calls, _ = take(core)
+    core.reply(calls[0], [0, 1, []])
+    assert written(core)[0]["code"] == "invalid_frame"
+
+
+def test_a_read_with_no_record_asks_whether_the_user_exists() -> None:
+    core, _ = opened()
+    core.receive(read(["p0"]))
+    calls, _ = take(core)
+    core.reply(calls[0], [1, 0, []])
+    assert core.lane.next() == CheckKnown(PEER)
+    core.lane.done(None)
+    assert written(core) == []
+
+
+def test_a_full_inbox_unmarks_the_read() -> None:
+    core, model = opened()
+    delivered(core, model, 1)
+    core.receive(read(["p0"]))
+    calls, _ = take(core)
+    core.reply(calls[0], [0, 0, [1]])
+    calls, _ = take(core)
+    core.reply(calls[0], ["full"])
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["UNREAD"]
+    assert written(core)[0]["code"] == "inbox_full"
+
+
+def test_typing_goes_through_the_script_and_arrives_for_a_ready_socket() -> None:
+    core, _ = opened()
+    core.receive(orjson.dumps({"type": "typing", "to": PEER, "state": "start"}).decode())
+    calls, _ = take(core)
+    assert name_of(calls[0]) == "TYPING" and calls[0].argv[1] == f"t|{PEER}|{ME}|start"
+    core.reply(calls[0], 1)
+    core.typing_from(PEER, "stop")
+    assert written(core) == [{"type": "typing", "from": PEER, "state": "stop"}]
+
+
+# -- closing -----------------------------------------------------------------------
+
+
+def test_ending_saves_spent_send_tokens_and_releases_the_route() -> None:
+    core, _ = opened(send_rate=1, send_burst=5)
+    core.receive(send(1))
+    take(core)
+    core.ended()
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["SET", "RELEASE"]
+    assert calls[0].args[-2:] == ("EX", 1)
+    core.answers.push(b"x")
+    assert core.answers.take() == []  # nothing is written once closed
+
+
+def test_closing_twice_emits_one_close() -> None:
+    core, _ = opened()
+    core.close(CloseCode.REPLACED, "replaced")
+    core.close(CloseCode.POLICY, "again")
+    _, other = take(core)
+    assert [a.code for a in other if isinstance(a, Close)] == [CloseCode.REPLACED]
+
+
+@pytest.mark.parametrize("reply", [["gone"]])
+def test_go_live_finding_another_session_closes_with_4001(reply: list[str]) -> None:
+    core = make()
+    core.start()
+    model = Inbox()
+    while True:
+        calls, _ = take(core)
+        go = [c for c in calls if name_of(c) == "GO_LIVE"]
+        for c in calls:
+            core.reply(c, reply if c in go else model.answer(c))
+        if go:
+            break
+    _, other = take(core)
+    assert [a.code for a in other if isinstance(a, Close)] == [CloseCode.REPLACED]
