@@ -22,7 +22,7 @@ DEFAULT_REDELIVERY_S = 30.0
 DEFAULT_INBOX_LIMIT = 10000
 DEFAULT_ROUTE_TTL_S = 60
 DEFAULT_HOST = "127.0.0.1"
-# Rate limits (README, "Limits"); failed logins and connections are counted in Redis.
+# Rate limits (docs/PROTOCOL.md, "Limits"); failed logins and connections are counted in Redis.
 DEFAULT_LOGIN_FAILS_PER_NUMBER = 10
 DEFAULT_LOGIN_FAILS_PER_ADDRESS = 200
 DEFAULT_LOGIN_FAIL_WINDOW_S = 900

@@ -13,20 +13,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from chatnode.errors import Unavailable
 from chatnode.redisio import Batcher, Script
 from chatnode.resp import Wire, meaning
-
-
-class Transport:
-    """Records what a Wire writes; stands in for the socket only."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def abort(self) -> None:
-        self.aborted = True
+from tests.unit.transport import Transport
 
 
 def wire(timeout: float = 5.0) -> tuple[Wire, Transport]:

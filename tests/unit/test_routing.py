@@ -13,6 +13,7 @@ from chatnode import channel, keys
 from chatnode.errors import Unavailable
 from chatnode.inbox import Entry
 from chatnode.routing import _SubWire, dispatch
+from tests.unit.transport import Transport
 
 
 class Recorder:
@@ -168,20 +169,6 @@ def test_each_payload_makes_exactly_one_call() -> None:
     ):
         dispatch(rec, payload)
     assert [name for name, _ in rec.calls] == ["push", "kick", "logout", "typing"]
-
-
-class Transport:
-    """Records what the subscriber connection writes."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def abort(self) -> None:
-        self.aborted = True
 
 
 async def test_subscriber_wire_hands_on_messages_counts_pongs_and_answers_commands() -> None:
