@@ -344,14 +344,54 @@ def test_documented_defaults_match_config() -> None:
 # -- v1 as first agreed: what it has is marked v1, and only that --------------------
 
 
-def v1_text() -> str:
+# What v1 as first agreed names (../shared/PROTOCOL.md, frozen: v1 never changes, and the
+# file is not in the repository).
+V1_ROUTES = {
+    ("POST", "/auth/signup"),
+    ("POST", "/auth/login"),
+    ("POST", "/auth/signin"),
+    ("POST", "/auth/logout"),
+    ("POST", "/block-action/block"),
+    ("DELETE", "/block-action/unblock"),
+    ("GET", "/block-action/list"),
+    ("GET", "/profile/lastseen"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+}
+V1_FRAMES = {"send", "ack", "read", "typing", "hello", "accepted", "message", "receipt", "error"}
+V1_CODES = {
+    "blocked",
+    "conflict",
+    "inbox_full",
+    "internal",
+    "invalid_credentials",
+    "invalid_frame",
+    "invalid_request",
+    "not_found",
+    "payload_too_large",
+    "rate_limited",
+    "too_large",
+    "unauthorized",
+    "unavailable",
+    "unknown_recipient",
+}
+V1_CLOSE_CODES = {1008, 1009, 1011, 1012, 4001, 4003}
+
+
+def test_the_frozen_v1_names_match_the_agreed_file_where_it_is_here() -> None:
     if not V1_PATH.exists():
         pytest.skip(f"{V1_PATH} is not here")
-    return V1_PATH.read_text(encoding="utf-8")
+    v1 = V1_PATH.read_text(encoding="utf-8")
+    assert set(ROUTE_RE.findall(v1)) == V1_ROUTES
+    assert set(re.findall(r'\{"type":"(\w+)"', v1)) == V1_FRAMES
+    assert set(re.findall(r"`(\w+)`", v1)) & {c.value for c in Code} == V1_CODES
+    close_paragraph = v1[v1.index("Close codes:") :].split("\n\n")[0]
+    assert {int(n) for n in re.findall(r"\b[14]0\d\d\b", close_paragraph)} == V1_CLOSE_CODES
 
 
 def test_v1_endpoints_are_marked_v1() -> None:
-    v1 = set(ROUTE_RE.findall(v1_text()))
+    v1 = V1_ROUTES
     text = doc()
     assert v1 <= set(ROUTE_RE.findall(text))
     for heading in headings(section(text, "HTTP API"), 3):
@@ -361,7 +401,7 @@ def test_v1_endpoints_are_marked_v1() -> None:
 
 
 def test_v1_frames_are_marked_v1() -> None:
-    v1 = set(re.findall(r'\{"type":"(\w+)"', v1_text()))
+    v1 = V1_FRAMES
     text = doc()
     for title in ("Client frames", "Server frames"):
         for heading in headings(section(text, title), 3):
@@ -371,15 +411,13 @@ def test_v1_frames_are_marked_v1() -> None:
 
 
 def test_v1_codes_are_marked_v1() -> None:
-    v1 = v1_text()
-    v1_codes = set(re.findall(r"`(\w+)`", v1)) & {c.value for c in Code}
+    v1_codes = V1_CODES
     header, rows = only_table(section(doc(), "Error codes"))
     since = column(header, "since")
     for row in rows:
         assert (row[since] == "v1") == (ticked(row[0]) in v1_codes), row
 
-    close_paragraph = v1[v1.index("Close codes:") :].split("\n\n")[0]
-    v1_close = {int(n) for n in re.findall(r"\b[14]0\d\d\b", close_paragraph)}
+    v1_close = V1_CLOSE_CODES
     header, rows = only_table(section(doc(), "Close codes"))
     since = column(header, "since")
     marked_v1 = {int(row[0]) for row in rows if row[since] == "v1"}
