@@ -17,7 +17,8 @@ from typing import Any
 from chatnode import accounts, keys, logs
 from chatnode.accounts import connection
 from chatnode.errors import InvalidRequest, NotFound, RateLimited, Unavailable
-from chatnode.redisio import Batcher, Script
+from chatnode.lua import Script
+from chatnode.redisio import Batcher
 
 log = logs.get(__name__)
 
@@ -38,7 +39,9 @@ if redis.call('GET', KEYS[4]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
 if #ARGV > 4 then redis.call('SADD', KEYS[2], unpack(ARGV, 5)) end
 if ARGV[4] == '1' then
-  redis.pcall('XGROUP', 'CREATE', KEYS[3], 'g', '0', 'MKSTREAM')
+  redis.pcall('XGROUP', 'CREATE', KEYS[3], '"""
+    + keys.GROUP
+    + """', '0', 'MKSTREAM')
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('DEL', KEYS[4])
 end
@@ -60,11 +63,6 @@ return 1
 _drops: set[asyncio.Task[None]] = set()
 
 
-def loading_key(mobile: str) -> str:
-    """The nonce of the reload of `mobile` in progress (beside the user's other keys)."""
-    return keys.account(mobile) + ":loading"
-
-
 async def load_into_redis(pool: Any, batcher: Batcher, mobile: str) -> bool:
     """Copy one user from PostgreSQL into Redis, replacing what Redis held; False if no
     such user.
@@ -75,7 +73,7 @@ async def load_into_redis(pool: Any, batcher: Batcher, mobile: str) -> bool:
     stops if another reload finished meanwhile)."""
     for _ in range(LOAD_ATTEMPTS):
         nonce = secrets.token_hex(8)
-        await batcher.run("SET", loading_key(mobile), nonce, "EX", LOADING_TTL_S)
+        await batcher.run("SET", keys.loading(mobile), nonce, "EX", LOADING_TTL_S)
         copy = await accounts.redis_copy(pool, mobile)
         if copy is None:
             return False
@@ -91,7 +89,7 @@ async def _load(batcher: Batcher, mobile: str, copy: accounts.RedisCopy, nonce: 
     reload stopped being current."""
     members = [*copy.blocked, *(keys.blocked_marker(m) for m in copy.blocked_by)]
     chunks = [members[i : i + LOAD_CHUNK] for i in range(0, len(members), LOAD_CHUNK)] or [[]]
-    keys_ = [keys.account(mobile), keys.blocks(mobile), keys.inbox(mobile), loading_key(mobile)]
+    keys_ = [keys.account(mobile), keys.blocks(mobile), keys.inbox(mobile), keys.loading(mobile)]
     for i, chunk in enumerate(chunks):
         first, last = int(i == 0), int(i == len(chunks) - 1)
         if not await batcher.script(LOAD, keys_, [nonce, copy.name, first, last, *chunk]):
@@ -187,7 +185,7 @@ async def _mirror(batcher: Batcher, command: str, me: str, target: str, *, chang
     halves = {me: (command, target, flag), target: (command, keys.blocked_marker(me), flag)}
     results = await asyncio.gather(
         *(
-            batcher.script(MIRROR, [keys.blocks(user), loading_key(user)], list(args))
+            batcher.script(MIRROR, [keys.blocks(user), keys.loading(user)], list(args))
             for user, args in halves.items()
         ),
         return_exceptions=True,
@@ -207,7 +205,7 @@ async def _mirror(batcher: Batcher, command: str, me: str, target: str, *, chang
 
 
 async def _drop(batcher: Batcher, users: list[str]) -> None:
-    await asyncio.gather(*(batcher.run("DEL", keys.account(u), loading_key(u)) for u in users))
+    await asyncio.gather(*(batcher.run("DEL", keys.account(u), keys.loading(u)) for u in users))
 
 
 def _drop_later(batcher: Batcher, users: list[str]) -> None:

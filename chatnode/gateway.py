@@ -38,12 +38,13 @@ CLOSE_WAIT_S = 5.0
 class Session:
     """A socket with its core; `writing`: queued for the end-of-turn flush."""
 
-    __slots__ = ("conn", "core", "gone", "writing")
+    __slots__ = ("acting", "conn", "core", "gone", "writing")
 
     def __init__(self, conn: Conn, core: SocketCore) -> None:
         self.conn = conn
         self.core = core
         self.writing = False
+        self.acting = False  # in _act: actions the core adds meanwhile join its loop
         self.gone = False  # forgotten: the core has ended
 
 
@@ -65,7 +66,7 @@ class Gateway:
         self.router = router
         self.tokens = tokens
         self.metrics = metrics
-        self.node = Node(settings, metrics, channel_up=router.connected.is_set)
+        self.node = Node(settings, metrics, channel_up=lambda: router.connected.is_set())
         self.sessions: dict[str, Session] = {}
         self.seen_to_store: dict[str, int] = {}
         self.slowpath = SlowPath(batcher, Recipients(pool, batcher), settings.inbox_limit)
@@ -114,6 +115,17 @@ class Gateway:
     # -- carrying out what a core asks for -------------------------------------------
 
     def _act(self, s: Session) -> None:
+        """Carry out what the core asked for, in order (also what carrying it out makes
+        it ask: a close ends the core, which releases the route)."""
+        if s.acting:
+            return  # the loop below, further up the stack, takes the new actions
+        s.acting = True
+        try:
+            self._carry_out(s)
+        finally:
+            s.acting = False
+
+    def _carry_out(self, s: Session) -> None:
         core = s.core
         while core.actions:
             for action in core.take_actions():
@@ -138,14 +150,15 @@ class Gateway:
                 asyncio.get_running_loop().call_soon(self._flush_all)
 
     def _call(self, s: Session, call: Call) -> None:
-        then = call.then
-        if then is None:
+        if call.then is None:
             callback = ignore
         else:
 
             def callback(reply: Any) -> None:
-                then(reply)
-                self._act(s)
+                try:
+                    s.core.reply(call, reply)
+                finally:  # what the core asked before it failed is carried out
+                    self._act(s)
 
         submit = self.batcher.defer if call.defer else self.batcher.submit
         if call.script is None:
@@ -154,13 +167,19 @@ class Gateway:
             self.batcher.submit_script(callback, call.script, call.args, call.argv)
 
     async def _run_slow(self, s: Session) -> None:
+        """The socket's slow-lane runner: its jobs one at a time, until the lane is empty."""
         core = s.core
         while (job := core.lane.next()) is not None:
             try:
                 result = await self.slowpath.run(job)
             except Exception as exc:
                 result = exc
-            core.lane.done(result)
+            try:
+                core.lane.done(result)
+            except Exception:  # a bug: the lane cannot go on, nor can the socket
+                log.exception("slow_lane_failed", user=core.mobile)
+                core.lane.queue = None
+                core.close(CloseCode.INTERNAL, "internal error")
             self._act(s)
 
     def _flush_all(self) -> None:
@@ -247,7 +266,7 @@ class Gateway:
     def redeliver(self) -> None:
         """The redelivery sweep: entries unacked too long go again; stalled catch-ups
         are retried."""
-        now = time.monotonic()
+        now = self.node.clock.monotonic()
         for s in list(self.sessions.values()):
             s.core.tick(now)
             self._act(s)

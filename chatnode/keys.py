@@ -47,6 +47,16 @@ def send_tokens(mobile: str) -> str:
     return _tag(mobile) + ":sendrl"
 
 
+def loading(mobile: str) -> str:
+    """The nonce of the reload of `mobile` from PostgreSQL in progress (blocks.py)."""
+    return account(mobile) + ":loading"
+
+
+def rate_limit(kind: str, subject: str) -> str:
+    """A fixed-window counter (ratelimit.py); hash-tagged by its subject."""
+    return f"chatnode:rl:{kind}:{{{subject}}}"
+
+
 def blocked_marker(mobile: str) -> str:
     """The member of N's blocks set saying that `mobile` blocked N."""
     return "<" + mobile

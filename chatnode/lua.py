@@ -1,17 +1,42 @@
-"""The inbox's Lua scripts. Each touches only the keys of one user (one hash tag, so one
-cluster slot): the recipient's for SEND and READ, the owner's for RECEIPT, GO_LIVE,
-UNLIVE. Group and consumer names come from keys.py."""
+"""Lua scripts: the Script type, and the scripts of the socket path with their calls.
+
+Each script here touches only the keys of one user (one hash tag, so one cluster slot):
+the recipient's for SEND, READ and TYPING, the owner's for RECEIPT, GO_LIVE, UNLIVE and
+the route scripts (CLAIM, REFRESH, RELEASE). Group and consumer names come from keys.py.
+Every Script made anywhere is loaded on every Redis connection (redisio.py) and called
+by SHA.
+"""
 
 from __future__ import annotations
 
-from chatnode import keys
-from chatnode.redisio import Script
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatnode import channel, keys
+
+SCRIPTS: list[Script] = []  # every script made, loaded by each connection
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script loaded once per connection and called by SHA."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        SCRIPTS.append(self)
 
 
 def _script(source: str) -> Script:
     """A Script with the group and consumer names of keys.py in place of $GROUP and
     $CONSUMER."""
-    return Script(source.replace("$GROUP", keys.GROUP).replace("$CONSUMER", keys.CONSUMER))
+    names = {"$GROUP": keys.GROUP, "$CONSUMER": keys.CONSUMER, "$CHANNEL": keys.NODE_CHANNEL_PREFIX}
+    for name, value in names.items():
+        source = source.replace(name, value)
+    return Script(source)
 
 
 # KEYS: account, blocks, inbox, dedupe, route of the recipient.
@@ -149,3 +174,88 @@ if ours(cur, ARGV[1]) and cur ~= ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]
 return 1
 """
 )
+
+
+# -- the route: who holds a user (presence.py reads it for last seen)
+
+# KEYS: route, seen, inbox. ARGV: our route, ttl, now ms, seen ttl.
+# Point the user's route at this session (catching up, not live); the previous holder's
+# route is the reply. The inbox's group is made here if Redis lacks it.
+CLAIM = _script(
+    """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+redis.pcall('XGROUP', 'CREATE', KEYS[3], '$GROUP', '0', 'MKSTREAM')
+return old
+"""
+)
+
+# KEYS: route, seen. ARGV: our route, ttl, now ms, seen ttl.
+# 1: still ours (TTL pushed back); 0: another session holds the user now;
+# 2: the route was gone (Redis lost it) and is back, not live: the session catches up.
+REFRESH = _script(
+    keys.LUA_ROUTES
+    + """
+local cur = redis.call('GET', KEYS[1])
+if cur and not ours(cur, ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+if cur then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 2
+"""
+)
+
+# KEYS: route, seen. ARGV: our route, now ms, seen ttl.
+RELEASE = _script(
+    keys.LUA_ROUTES
+    + """
+if ours(redis.call('GET', KEYS[1]), ARGV[1]) then redis.call('DEL', KEYS[1]) end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+)
+
+
+def claim_call(mobile: str, route: str, ttl_s: int, ms: int) -> tuple[list[str], list[Any]]:
+    """CLAIM: point the user's route at this session; the reply is the previous route or
+    None. Last seen is stamped too, so a node that dies before its first refresh still
+    leaves a plausible time behind."""
+    return [keys.route(mobile), keys.seen(mobile), keys.inbox(mobile)], [
+        route,
+        ttl_s,
+        ms,
+        keys.SEEN_TTL_S,
+    ]
+
+
+def release_call(mobile: str, route: str, ms: int) -> tuple[list[str], list[Any]]:
+    """RELEASE: the route goes if it is still this session's; last seen is stamped."""
+    return [keys.route(mobile), keys.seen(mobile)], [route, ms, keys.SEEN_TTL_S]
+
+
+# KEYS: account, blocks, route of the recipient. ARGV: sender, payload for its node.
+# 1 if the typing frame went to the recipient's node, 0 if no block-free route exists.
+TYPING = _script(
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
+if hit[1] == 1 or hit[2] == 1 then return 0 end
+local route = redis.call('GET', KEYS[3])
+if not route then return 0 end
+redis.call('PUBLISH', '$CHANNEL' .. string.match(route, '^[^|]+'), ARGV[2])
+return 1
+"""
+)
+
+
+def typing_call(sender: str, to: str, state: str) -> tuple[list[str], list[Any]]:
+    """TYPING: forward a typing frame to the recipient's node unless a block stands
+    between them."""
+    return [keys.account(to), keys.blocks(to), keys.route(to)], [
+        sender,
+        channel.typing(to, sender, state),
+    ]

@@ -1,18 +1,18 @@
-"""Rate limits: token buckets per socket, fixed windows in Redis shared by all nodes.
+"""Rate limits counted in Redis: fixed windows shared by all nodes.
 
-A user holds one socket in the whole cluster (a new one closes the old with 4001), so a
-bucket on the socket limits the user on every node at once. Failed logins, signups,
-look-ups and new connections are counted in Redis, so every node sees the same count.
+Failed logins, signups, look-ups and new connections are counted in Redis, so every
+node sees the same count. A socket's own limits are token buckets (core/meter.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chatnode.redisio import Batcher, Script
+from chatnode import keys
+from chatnode.lua import Script
+from chatnode.redisio import Batcher
 
 # KEYS: counter. ARGV: window seconds. Returns the count in this window and its TTL.
 HIT = Script(
@@ -24,41 +24,15 @@ return {n, redis.call('TTL', KEYS[1])}
 )
 
 
-class Bucket:
-    """A token bucket: `rate` tokens a second, at most `burst` saved up."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = time.monotonic()
-
-    def take(self, now: float | None = None, cost: float = 1) -> bool:
-        """Take `cost` tokens if there are that many."""
-        now = time.monotonic() if now is None else now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return True
-        return False
-
-
 @dataclass(frozen=True, slots=True)
 class Verdict:
     allowed: bool
     retry_after: int
 
 
-def _key(kind: str, subject: str) -> str:
-    return f"chatnode:rl:{kind}:{{{subject}}}"
-
-
 async def hit(batcher: Batcher, kind: str, subject: str, limit: int, window_s: int) -> Verdict:
     """Count one event for `subject`; allowed while the window's count stays within limit."""
-    count, ttl = await batcher.script(HIT, [_key(kind, subject)], [window_s])
+    count, ttl = await batcher.script(HIT, [keys.rate_limit(kind, subject)], [window_s])
     return Verdict(int(count) <= limit, max(1, int(ttl)))
 
 
@@ -75,7 +49,7 @@ return 0
 async def give_back(batcher: Batcher, kind: str, subject: str) -> None:
     """Undo one `hit`: a reservation that turned out not to be the event limited (a
     login that was right, or one refused by another counter). The window is unchanged."""
-    await batcher.script(GIVE_BACK, [_key(kind, subject)], [])
+    await batcher.script(GIVE_BACK, [keys.rate_limit(kind, subject)], [])
 
 
 async def reserve(

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
 from chatnode import logs
 from chatnode.errors import Unavailable
+from chatnode.lua import SCRIPTS, Script
 from chatnode.resp import Callback as Callback  # re-exported: callers type their callbacks
 from chatnode.resp import Reply, Wire, handshake, open_connection, options
 
@@ -43,20 +42,6 @@ BACKLOG_LOW = 5_000
 # A deferred command rides with the next pipeline that goes out, or goes on its own
 # after this long: work nobody waits for costs no write of its own under load.
 DEFER_S = 0.005
-
-_SCRIPTS: list[Script] = []
-
-
-@dataclass(frozen=True, slots=True)
-class Script:
-    """A Lua script loaded once per connection and called by SHA."""
-
-    source: str
-    sha: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
-        _SCRIPTS.append(self)
 
 
 async def check(url: str) -> None:
@@ -217,7 +202,7 @@ class Batcher:
 
     async def _greet(self, wire: Wire) -> None:
         """AUTH and SELECT as the URL asks, and load every script, before any command."""
-        commands = [*handshake(self._opts)] + [("SCRIPT", "LOAD", s.source) for s in _SCRIPTS]
+        commands = [*handshake(self._opts)] + [("SCRIPT", "LOAD", s.source) for s in SCRIPTS]
         if not commands:
             return
         futures = [asyncio.get_running_loop().create_future() for _ in commands]

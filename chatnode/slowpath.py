@@ -1,5 +1,5 @@
-"""The slow lane's jobs, run with I/O: the work of a frame that may need PostgreSQL
-(a recipient or receipt owner Redis lost), or a look-up the core cannot pipeline.
+"""The slow lane's jobs, run with I/O: the work of a frame that may need PostgreSQL (a
+recipient or receipt owner Redis lost), and look-ups the core cannot pipeline.
 
 Each socket runs its slow jobs one at a time (the core holds its later frames until
 they are done), so these may await freely.
@@ -7,9 +7,11 @@ they are done), so these may await freely.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatnode import inbox, keys
+from chatnode import frames, inbox, keys
 from chatnode.core.actions import (
     CheckKnown,
     FetchEntries,
@@ -18,9 +20,12 @@ from chatnode.core.actions import (
     StoreRead,
     StoreReceipts,
 )
-from chatnode.errors import UnknownRecipient
+from chatnode.errors import InboxFull, UnknownRecipient
+from chatnode.lua import RECEIPT, SEND, Script
 from chatnode.recipients import Recipients
 from chatnode.redisio import Batcher
+
+Loader = Callable[[str], Awaitable[bool]]  # copy a user into Redis; False if no such user
 
 
 class SlowPath:
@@ -34,20 +39,20 @@ class SlowPath:
         batcher, load, limit = self.batcher, self.recipients.load, self.limit
         match job:
             case StoreMessage(sender, frame, ts):
-                return await inbox.enqueue_message(batcher, load, sender, frame, ts, limit)
+                return await store_message(batcher, load, sender, frame, ts, limit)
             case FetchEntries(owner, msg_ids):
-                return await inbox.fetch(batcher, owner, msg_ids)
+                return await fetch(batcher, owner, msg_ids)
             case StoreReceipts(acker, receipts, ack_ids):
                 for receipt in receipts:
                     try:
-                        await inbox.enqueue_receipt(batcher, load, receipt, limit)
+                        await store_receipt(batcher, load, receipt, limit)
                     except UnknownRecipient:
                         pass  # the sender's account is gone: nobody to tell
                 if ack_ids:
-                    await inbox.ack(batcher, acker, ack_ids)
+                    await ack(batcher, acker, ack_ids)
                 return None
             case StoreRead(receipt):
-                await inbox.enqueue_receipt(batcher, load, receipt, limit)
+                await store_receipt(batcher, load, receipt, limit)
                 return None
             case CheckKnown(mobile):
                 if not await batcher.run("EXISTS", keys.account(mobile)):
@@ -55,3 +60,52 @@ class SlowPath:
                         raise UnknownRecipient()
                 return None
         raise TypeError(f"not a slow job: {job!r}")
+
+
+async def _with_reload(
+    batcher: Batcher, load: Loader, owner: str, script: Script, keys_: list[str], args: list[Any]
+) -> list[Any]:
+    """Run an inbox script; if Redis lacks the owner, reload them from PostgreSQL once."""
+    reply: list[Any] = await batcher.script(script, keys_, args)
+    if reply[0] == "unknown":
+        if not await load(owner):
+            raise UnknownRecipient()
+        reply = await batcher.script(script, keys_, args)
+        if reply[0] == "unknown":
+            raise UnknownRecipient()
+    return reply
+
+
+async def store_message(
+    batcher: Batcher, load: Loader, sender: str, send: frames.Send, ts: int, limit: int
+) -> inbox.Stored:
+    """Store a message, reloading the recipient from PostgreSQL if Redis lacks them."""
+    call = inbox.message_call(sender, send, ts, limit)
+    result = inbox.stored(await _with_reload(batcher, load, send.to, SEND, *call))
+    assert result is not None
+    return result
+
+
+async def store_receipt(batcher: Batcher, load: Loader, receipt: inbox.Receipt, limit: int) -> None:
+    """Put a receipt in its owner's inbox, reloading the owner from PostgreSQL if Redis
+    lacks them (a block may drop it). UnknownRecipient if there is no such user,
+    InboxFull if a read receipt finds the inbox full."""
+    reply = await _with_reload(batcher, load, receipt.owner, RECEIPT, *receipt.call(limit))
+    if reply[0] == "full":
+        raise InboxFull()
+
+
+async def fetch(batcher: Batcher, mobile: str, msg_ids: list[str]) -> list[inbox.Entry]:
+    """The entries of `mobile`'s inbox with these ids (those still there), one pipeline."""
+    replies = await asyncio.gather(
+        *(batcher.call("XRANGE", keys.inbox(mobile), m, m) for m in msg_ids)
+    )
+    return [inbox.decode(item[0], item[1]) for reply in replies for item in reply or ()]
+
+
+async def ack(batcher: Batcher, mobile: str, msg_ids: list[str]) -> None:
+    """XDEL, then XACK, in one pipeline (core/acks.py says why in this order)."""
+    box = keys.inbox(mobile)
+    await asyncio.gather(
+        batcher.call("XDEL", box, *msg_ids), batcher.call("XACK", box, keys.GROUP, *msg_ids)
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from chatnode import frames, inbox, keys, lua
+from chatnode import frames, inbox, keys, logs, lua
 from chatnode.core.actions import (
     Call,
     CheckKnown,
@@ -21,11 +21,13 @@ from chatnode.core.actions import (
     StoreRead,
     StoreReceipts,
 )
-from chatnode.errors import Code, InboxFull, Unavailable
+from chatnode.errors import ChatError, Code, InboxFull, Unavailable
 
 if TYPE_CHECKING:
     from chatnode.core.answers import Answer
     from chatnode.core.socket import SocketCore
+
+log = logs.get(__name__)
 
 ACK_FAILED = "could not ack, send the ack again"
 UNAVAILABLE = "Redis is unavailable, try again"
@@ -120,6 +122,7 @@ class Acks:
         """Entries acked that this socket did not deliver: found in the inbox, they are
         acked like the others (receipts first)."""
         if isinstance(result, Exception):  # the ids not yet looked up are pending too
+            _log_unexpected(result, self.core.mobile)
             self.core.ledger.acked(ids)
             self._unacked_again(done, reread=True)
             raise Unavailable(ACK_FAILED)
@@ -135,6 +138,7 @@ class Acks:
         core = self.core
         core.ledger.acked(ids)
         if isinstance(result, Exception):
+            _log_unexpected(result, core.mobile)
             self._unacked_again(done)
             raise Unavailable(ACK_FAILED)
         core.node.metrics.acked += len(done)
@@ -155,7 +159,7 @@ class Acks:
                 again = True
             else:
                 ledger.hold(entry, now)
-        if again:
+        if again and not core.closed:
             core.delivery.restart()
 
     def _receipts_for(self, done: list[Acked]) -> list[inbox.Receipt]:
@@ -236,3 +240,9 @@ def _nothing(result: Any) -> None:
     """The finish of a job whose success needs no answer; its error is the answer."""
     if isinstance(result, Exception):
         raise result
+
+
+def _log_unexpected(error: Exception, user: str) -> None:
+    """A failure that is not a refusal or Redis being away is a bug: log it whole."""
+    if not isinstance(error, ChatError):
+        log.error("slow_operation_failed", user=user, exc_info=error)

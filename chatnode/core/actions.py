@@ -9,8 +9,8 @@ from typing import Any, Protocol
 
 from chatnode import frames, inbox
 from chatnode.config import Settings
+from chatnode.lua import Script
 from chatnode.metrics import Metrics
-from chatnode.redisio import Script
 
 Then = Callable[[Any], None]
 

@@ -30,11 +30,15 @@ class Slow:
 
 
 class SlowLane:
-    __slots__ = ("core", "queue")
+    """The jobs waiting, first the one running. One runner (the driver's task) takes
+    them in turn: `RunSlow` starts it when the lane gets work and none is running."""
+
+    __slots__ = ("core", "queue", "running")
 
     def __init__(self, core: SocketCore) -> None:
         self.core = core
         self.queue: list[Slow] | None = None
+        self.running = False  # a runner takes jobs until `next` gives it None
 
     @property
     def busy(self) -> bool:
@@ -45,12 +49,17 @@ class SlowLane:
         if self.queue is None:
             self.queue = []
         self.queue.append(Slow(answer, ref, job, finish))
-        if len(self.queue) == 1:
+        if not self.running:
+            self.running = True
             self.core.emit(RunSlow())
 
     def next(self) -> Job | None:
-        """The job the driver runs next; None when the lane is empty or the socket gone."""
-        return self.queue[0].job if self.queue and not self.core.closed else None
+        """The job the runner runs next; None when the lane is empty or the socket gone,
+        and the runner stops."""
+        if self.queue and not self.core.closed:
+            return self.queue[0].job
+        self.running = False
+        return None
 
     def done(self, result: Any) -> None:
         """The result (or the exception) of the job `next` gave."""

@@ -1,5 +1,8 @@
 """One socket's limits: frames and their bytes, sends, invalid frames, refusals in a row.
 
+A user holds one socket in the whole cluster (a new one closes the old with 4001), so a
+bucket on the socket limits the user on every node at once.
+
 Buckets are made on the first frame, so an idle socket carries none. The send bucket
 outlives the socket: its level is saved in Redis when the socket ends and restored by
 the user's next one, on any node, so reconnecting does not refill it.
@@ -10,7 +13,6 @@ from __future__ import annotations
 import math
 
 from chatnode.config import Settings
-from chatnode.ratelimit import Bucket
 
 MAX_INVALID_FRAMES = 20  # in a burst; then the socket closes with 1008
 INVALID_REFILL_PER_S = 0.2  # one more invalid frame forgiven every 5 s
@@ -18,10 +20,25 @@ INVALID_REFILL_PER_S = 0.2  # one more invalid frame forgiven every 5 s
 BYTES_PER_FRAME = 2048
 
 
-def _bucket(rate: float, burst: float, now: float) -> Bucket:
-    bucket = Bucket(rate, burst)
-    bucket.stamp = now
-    return bucket
+class Bucket:
+    """A token bucket: `rate` tokens a second, at most `burst` saved up."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float, cost: float = 1) -> bool:
+        """Take `cost` tokens if there are that many."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True
+        return False
 
 
 class Meter:
@@ -45,13 +62,13 @@ class Meter:
 
     def _start(self, now: float) -> None:
         cfg = self.settings
-        self.frames = _bucket(cfg.frame_rate, cfg.frame_burst, now)
-        self.bytes = _bucket(
+        self.frames = Bucket(cfg.frame_rate, cfg.frame_burst, now)
+        self.bytes = Bucket(
             cfg.frame_rate * BYTES_PER_FRAME, cfg.frame_burst * BYTES_PER_FRAME, now
         )
         if self.sends is None:  # else restored from an earlier socket
-            self.sends = _bucket(cfg.send_rate, cfg.send_burst, now)
-        self.invalid = _bucket(INVALID_REFILL_PER_S, MAX_INVALID_FRAMES - 1, now)
+            self.sends = Bucket(cfg.send_rate, cfg.send_burst, now)
+        self.invalid = Bucket(INVALID_REFILL_PER_S, MAX_INVALID_FRAMES - 1, now)
 
     def send(self, now: float) -> bool:
         """Take a send token (a send or a read receipt); False: over the send rate."""
@@ -80,7 +97,7 @@ class Meter:
         except ValueError:
             return
         cfg = self.settings
-        bucket = _bucket(cfg.send_rate, cfg.send_burst, now)
+        bucket = Bucket(cfg.send_rate, cfg.send_burst, now)
         refill = max(0.0, wall_s - at) * cfg.send_rate
         bucket.tokens = min(cfg.send_burst, max(0.0, left) + refill)
         self.sends = bucket

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from chatnode import channel, frames, inbox, keys, logs, lua, presence
+from chatnode import channel, frames, inbox, keys, logs, lua
 from chatnode.core.acks import Acks
 from chatnode.core.actions import (
     Action,
@@ -120,8 +120,8 @@ class SocketCore:
         # answered before the claim, so before any frame is handled: reconnecting does
         # not refill them
         self.emit(Call(("GET", keys.send_tokens(self.mobile)), self._restore_send_tokens))
-        args, argv = presence.claim_call(self.mobile, self.route, cfg.route_ttl_s, self.now_ms())
-        self.emit(Call(args, self._claimed, presence.CLAIM, argv))
+        args, argv = lua.claim_call(self.mobile, self.route, cfg.route_ttl_s, self.now_ms())
+        self.emit(Call(args, self._claimed, lua.CLAIM, argv))
 
     def _claimed(self, old: Any) -> None:
         if isinstance(old, Exception):
@@ -153,8 +153,8 @@ class SocketCore:
         if saved is not None:
             value, ttl = saved
             self.emit(Call(("SET", keys.send_tokens(self.mobile), value, "EX", ttl)))
-        args, argv = presence.release_call(self.mobile, self.route, self.now_ms())
-        self.emit(Call(args, self._released, presence.RELEASE, argv))
+        args, argv = lua.release_call(self.mobile, self.route, self.now_ms())
+        self.emit(Call(args, self._released, lua.RELEASE, argv))
 
     def _released(self, reply: Any) -> None:
         if isinstance(reply, Exception):  # the route expires on its own
@@ -287,8 +287,8 @@ class SocketCore:
             else:
                 self.answers.give(answer, None)
 
-        args, argv = presence.typing_call(self.mobile, frame.to, frame.state)
-        self.emit(Call(args, done, presence.TYPING, argv))
+        args, argv = lua.typing_call(self.mobile, frame.to, frame.state)
+        self.emit(Call(args, done, lua.TYPING, argv))
 
     # -- what the node's channel and timers bring -------------------------------------
 

@@ -201,3 +201,49 @@ async def test_ack_of_an_entry_delivered_on_an_earlier_connection_counts(
     async with connected(cluster[1].ws, alice.token) as a:
         receipt = await a.recv_type("receipt")
     assert receipt["status"] == "delivered" and receipt["ids"] == ["late1"]
+
+
+async def test_acks_sent_before_a_reconnects_catch_up_each_ack_once(
+    api_a: Api, cluster: Cluster, redis: aioredis.Redis
+) -> None:
+    """Acks of entries an earlier socket got, sent first thing on the new socket (held
+    until the claim, then racing the catch-up that sends the entries again): each entry
+    is acked once, each message gets one delivered receipt, no ack is answered with an
+    error, and the inbox empties. (tests/unit/test_core.py drives the slow lane's
+    ordering of such acks step by step.)"""
+    alice, bob = await new_user(api_a), await new_user(api_a)
+    api_b = Api(api_a.session, cluster[1].http)
+    acked_before = await acked_count(api_b)
+    async with connected(cluster[0].ws, alice.token) as a:
+        accepted = [await a.send_message(bob.mobile, f"m{i}", cid=f"c{i}") for i in range(4)]
+    ids = [acc["msgId"] for acc in accepted]
+    async with connected(cluster[1].ws, bob.token) as b:
+        for msg_id in ids:
+            assert (await b.recv_type("message"))["msgId"] == msg_id
+    async with connected(cluster[1].ws, bob.token) as b:
+        for msg_id in ids:  # before the hello is even read: held until the claim
+            await b.send({"type": "ack", "msgIds": [msg_id]})
+        errors = await b.quiet(1.5, "error")
+        assert errors == []
+    assert await redis.xlen(keys.inbox(bob.mobile)) == 0
+    assert (await redis.xpending(keys.inbox(bob.mobile), keys.GROUP))["pending"] == 0
+    assert await acked_count(api_b) - acked_before == 4  # each once, on bob's node
+    async with connected(cluster[0].ws, alice.token) as a:
+        receipts = []
+        for _ in ids:
+            receipt = await a.recv_type("receipt")
+            receipts += receipt["ids"]
+            await a.send({"type": "ack", "msgIds": [receipt["msgId"]]})
+        assert sorted(receipts) == ["c0", "c1", "c2", "c3"]
+        assert await a.quiet(1.0, "receipt") == []
+
+
+async def acked_count(api: Api) -> float:
+    """The node's chatnode_messages_acked counter (from /metrics)."""
+    async with api.session.get(api.base + "/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("chatnode_messages_acked_total ")
+    )

@@ -367,7 +367,7 @@ async def test_a_block_change_stops_a_reload_that_read_before_it(
     copy = await accounts.redis_copy(pool, u.mobile)  # read before the block
     assert copy is not None
     await redis.delete(keys.account(u.mobile))
-    await redis.set(blocks.loading_key(u.mobile), "nonce-1")
+    await redis.set(keys.loading(u.mobile), "nonce-1")
     status, _, _ = await api_a.call(
         "POST", "/block-action/block", {"blockedUserMobileNo": u.mobile}, n.token
     )

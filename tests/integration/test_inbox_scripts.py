@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from chatnode import channel, frames, inbox, keys, lua, presence
+from chatnode import channel, frames, inbox, keys, lua, presence, slowpath
 from chatnode.redisio import Batcher
 from tests.integration.harness import Stack, new_mobile
 
@@ -150,7 +150,7 @@ async def test_pending_entries_come_back_until_acked_and_ack_removes_them(
     assert [e.msg_id for e in pending] == [s.msg_id for s in stored]
     after_first = await read_pending(batcher, bob, stored[0].msg_id)
     assert [e.msg_id for e in after_first] == [s.msg_id for s in stored[1:]]
-    await inbox.ack(batcher, bob, [stored[0].msg_id, stored[1].msg_id])
+    await slowpath.ack(batcher, bob, [stored[0].msg_id, stored[1].msg_id])
     assert await redis.xlen(keys.inbox(bob)) == 1
     assert [e.msg_id for e in await read_pending(batcher, bob, "0")] == [stored[2].msg_id]
 

@@ -23,7 +23,7 @@ from types import ModuleType
 import pytest
 
 import chatnode
-from chatnode import channel, keys, redisio
+from chatnode import channel, keys, lua
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_PATH = ROOT / "docs" / "ARCHITECTURE.md"
@@ -159,21 +159,21 @@ def test_every_key_name_is_in_the_keys_section() -> None:
     assert not missing, f"keys.py names missing from '## Redis keys': {missing}"
 
 
-def scripts() -> dict[str, redisio.Script]:
+def scripts() -> dict[str, lua.Script]:
     """`<module>.<NAME>` -> every Script, named where it is defined (`NAME = ...` at the
     top of the module), not where it is imported."""
-    found: dict[str, redisio.Script] = {}
+    found: dict[str, lua.Script] = {}
     for module in all_modules():
         source = inspect.getsource(module)
         for name, value in vars(module).items():
-            if isinstance(value, redisio.Script) and re.search(rf"^{name} = ", source, re.M):
+            if isinstance(value, lua.Script) and re.search(rf"^{name} = ", source, re.M):
                 found[f"{module.__name__.removeprefix('chatnode.')}.{name}"] = value
     return found
 
 
 def test_every_script_has_a_name() -> None:
     named = {id(s) for s in scripts().values()}
-    unnamed = [s.source[:60] for s in redisio._SCRIPTS if id(s) not in named]
+    unnamed = [s.source[:60] for s in lua.SCRIPTS if id(s) not in named]
     assert not unnamed, f"Scripts bound to no module-level name: {unnamed}"
 
 

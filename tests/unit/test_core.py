@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import orjson
 import pytest
 
@@ -479,3 +482,52 @@ def test_go_live_finding_another_session_closes_with_4001(reply: list[str]) -> N
             break
     _, other = take(core)
     assert [a.code for a in other if isinstance(a, Close)] == [CloseCode.REPLACED]
+
+
+def test_the_core_imports_nothing_that_does_io() -> None:
+    """The core is sans-I/O by construction: importing it loads no network library and
+    no module of chatnode that opens a connection."""
+    code = (
+        "import sys, chatnode.core.socket, chatnode.core.actions;"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout.split()
+    )
+    io = {"asyncpg", "aiohttp", "websockets", "redis", "uvloop", "hiredis"}
+    io |= {f"chatnode.{m}" for m in ("redisio", "resp", "wsserver", "gateway", "routing")}
+    io |= {f"chatnode.{m}" for m in ("presence", "accounts", "blocks", "auth", "slowpath")}
+    assert not loaded & io
+
+
+def test_the_slow_lane_has_one_runner_even_when_held_frames_refill_it() -> None:
+    """Two acks of ids an earlier socket delivered, sent before the claim: the second is
+    released while the first's job finishes, and joins the running lane (no second
+    runner, no job run twice)."""
+    core = make()
+    model = Inbox()
+    core.start()
+    core.receive('{"type": "ack", "msgIds": ["5-0"]}')
+    core.receive('{"type": "ack", "msgIds": ["6-0"]}')
+    calls, _ = take(core)
+    for call in calls:
+        core.reply(call, model.answer(call))
+    _, other = take(core)
+    assert other.count(RunSlow()) == 1
+    jobs = []
+    while (job := core.lane.next()) is not None:
+        jobs.append(job)
+        core.lane.done([entry(int(job.msg_ids[0][0]))] if isinstance(job, FetchEntries) else None)
+        assert RunSlow() not in take(core)[1]
+    assert [type(j).__name__ for j in jobs] == [
+        "FetchEntries",
+        "StoreReceipts",
+        "FetchEntries",
+        "StoreReceipts",
+    ]
+    assert [j.msg_ids for j in jobs if isinstance(j, FetchEntries)] == [["5-0"], ["6-0"]]
+    assert core.node.metrics.acked == 2 and not core.lane.running
+    core.receive('{"type": "ack", "msgIds": ["7-0"]}')  # a new run later starts a runner
+    assert RunSlow() in take(core)[1]
