@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from websockets.http11 import Request, Response
 
 from chatnode import auth, handshake, inbox, keys, logs, presence
 from chatnode.config import Settings
-from chatnode.core.actions import Call, Close, Node, Publish, Reading, RunSlow
+from chatnode.core.actions import Call, Close, Node, Publish, Reading, RunSlow, Then
 from chatnode.core.answers import OUT_BUFFER_MAX
 from chatnode.core.socket import SocketCore
 from chatnode.errors import ChatError, CloseCode
@@ -116,21 +117,40 @@ class Gateway:
 
     def _act(self, s: Session) -> None:
         """Carry out what the core asked for, in order (also what carrying it out makes
-        it ask: a close ends the core, which releases the route)."""
-        if s.acting:
-            return  # the loop below, further up the stack, takes the new actions
-        s.acting = True
-        try:
-            self._carry_out(s)
-        finally:
-            s.acting = False
+        it ask: a close ends the core, which releases the route); then have the frames
+        it queued written at the end of the turn."""
+        core = s.core
+        if core.actions and not s.acting:
+            s.acting = True
+            try:
+                self._carry_out(s)
+            finally:
+                s.acting = False
+        # (if acting, the loop further up the stack takes the new actions)
+        if core.answers.outbox and not s.writing and not s.gone:
+            s.writing = True
+            self._to_flush.append(s)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_all)
 
     def _carry_out(self, s: Session) -> None:
-        core = s.core
-        while core.actions:
-            for action in core.take_actions():
-                if type(action) is Call:
-                    self._call(s, action)
+        actions = s.core.actions
+        batcher = self.batcher
+        i = 0
+        try:
+            while i < len(actions):  # carrying one out may add more: taken in turn
+                action = actions[i]
+                i += 1
+                if type(action) is Call:  # (most of them)
+                    then = action.then
+                    callback = ignore if then is None else self._replied(s, then)
+                    if action.script is not None:
+                        batcher.submit_script(callback, action.script, action.args, action.argv)
+                    elif action.defer:
+                        batcher.defer(callback, *action.args)
+                    else:
+                        batcher.submit(callback, *action.args)
                 elif isinstance(action, Close):
                     self._close(s, action)
                 elif isinstance(action, Reading):
@@ -142,29 +162,20 @@ class Gateway:
                     self.router.send(action.node, action.payload)
                 elif isinstance(action, RunSlow):
                     self.tasks.spawn(self._run_slow(s))
-        if core.answers.outbox and not s.writing and not s.gone:
-            s.writing = True
-            self._to_flush.append(s)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush_all)
+        finally:
+            del actions[:i]  # (those not reached, if one failed, wait for the next event)
 
-    def _call(self, s: Session, call: Call) -> None:
-        if call.then is None:
-            callback = ignore
-        else:
+    def _replied(self, s: Session, then: Then) -> Callable[[Any], None]:
+        """The batcher's callback for a call: the event of its reply, fed to the core
+        (SocketCore.reply), then what the core asked for is carried out."""
 
-            def callback(reply: Any) -> None:
-                try:
-                    s.core.reply(call, reply)
-                finally:  # what the core asked before it failed is carried out
-                    self._act(s)
+        def callback(reply: Any) -> None:
+            try:
+                then(reply)
+            finally:  # what the core asked before it failed is carried out
+                self._act(s)
 
-        submit = self.batcher.defer if call.defer else self.batcher.submit
-        if call.script is None:
-            submit(callback, *call.args)
-        else:
-            self.batcher.submit_script(callback, call.script, call.args, call.argv)
+        return callback
 
     async def _run_slow(self, s: Session) -> None:
         """The socket's slow-lane runner: its jobs one at a time, until the lane is empty."""

@@ -49,13 +49,17 @@ class Acks:
         core = self.core
         ledger = core.ledger
         done: list[Acked] = []
+        release = ledger.release
         for msg_id in frame.msg_ids:
-            held = ledger.release(msg_id)
+            held = release(msg_id)
             if held is not None:
                 done.append(held)
-        taken = {e.msg_id for e, _ in done}
-        # not out on this socket and not being acked already: delivered before (a reconnect)
-        unknown = [m for m in frame.msg_ids if m not in taken and not ledger.knows(m)]
+        unknown: list[str] = []
+        if len(done) < len(frame.msg_ids):
+            taken = {e.msg_id for e, _ in done}
+            # not out on this socket and not being acked already: delivered before (a
+            # reconnect)
+            unknown = [m for m in frame.msg_ids if m not in taken and not ledger.knows(m)]
         answer = core.answers.later()
         core.delivery.acked()  # room for more entries on this socket
         ids = ledger.acking_now([e for e, _ in done])
@@ -115,8 +119,8 @@ class Acks:
                 core.answers.give(answer, None)
 
         box = keys.inbox(core.mobile)
-        core.emit(Call(("XDEL", box, *ids), deleted, defer=True))
-        core.emit(Call(("XACK", box, keys.GROUP, *ids), acked, defer=True))
+        core.emit(Call(("XDEL", box, *ids), deleted, None, (), True))
+        core.emit(Call(("XACK", box, keys.GROUP, *ids), acked, None, (), True))
 
     def _fetched(self, done: list[Acked], ids: list[str], result: Any) -> Next:
         """Entries acked that this socket did not deliver: found in the inbox, they are

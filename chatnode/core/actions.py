@@ -15,17 +15,30 @@ from chatnode.metrics import Metrics
 Then = Callable[[Any], None]
 
 
-@dataclass(slots=True)
 class Call:
     """A Redis command, or a script when `script` is set (`args` are then its keys and
-    argv). Calls go to Redis in the order they were made; `then` takes the reply (a value,
-    or an exception instance). `defer`: it may ride with the next pipeline."""
+    argv its arguments). Calls go to Redis in the order they were made; `then` takes
+    the reply (a value, or an exception instance). `defer`: it may ride with the next
+    pipeline. (A plain class: one is made per Redis command, on the hot path.)"""
 
-    args: Sequence[Any]
-    then: Then | None = None
-    script: Script | None = None
-    argv: Sequence[Any] = ()
-    defer: bool = False
+    __slots__ = ("args", "argv", "defer", "script", "then")
+
+    def __init__(
+        self,
+        args: Sequence[Any],
+        then: Then | None = None,
+        script: Script | None = None,
+        argv: Sequence[Any] = (),
+        defer: bool = False,
+    ) -> None:
+        self.args = args
+        self.then = then
+        self.script = script
+        self.argv = argv
+        self.defer = defer
+
+    def __repr__(self) -> str:
+        return f"Call({self.args!r}, script={self.script is not None}, defer={self.defer})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,18 +133,20 @@ class Next:
 # -- what a core reads
 
 
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class Clock:
-    """Time as the core sees it; tests pass one they move by hand."""
+    """Time as the core sees it; tests pass one they move by hand. The real one's
+    readings are the time module's functions themselves (no call in between)."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    __slots__ = ("monotonic", "ms", "perf")
 
-    def perf(self) -> float:
-        return time.perf_counter()
-
-    def ms(self) -> int:
-        """Wall time in milliseconds since the epoch (message and receipt stamps)."""
-        return int(time.time() * 1000)
+    def __init__(self) -> None:
+        self.monotonic: Callable[[], float] = time.monotonic
+        self.perf: Callable[[], float] = time.perf_counter  # latency measurements
+        self.ms: Callable[[], int] = _wall_ms  # wall time, ms since the epoch (stamps)
 
 
 class WriteBuffer(Protocol):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from chatnode import inbox, keys, logs, lua
 from chatnode.core.actions import Call
+from chatnode.core.answers import OUT_BUFFER_LOW
 from chatnode.errors import CloseCode
 
 if TYPE_CHECKING:
@@ -140,10 +141,15 @@ class Delivery:
         self.step()
 
     def blocked(self) -> bool:
-        """The socket takes no more entries for now: it lags, or holds its cap unacked."""
+        """The socket takes no more entries for now: it lags, or holds its cap unacked.
+        (Ledger.full and SocketCore.lagging, inline: it runs once per entry.)"""
         core = self.core
         cfg = core.settings
-        return core.ledger.full(cfg.unacked_max_entries, cfg.unacked_max_bytes) or core.lagging()
+        ledger = core.ledger
+        if len(ledger.out) >= cfg.unacked_max_entries or ledger.out_bytes >= cfg.unacked_max_bytes:
+            return True
+        wire, answers = core.wire, core.answers
+        return wire.paused or answers.outbytes + answers.queued + wire.buffered() > OUT_BUFFER_LOW
 
     def _unlive(self) -> None:
         """Stop pushes under the session's token. If that fails, the route may still be
