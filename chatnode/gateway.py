@@ -167,7 +167,7 @@ class Gateway:
 
     def _replied(self, s: Session, then: Then) -> Callable[[Any], None]:
         """The batcher's callback for a call: the event of its reply, fed to the core
-        (SocketCore.reply), then what the core asked for is carried out."""
+        (as SocketCore.reply does), then what the core asked for is carried out."""
 
         def callback(reply: Any) -> None:
             try:
