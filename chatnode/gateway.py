@@ -137,6 +137,7 @@ class Gateway:
     def _carry_out(self, s: Session) -> None:
         actions = s.core.actions
         batcher = self.batcher
+        replied = self._replied
         i = 0
         try:
             while i < len(actions):  # carrying one out may add more: taken in turn
@@ -144,7 +145,7 @@ class Gateway:
                 i += 1
                 if type(action) is Call:  # (most of them)
                     then = action.then
-                    callback = ignore if then is None else self._replied(s, then)
+                    callback = ignore if then is None else replied(s, then)
                     if action.script is not None:
                         batcher.submit_script(callback, action.script, action.args, action.argv)
                     elif action.defer:

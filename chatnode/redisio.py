@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 from chatnode import logs
 from chatnode.errors import Unavailable
 from chatnode.lua import SCRIPTS, Script
@@ -116,19 +114,14 @@ class Batcher:
     def submit_script(
         self, callback: Callback, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> None:
-        """Run a Lua script by SHA (every connection loads them all first).
+        """Run a Lua script by SHA (every connection loads them all first). If Redis lost
+        them meanwhile (NOSCRIPT), they are loaded again and this call fails as
+        unavailable (resp.Wire.on_reply)."""
+        self.submit(callback, "EVALSHA", script.sha, len(keys), *keys, *args)
 
-        If the cache was flushed meanwhile (NOSCRIPT), the script is loaded again but this
-        call fails as unavailable: running it again now would run it after commands
-        queued behind it, and callers count on Redis keeping their order."""
-
-        def first(reply: Reply) -> None:
-            if isinstance(reply, NoScriptError):
-                self.submit(ignore, "SCRIPT", "LOAD", script.source)
-                reply = Unavailable("Redis lost its scripts; try again")
-            callback(reply)
-
-        self.submit(first, "EVALSHA", script.sha, len(keys), *keys, *args)
+    def _load_scripts(self) -> None:
+        for script in SCRIPTS:
+            self.submit(ignore, "SCRIPT", "LOAD", script.source)
 
     def defer(self, callback: Callback, *args: Any) -> None:
         """Queue one command in order like `submit`, but let it wait (at most DEFER_S) for
@@ -186,7 +179,9 @@ class Batcher:
 
     async def _connect(self) -> None:
         try:
-            wire = await open_connection(self._opts, lambda: Wire(self._timeout, self._replied))
+            wire = await open_connection(
+                self._opts, lambda: Wire(self._timeout, self._replied, self._load_scripts)
+            )
             await self._greet(wire)
         except Exception as exc:
             self._backoff = min(max(self._backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)

@@ -143,8 +143,14 @@ class Wire(Link):
     """The command connection: commands written in order, replies handed to callbacks in
     order. One watchdog gives every reply a deadline."""
 
-    def __init__(self, timeout: float, on_settled: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        on_settled: Callable[[], None] | None = None,
+        on_noscript: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
+        self._on_noscript = on_noscript  # Redis lost its scripts: load them again
         self._callbacks: deque[Callback] = deque()
         self._marks: deque[tuple[float, int]] = deque()  # (written at, replies owed until)
         self._written = 0
@@ -187,6 +193,13 @@ class Wire(Link):
         self._replied += 1
         if isinstance(reply, ResponseError):
             reply = meaning(reply)
+            if isinstance(reply, NoScriptError):
+                # the scripts are loaded again, but this call fails: running it again
+                # now would run it after commands queued behind it, and callers count
+                # on Redis keeping their order
+                if self._on_noscript is not None:
+                    self._on_noscript()
+                reply = Unavailable("Redis lost its scripts; try again")
         callback = self._callbacks.popleft()
         try:
             callback(reply)

@@ -53,14 +53,25 @@ async def test_two_batches_in_flight_are_answered_in_order() -> None:
 async def test_error_replies_keep_the_expected_ones_and_the_rest_mean_unavailable() -> None:
     w, _ = wire()
     got: list[Any] = []
-    w.send([(("X",), got.append) for _ in range(3)])
+    w.send([(("X",), got.append) for _ in range(2)])
     w.data_received(
-        b"-NOSCRIPT No matching script\r\n-BUSYGROUP Consumer Group name already exists\r\n"
+        b"-BUSYGROUP Consumer Group name already exists\r\n"
         b"-LOADING Redis is loading the dataset in memory\r\n"
     )
-    assert isinstance(got[0], NoScriptError)
-    assert isinstance(got[1], ResponseError) and str(got[1]).startswith("BUSYGROUP")
-    assert isinstance(got[2], Unavailable)
+    assert isinstance(got[0], ResponseError) and str(got[0]).startswith("BUSYGROUP")
+    assert isinstance(got[1], Unavailable)
+
+
+async def test_a_script_redis_lost_fails_as_unavailable_and_the_scripts_load_again() -> None:
+    loads: list[int] = []
+    w = Wire(5.0, None, lambda: loads.append(1))
+    w.connection_made(Transport())  # type: ignore[arg-type]
+    got: list[Any] = []
+    w.send([(("EVALSHA", "abc", 0), got.append), (("GET", "k"), got.append)])
+    w.data_received(b"-NOSCRIPT No matching script\r\n$1\r\nv\r\n")
+    assert isinstance(got[0], Unavailable) and got[1] == "v"
+    assert loads == [1]
+    assert isinstance(meaning(ResponseError("NOSCRIPT No matching script")), NoScriptError)
 
 
 def test_meaning_of_other_errors() -> None:
