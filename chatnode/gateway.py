@@ -156,7 +156,8 @@ class Gateway:
                     self._close(s, action)
                 elif isinstance(action, Reading):
                     if action.on:
-                        s.conn.resume_reading()
+                        if s not in self._paused:  # (Redis congestion keeps it paused)
+                            s.conn.resume_reading()
                     else:
                         s.conn.pause_reading()
                 elif isinstance(action, Publish):
@@ -173,26 +174,31 @@ class Gateway:
         def callback(reply: Any) -> None:
             try:
                 then(reply)
-            finally:  # what the core asked before it failed is carried out
-                self._act(s)
+            except Exception:  # a bug: an answer may never come, so the socket goes
+                log.exception("socket_event_failed", user=s.core.mobile)
+                s.core.close(CloseCode.INTERNAL, "internal error")
+            self._act(s)  # what the core asked for, before it failed too
 
         return callback
 
     async def _run_slow(self, s: Session) -> None:
         """The socket's slow-lane runner: its jobs one at a time, until the lane is empty."""
         core = s.core
-        while (job := core.lane.next()) is not None:
-            try:
-                result = await self.slowpath.run(job)
-            except Exception as exc:
-                result = exc
-            try:
-                core.lane.done(result)
-            except Exception:  # a bug: the lane cannot go on, nor can the socket
-                log.exception("slow_lane_failed", user=core.mobile)
-                core.lane.queue = None
+        lane = core.lane
+        try:
+            while (job := lane.next()) is not None:
+                try:
+                    result = await self.slowpath.run(job)
+                except Exception as exc:
+                    result = exc
+                lane.done(result)
+                self._act(s)
+        finally:
+            if lane.running:  # it ended other than by an empty lane: a bug, or cancelled
+                log.error("slow_lane_failed", user=core.mobile, exc_info=True)
+                lane.running, lane.queue = False, None
                 core.close(CloseCode.INTERNAL, "internal error")
-            self._act(s)
+                self._act(s)
 
     def _flush_all(self) -> None:
         self._flush_scheduled = False
@@ -200,7 +206,11 @@ class Gateway:
         for s in sessions:
             s.writing = False
             if not s.gone:
-                self._flush(s)
+                try:
+                    self._flush(s)
+                except Exception:  # a bug: this socket goes, the others are written
+                    log.exception("socket_flush_failed", user=s.core.mobile)
+                    s.core.close(CloseCode.INTERNAL, "internal error")
                 self._act(s)
 
     def _flush(self, s: Session) -> None:
@@ -244,13 +254,15 @@ class Gateway:
     def _close(self, s: Session, close: Close) -> None:
         if s.gone:
             return
-        if close.last:  # an error frame queued just before still goes out
-            try:
+        try:
+            if close.last:  # an error frame queued just before still goes out
                 s.conn.send_texts(close.last)
-            except Exception as exc:
-                log.info("socket_write_failed", user=s.core.mobile, error=type(exc).__name__)
-        s.conn.close(close.code, close.reason)
-        self._forget(s)
+            s.conn.close(close.code, close.reason)
+        except Exception as exc:
+            log.info("socket_write_failed", user=s.core.mobile, error=type(exc).__name__)
+            s.conn.abort()
+        finally:
+            self._forget(s)
 
     def _forget(self, s: Session) -> None:
         if s.gone:

@@ -130,7 +130,8 @@ class Acks:
             self.core.ledger.acked(ids)
             self._unacked_again(done, reread=True)
             raise Unavailable(ACK_FAILED)
-        earlier = [(e, -1.0) for e in result if e.kind]
+        # the catch-up may have sent them again meanwhile: they leave the ledger too
+        earlier = [self.core.ledger.release(e.msg_id) or (e, -1.0) for e in result if e.kind]
         done = done + earlier
         ids = ids + self.core.ledger.acking_now([e for e, _ in earlier])
         job = StoreReceipts(self.core.mobile, self._receipts_for(done), ids)

@@ -37,6 +37,7 @@ class Delivery:
         "core",
         "cursor",
         "early",
+        "failed",
         "gen",
         "offered",
         "reading",
@@ -50,6 +51,7 @@ class Delivery:
         self.cursor: str | None = "0"
         self.reading = False
         self.stalled = False  # the catch-up waits for the socket to drain or Redis to return
+        self.failed = False  # stalled by a failed read: only the sweep retries it
         self.gen = 0  # bumped when the catch-up restarts: older replies are stale
         self.token: str | None = None  # the live token pushes carry
         self.offered: str | None = None  # the token GO_LIVE is taking
@@ -65,7 +67,7 @@ class Delivery:
         if self.blocked():
             self.stalled = True  # resumed when the socket drains or acks make room
             return
-        self.stalled = False
+        self.stalled = self.failed = False
         self.reading = True
         gen = self.gen
         if self.cursor == "0" and gen:
@@ -102,7 +104,8 @@ class Delivery:
             reply = []
         reply = inbox.pending_entries(reply)
         if gen != self.gen:  # the catch-up restarted meanwhile
-            self.step()
+            if not self.failed:  # (after a failure the sweep retries: no loop while
+                self.step()  # Redis is away)
             return
         if isinstance(reply, Exception):
             self._stall(reply)
@@ -118,7 +121,8 @@ class Delivery:
     def _on_go_live(self, gen: int, token: str, reply: Any) -> None:
         self.reading = False
         if gen != self.gen:
-            self.step()
+            if not self.failed:
+                self.step()
             return
         if isinstance(reply, Exception):
             self._stall(reply)
@@ -169,13 +173,8 @@ class Delivery:
         since a GO_LIVE whose answer was lost may have made the route live."""
         log.warning("inbox_read_failed", user=self.core.mobile, error=type(error).__name__)
         self.gen += 1
-        self.cursor, self.token, self.offered, self.early, self.stalled = (
-            "0",
-            None,
-            None,
-            None,
-            True,
-        )
+        self.cursor, self.token, self.offered, self.early = "0", None, None, None
+        self.stalled = self.failed = True
 
     def restart(self) -> None:
         """Catch up again from the first pending entry; pushes stop until live again."""

@@ -248,8 +248,53 @@ def test_a_failed_unlive_starts_the_catch_up_over() -> None:
     assert d.stalled and d.cursor == "0" and d.gen == gen + 1 and d.token is None
     core.reply(calls[1], 1)
     core.reply(calls[2], [[f"{{u:{ME}}}:inbox", [["1-0", ["k", "m", "f", PEER, "i", "c1"]]]]])
-    assert not core.ledger.out  # stale reply: dropped, the catch-up starts over
+    assert not core.ledger.out  # stale reply: dropped
+    assert take(core) == ([], [])  # after a failure only the sweep starts over
+    core.tick(core.node.clock.monotonic())
     assert [name_of(c) for c in take(core)[0]] == ["UNLIVE", "XREADGROUP"]
+
+
+def test_while_redis_is_away_a_catch_up_retries_only_at_the_sweep() -> None:
+    """The catch-up's UNLIVE and read both fail (Redis away): no new read comes of the
+    failures themselves (that was a loop at event-loop speed), one per sweep tick."""
+    core, _ = opened()
+    core.delivery.restart()  # the node's channel went away
+    for _ in range(3):
+        calls, _ = take(core)
+        assert [name_of(c) for c in calls] in (
+            ["UNLIVE", "UNLIVE", "XREADGROUP"],
+            ["UNLIVE", "XREADGROUP"],
+        )
+        for call in calls:
+            core.reply(call, Unavailable())
+        assert take(core) == ([], [])
+        core.tick(core.node.clock.monotonic())
+
+
+def test_an_earlier_sockets_ack_racing_the_catch_up_leaves_nothing_out() -> None:
+    """An ack of an entry the previous socket got is looked up on the slow lane; the
+    catch-up sends the entry again meanwhile. Once acked, it is not out any more (it
+    would be sent again at every redelivery timeout)."""
+    core = make()
+    model = Inbox()
+    msg_id = model.message_from_peer(1)
+    model.pending.add(1)
+    model.delivered_upto = 1  # delivered to the previous socket, not acked
+    core.start()
+    core.receive(orjson.dumps({"type": "ack", "msgIds": [msg_id]}).decode())
+    calls, _ = take(core)
+    for call in calls:  # GET, CLAIM; then the pending read is sent, the ack held
+        core.reply(call, model.answer(call))
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["XREADGROUP"]
+    job = core.lane.next()
+    assert isinstance(job, FetchEntries)
+    core.reply(calls[0], model.answer(calls[0]))  # the catch-up sends it again
+    assert msg_id in core.ledger.out
+    core.lane.done([inbox.decode(msg_id, model._fields(1))])
+    assert core.lane.next() is not None  # StoreReceipts
+    core.lane.done(None)
+    assert msg_id not in core.ledger.out and not core.ledger.knows(msg_id)
 
 
 def test_live_delivery_stops_at_the_unacked_entry_cap() -> None:
