@@ -11,18 +11,17 @@ handshake.py.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
 from websockets.http11 import Request, Response
 
-from chatnode import auth, handshake, inbox, keys, logs, presence
+from chatnode import auth, handshake, inbox, keys, logs, routesweep
 from chatnode.config import Settings
 from chatnode.core.actions import Call, Close, Node, Publish, Reading, RunSlow, Then
 from chatnode.core.answers import OUT_BUFFER_MAX
 from chatnode.core.socket import SocketCore
-from chatnode.errors import ChatError, CloseCode
+from chatnode.errors import CloseCode
 from chatnode.metrics import Metrics
 from chatnode.recipients import Recipients
 from chatnode.redisio import Batcher, ignore
@@ -45,7 +44,7 @@ class Session:
         self.conn = conn
         self.core = core
         self.writing = False
-        self.acting = False  # in _act: actions the core adds meanwhile join its loop
+        self.acting = False  # in act: actions the core adds meanwhile join its loop
         self.gone = False  # forgotten: the core has ended
 
 
@@ -92,7 +91,7 @@ class Gateway:
             self.close(previous, CloseCode.REPLACED, "replaced by a newer connection")
         self.metrics.sockets += 1
         core.start()
-        self._act(s)
+        self.act(s)
         return s
 
     def on_message(self, conn: Conn, data: str | bytes) -> None:
@@ -102,20 +101,20 @@ class Gateway:
         if self.batcher.congested():
             self._pause_for_redis(s)
         s.core.receive(data)
-        self._act(s)
+        self.act(s)
 
     def on_drained(self, conn: Conn) -> None:
         s: Session | None = conn.session
         if s is not None and not s.gone:
             s.core.drained()
-            self._act(s)
+            self.act(s)
 
     def on_closed(self, conn: Conn, session: Session) -> None:
         self._forget(session)
 
     # -- carrying out what a core asks for -------------------------------------------
 
-    def _act(self, s: Session) -> None:
+    def act(self, s: Session) -> None:
         """Carry out what the core asked for, in order (also what carrying it out makes
         it ask: a close ends the core, which releases the route); then have the frames
         it queued written at the end of the turn."""
@@ -177,7 +176,7 @@ class Gateway:
             except Exception:  # a bug: an answer may never come, so the socket goes
                 log.exception("socket_event_failed", user=s.core.mobile)
                 s.core.close(CloseCode.INTERNAL, "internal error")
-            self._act(s)  # what the core asked for, before it failed too
+            self.act(s)  # what the core asked for, before it failed too
 
         return callback
 
@@ -192,13 +191,13 @@ class Gateway:
                 except Exception as exc:
                     result = exc
                 lane.done(result)
-                self._act(s)
+                self.act(s)
         finally:
             if lane.running:  # it ended other than by an empty lane: a bug, or cancelled
                 log.error("slow_lane_failed", user=core.mobile, exc_info=True)
                 lane.running, lane.queue = False, None
                 core.close(CloseCode.INTERNAL, "internal error")
-                self._act(s)
+                self.act(s)
 
     def _flush_all(self) -> None:
         self._flush_scheduled = False
@@ -211,7 +210,7 @@ class Gateway:
                 except Exception:  # a bug: this socket goes, the others are written
                     log.exception("socket_flush_failed", user=s.core.mobile)
                     s.core.close(CloseCode.INTERNAL, "internal error")
-                self._act(s)
+                self.act(s)
 
     def _flush(self, s: Session) -> None:
         """Write what is queued for this socket now."""
@@ -249,7 +248,7 @@ class Gateway:
     def close(self, s: Session, code: int, reason: str) -> None:
         """Close a session's socket; safe to call twice."""
         s.core.close(code, reason)
-        self._act(s)
+        self.act(s)
 
     def _close(self, s: Session, close: Close) -> None:
         if s.gone:
@@ -276,7 +275,7 @@ class Gateway:
         code, reason = s.conn.close_reason
         log.info("socket_closed", user=core.mobile, session=core.sid, code=code, reason=reason)
         core.ended()
-        self._act(s)
+        self.act(s)
 
     async def drain(self) -> None:
         """Stop accepting and close every socket with 1012 (reconnect elsewhere)."""
@@ -293,51 +292,11 @@ class Gateway:
         now = self.node.clock.monotonic()
         for s in list(self.sessions.values()):
             s.core.tick(now)
-            self._act(s)
+            self.act(s)
 
     async def refresh_routes(self) -> None:
-        """Push back every route's TTL in one pipeline; a lost route means replaced.
-        Sockets whose token expired or was revoked close with 4003 on the same pass (a
-        logout's message to this node may have been lost)."""
-        now = time.time()
-        for s in list(self.sessions.values()):
-            if s.core.expires_at and s.core.expires_at <= now:
-                self.close(s, CloseCode.LOGGED_OUT, "token expired")
-        sessions = [s for s in self.sessions.values() if not s.gone and s.core.ready]
-        ms = presence.now_ms()
-        ttl = self.settings.route_ttl_s
-        revoked = self._revocations(sessions)
-        results = await asyncio.gather(
-            *(
-                presence.refresh(self.batcher, s.core.mobile, s.core.route, ttl, ms)
-                for s in sessions
-            ),
-            return_exceptions=True,
-        )
-        for s, result in zip(sessions, results, strict=True):
-            if result == 0:
-                self.close(s, CloseCode.REPLACED, "replaced by a newer connection")
-            elif result == 2 and not s.gone:  # Redis lost the route: made again, not live
-                s.core.delivery.restart()
-                self._act(s)
-        for s in await revoked:
-            self.close(s, CloseCode.LOGGED_OUT, "logged out")
-
-    async def _revocations(self, sessions: list[Session]) -> list[Session]:
-        """The sessions whose token was revoked, asked in the sweep's pipeline; none when
-        Redis is away or lost its revocations (they are copied back for the next pass)."""
-        loaded = self.batcher.call("EXISTS", keys.REVOCATIONS_LOADED)
-        checks = [self.batcher.call("EXISTS", keys.revoked(s.core.jti)) for s in sessions]
-        try:
-            if not await loaded:
-                self.tokens.reload_revocations(self.batcher, self.pool)
-                await asyncio.gather(*checks, return_exceptions=True)
-                return []
-            found = await asyncio.gather(*checks, return_exceptions=True)
-        except ChatError:
-            await asyncio.gather(*checks, return_exceptions=True)
-            return []
-        return [s for s, hit in zip(sessions, found, strict=True) if hit == 1]
+        """The route sweep (routesweep.py): TTLs, expired and revoked tokens."""
+        await routesweep.refresh_routes(self)
 
     # -- what the node's channel brings (routing.Listener) ---------------------------
 
@@ -345,7 +304,7 @@ class Gateway:
         s = self.sessions.get(owner)
         if s is not None:
             s.core.pushed(token, entries)
-            self._act(s)
+            self.act(s)
         # else: the entries wait as pending for whoever holds the user next
 
     def on_kick(self, mobile: str, session: str) -> None:
@@ -362,7 +321,7 @@ class Gateway:
         s = self.sessions.get(to)
         if s is not None:
             s.core.typing_from(sender, state)
-            self._act(s)
+            self.act(s)
 
     def on_resync(self) -> None:
         """The channel went away or came back: pushes may be lost, so every session
@@ -370,7 +329,7 @@ class Gateway:
         for s in list(self.sessions.values()):
             if s.core.ready and not s.gone:
                 s.core.delivery.restart()
-                self._act(s)
+                self.act(s)
                 self.batcher.submit(self._revoked_check(s), "EXISTS", keys.revoked(s.core.jti))
 
     def _revoked_check(self, s: Session) -> Any:

@@ -1,0 +1,59 @@
+"""The route sweep: every third of the route TTL, over all of a node's sessions.
+
+It pushes back every route's TTL in one pipeline (a route another session holds now
+means this one was replaced: 4001), and closes with 4003 the sockets whose token
+expired or was revoked (a logout's message to this node may have been lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from chatnode import keys, presence
+from chatnode.errors import ChatError, CloseCode
+
+if TYPE_CHECKING:
+    from chatnode.gateway import Gateway, Session
+
+
+async def refresh_routes(gw: Gateway) -> None:
+    now = time.time()
+    for s in list(gw.sessions.values()):
+        if s.core.expires_at and s.core.expires_at <= now:
+            gw.close(s, CloseCode.LOGGED_OUT, "token expired")
+    sessions = [s for s in gw.sessions.values() if not s.gone and s.core.ready]
+    ms = presence.now_ms()
+    ttl = gw.settings.route_ttl_s
+    revoked = _revoked(gw, sessions)
+    results = await asyncio.gather(
+        *(presence.refresh(gw.batcher, s.core.mobile, s.core.route, ttl, ms) for s in sessions),
+        return_exceptions=True,
+    )
+    for s, result in zip(sessions, results, strict=True):
+        if result == 0:
+            gw.close(s, CloseCode.REPLACED, "replaced by a newer connection")
+        elif result == 2 and not s.gone:  # Redis lost the route: made again, not live
+            s.core.delivery.restart()
+            gw.act(s)
+    for s in await revoked:
+        gw.close(s, CloseCode.LOGGED_OUT, "logged out")
+
+
+async def _revoked(gw: Gateway, sessions: list[Session]) -> list[Session]:
+    """The sessions whose token was revoked, asked in the sweep's pipeline; none when
+    Redis is away or lost its revocations (they are copied back for the next pass)."""
+    batcher = gw.batcher
+    loaded = batcher.call("EXISTS", keys.REVOCATIONS_LOADED)
+    checks = [batcher.call("EXISTS", keys.revoked(s.core.jti)) for s in sessions]
+    try:
+        if not await loaded:
+            gw.tokens.reload_revocations(batcher, gw.pool)
+            await asyncio.gather(*checks, return_exceptions=True)
+            return []
+        found = await asyncio.gather(*checks, return_exceptions=True)
+    except ChatError:
+        await asyncio.gather(*checks, return_exceptions=True)
+        return []
+    return [s for s, hit in zip(sessions, found, strict=True) if hit == 1]
