@@ -81,6 +81,7 @@ class Batcher:
         self.high = BACKLOG_HIGH
         self.low = BACKLOG_LOW
         self._relief: list[Callable[[], None]] = []  # waiting for the backlog to shrink
+        self._reloading = False  # SCRIPT LOADs after a NOSCRIPT are on their way
         self._deferred: asyncio.TimerHandle | None = None
 
     @property
@@ -120,8 +121,18 @@ class Batcher:
         self.submit(callback, "EVALSHA", script.sha, len(keys), *keys, *args)
 
     def _load_scripts(self) -> None:
-        for script in SCRIPTS:
+        """Load every script again (Redis lost them); once, however many calls of the
+        same pipeline come back NOSCRIPT, until the loads are answered."""
+        if self._reloading:
+            return
+        self._reloading = True
+
+        def loaded(reply: Reply) -> None:
+            self._reloading = False
+
+        for script in SCRIPTS[:-1]:
             self.submit(ignore, "SCRIPT", "LOAD", script.source)
+        self.submit(loaded, "SCRIPT", "LOAD", SCRIPTS[-1].source)
 
     def defer(self, callback: Callback, *args: Any) -> None:
         """Queue one command in order like `submit`, but let it wait (at most DEFER_S) for

@@ -154,3 +154,22 @@ async def test_a_protocol_error_aborts_the_wire_and_fails_its_waiters() -> None:
     w.send([(("PING",), got.append)])
     w.data_received(b"?garbage\r\n")
     assert t.aborted and isinstance(got[0], Unavailable)
+
+
+async def test_many_noscript_replies_load_the_scripts_once() -> None:
+    """A pipeline of script calls after Redis lost its scripts comes back NOSCRIPT for
+    each: the scripts are loaded again once, not once per call, until that is answered."""
+    from chatnode.lua import SCRIPTS
+    from chatnode.redisio import Batcher
+
+    b = Batcher("redis://127.0.0.1:1/0")
+    for _ in range(50):
+        b._load_scripts()
+    queued = b._queue
+    assert len(queued) == len(SCRIPTS)
+    assert all(args[:2] == ("SCRIPT", "LOAD") for args, _ in queued)
+    queued[-1][1]("sha")  # the last load answered: a later loss loads them again
+    b._queue = []
+    b._load_scripts()
+    assert len(b._queue) == len(SCRIPTS)
+    b._queue = []
