@@ -168,7 +168,7 @@ class Gateway:
 
     def _replied(self, s: Session, then: Then) -> Callable[[Any], None]:
         """The batcher's callback for a call: the event of its reply, fed to the core
-        (as SocketCore.reply does), then what the core asked for is carried out."""
+        (the Call's continuation), then what the core asked for is carried out."""
 
         def callback(reply: Any) -> None:
             try:

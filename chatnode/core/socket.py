@@ -89,15 +89,6 @@ class SocketCore:
     def emit(self, action: Action) -> None:
         self.actions.append(action)
 
-    def take_actions(self) -> list[Action]:
-        actions, self.actions = self.actions, []
-        return actions
-
-    def reply(self, call: Call, reply: Any) -> None:
-        """The event of a Redis reply: the call's continuation takes it."""
-        if call.then is not None:
-            call.then(reply)
-
     def lagging(self) -> bool:
         """More than OUT_BUFFER_LOW waits to be written to this socket."""
         wire = self.wire

@@ -76,9 +76,24 @@ def take(core: SocketCore) -> tuple[list[Call], list[Action]]:
     """The core's actions: its Redis calls, and the rest."""
     calls: list[Call] = []
     other: list[Action] = []
-    for action in core.take_actions():
+    for action in take_actions(core):
         (calls if isinstance(action, Call) else other).append(action)  # type: ignore[arg-type]
     return calls, other
+
+
+def take_actions(core: SocketCore) -> list[Action]:
+    """What the core asked for since the last look, in order (the driver walks the
+    same list in place, gateway.Gateway._carry_out)."""
+    actions = list(core.actions)
+    core.actions.clear()
+    return actions
+
+
+def feed(core: SocketCore, call: Call, value: Any) -> None:
+    """The event of a Redis reply: the call's continuation takes it (the driver's
+    callback does the same, gateway.Gateway._replied)."""
+    if call.then is not None:
+        call.then(value)
 
 
 def written(core: SocketCore) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from tests.unit.corekit import (
     Inbox,
     Wire,
     entry,
+    feed,
     make,
     name_of,
     parse_push,
@@ -45,7 +46,7 @@ def run(core: SocketCore, model: Inbox) -> list[str]:
             return names
         for call in calls:
             names.append(name_of(call))
-            core.reply(call, model.answer(call))
+            feed(core, call, model.answer(call))
 
 
 def opened(**settings: object) -> tuple[SocketCore, Inbox]:
@@ -75,7 +76,7 @@ def test_frames_before_the_claim_wait_and_go_in_order() -> None:
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["GET", "CLAIM"]  # nothing sent yet
     for call in calls:
-        core.reply(call, model.answer(call))
+        feed(core, call, model.answer(call))
     calls, other = take(core)
     assert [name_of(c) for c in calls] == ["XREADGROUP", "SEND", "SEND"]
     assert Reading(True) in other
@@ -86,7 +87,7 @@ def test_a_claim_that_fails_closes_with_1011() -> None:
     core = make()
     core.start()
     calls, _ = take(core)
-    core.reply(calls[1], Unavailable())
+    feed(core, calls[1], Unavailable())
     _, other = take(core)
     assert isinstance(other[0], Close) and other[0].code == CloseCode.INTERNAL
 
@@ -95,7 +96,7 @@ def test_a_claim_over_a_session_on_another_node_kicks_it() -> None:
     core = make()
     core.start()
     calls, _ = take(core)
-    core.reply(calls[1], "n2|oldsession|tok")
+    feed(core, calls[1], "n2|oldsession|tok")
     _, other = take(core)
     assert Publish("n2", f"k|{ME}|oldsession") in other
 
@@ -115,8 +116,8 @@ def test_saved_send_tokens_are_restored() -> None:
     core = make(clock=clock, send_rate=1, send_burst=5)
     core.start()
     calls, _ = take(core)
-    core.reply(calls[0], f"0.000|{clock.ms() / 1000:.3f}")  # an earlier socket spent them
-    core.reply(calls[1], None)
+    feed(core, calls[0], f"0.000|{clock.ms() / 1000:.3f}")  # an earlier socket spent them
+    feed(core, calls[1], None)
     run(core, Inbox())
     core.receive(send(1))
     _, _ = take(core)
@@ -133,9 +134,9 @@ def test_answers_keep_frame_order_though_replies_do_not() -> None:
     core.receive(send(2))
     calls, _ = take(core)
     assert written(core) == []  # the error waits behind s1's answer
-    core.reply(calls[1], ["ok", "2-0", "7"])
+    feed(core, calls[1], ["ok", "2-0", "7"])
     assert written(core) == []
-    core.reply(calls[0], ["full"])
+    feed(core, calls[0], ["full"])
     out = written(core)
     assert [(f["type"], f.get("ref") or f.get("id")) for f in out] == [
         ("error", "s1"),
@@ -149,7 +150,7 @@ def test_a_recipient_redis_lacks_goes_to_the_slow_lane_and_holds_later_frames() 
     core, _ = opened()
     core.receive(send(1))
     calls, _ = take(core)
-    core.reply(calls[0], ["unknown"])
+    feed(core, calls[0], ["unknown"])
     _, other = take(core)
     assert other == [RunSlow()]
     job = core.lane.next()
@@ -208,7 +209,7 @@ def test_pushes_before_go_live_is_answered_wait_for_it() -> None:
             if call in go:
                 continue
             names.append(name_of(call))
-            core.reply(call, model.answer(call))
+            feed(core, call, model.answer(call))
         if go:
             break
     reply = model.answer(go[0])  # the route is live now; the reply is on its way
@@ -216,7 +217,7 @@ def test_pushes_before_go_live_is_answered_wait_for_it() -> None:
     token, entries = parse_push(model.pushes.popleft())
     core.pushed(token, entries)
     assert written(core) == []
-    core.reply(go[0], reply)
+    feed(core, go[0], reply)
     assert [f["msgId"] for f in written(core)] == ["1-0"]
 
 
@@ -243,11 +244,11 @@ def test_a_failed_unlive_starts_the_catch_up_over() -> None:
     # restart stops pushes at once; the catch-up's first read is behind its own UNLIVE
     assert [name_of(c) for c in calls] == ["UNLIVE", "UNLIVE", "XREADGROUP"]
     gen = core.delivery.gen
-    core.reply(calls[0], Unavailable())
+    feed(core, calls[0], Unavailable())
     d = core.delivery
     assert d.stalled and d.cursor == "0" and d.gen == gen + 1 and d.token is None
-    core.reply(calls[1], 1)
-    core.reply(calls[2], [[f"{{u:{ME}}}:inbox", [["1-0", ["k", "m", "f", PEER, "i", "c1"]]]]])
+    feed(core, calls[1], 1)
+    feed(core, calls[2], [[f"{{u:{ME}}}:inbox", [["1-0", ["k", "m", "f", PEER, "i", "c1"]]]]])
     assert not core.ledger.out  # stale reply: dropped
     assert take(core) == ([], [])  # after a failure only the sweep starts over
     core.tick(core.node.clock.monotonic())
@@ -266,7 +267,7 @@ def test_while_redis_is_away_a_catch_up_retries_only_at_the_sweep() -> None:
             ["UNLIVE", "XREADGROUP"],
         )
         for call in calls:
-            core.reply(call, Unavailable())
+            feed(core, call, Unavailable())
         assert take(core) == ([], [])
         core.tick(core.node.clock.monotonic())
 
@@ -284,12 +285,12 @@ def test_an_earlier_sockets_ack_racing_the_catch_up_leaves_nothing_out() -> None
     core.receive(orjson.dumps({"type": "ack", "msgIds": [msg_id]}).decode())
     calls, _ = take(core)
     for call in calls:  # GET, CLAIM; then the pending read is sent, the ack held
-        core.reply(call, model.answer(call))
+        feed(core, call, model.answer(call))
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["XREADGROUP"]
     job = core.lane.next()
     assert isinstance(job, FetchEntries)
-    core.reply(calls[0], model.answer(calls[0]))  # the catch-up sends it again
+    feed(core, calls[0], model.answer(calls[0]))  # the catch-up sends it again
     assert msg_id in core.ledger.out
     core.lane.done([inbox.decode(msg_id, model._fields(1))])
     assert core.lane.next() is not None  # StoreReceipts
@@ -370,11 +371,11 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["RECEIPT"]  # one per sender
     assert calls[0].argv[2] == "p0,p1"
-    core.reply(calls[0], ["ok"])
+    feed(core, calls[0], ["ok"])
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["XDEL", "XACK"] and all(c.defer for c in calls)
     for call in calls:
-        core.reply(call, model.answer(call))
+        feed(core, call, model.answer(call))
     assert model.entries() == [] and not core.ledger.out and core.ledger.acking is None
     assert written(core) == []  # an ack that goes through is not answered
 
@@ -384,7 +385,7 @@ def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
     ids = delivered(core, model, 1)
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
-    core.reply(calls[0], Unavailable())
+    feed(core, calls[0], Unavailable())
     job = core.lane.next()
     assert isinstance(job, StoreReceipts) and job.ack_ids == ids
     core.lane.done(Unavailable())
@@ -397,10 +398,10 @@ def test_a_failed_xack_answers_unavailable_and_keeps_redelivering() -> None:
     ids = delivered(core, model, 1)
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
-    core.reply(calls[0], ["ok"])
+    feed(core, calls[0], ["ok"])
     xdel, xack = take(core)[0]
-    core.reply(xdel, Unavailable())
-    core.reply(xack, 1)
+    feed(core, xdel, Unavailable())
+    feed(core, xack, 1)
     assert written(core)[0]["code"] == "unavailable"
     assert list(core.ledger.out) == ids
 
@@ -442,10 +443,10 @@ def test_a_read_names_only_messages_delivered_each_once() -> None:
     core.receive(read(["p0", "zz"]))
     calls, _ = take(core)
     assert name_of(calls[0]) == "READ" and calls[0].argv == ["1", "0"]  # p0 is out here
-    core.reply(calls[0], [1, 0, [1]])
+    feed(core, calls[0], [1, 0, [1]])
     calls, _ = take(core)
     assert name_of(calls[0]) == "RECEIPT" and calls[0].argv[1:3] == ["read", "p0"]
-    core.reply(calls[0], ["ok"])
+    feed(core, calls[0], ["ok"])
     assert written(core) == []
 
 
@@ -453,7 +454,7 @@ def test_a_read_of_undelivered_ids_is_an_invalid_frame() -> None:
     core, _ = opened()
     core.receive(read(["p0"]))
     calls, _ = take(core)
-    core.reply(calls[0], [0, 1, []])
+    feed(core, calls[0], [0, 1, []])
     assert written(core)[0]["code"] == "invalid_frame"
 
 
@@ -461,7 +462,7 @@ def test_a_read_with_no_record_asks_whether_the_user_exists() -> None:
     core, _ = opened()
     core.receive(read(["p0"]))
     calls, _ = take(core)
-    core.reply(calls[0], [1, 0, []])
+    feed(core, calls[0], [1, 0, []])
     assert core.lane.next() == CheckKnown(PEER)
     core.lane.done(None)
     assert written(core) == []
@@ -472,9 +473,9 @@ def test_a_full_inbox_unmarks_the_read() -> None:
     delivered(core, model, 1)
     core.receive(read(["p0"]))
     calls, _ = take(core)
-    core.reply(calls[0], [0, 0, [1]])
+    feed(core, calls[0], [0, 0, [1]])
     calls, _ = take(core)
-    core.reply(calls[0], ["full"])
+    feed(core, calls[0], ["full"])
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["UNREAD"]
     assert written(core)[0]["code"] == "inbox_full"
@@ -485,7 +486,7 @@ def test_typing_goes_through_the_script_and_arrives_for_a_ready_socket() -> None
     core.receive(orjson.dumps({"type": "typing", "to": PEER, "state": "start"}).decode())
     calls, _ = take(core)
     assert name_of(calls[0]) == "TYPING" and calls[0].argv[1] == f"t|{PEER}|{ME}|start"
-    core.reply(calls[0], 1)
+    feed(core, calls[0], 1)
     core.typing_from(PEER, "stop")
     assert written(core) == [{"type": "typing", "from": PEER, "state": "stop"}]
 
@@ -522,7 +523,7 @@ def test_go_live_finding_another_session_closes_with_4001(reply: list[str]) -> N
         calls, _ = take(core)
         go = [c for c in calls if name_of(c) == "GO_LIVE"]
         for c in calls:
-            core.reply(c, reply if c in go else model.answer(c))
+            feed(core, c, reply if c in go else model.answer(c))
         if go:
             break
     _, other = take(core)
@@ -558,7 +559,7 @@ def test_the_slow_lane_has_one_runner_even_when_held_frames_refill_it() -> None:
     core.receive('{"type": "ack", "msgIds": ["6-0"]}')
     calls, _ = take(core)
     for call in calls:
-        core.reply(call, model.answer(call))
+        feed(core, call, model.answer(call))
     _, other = take(core)
     assert other.count(RunSlow()) == 1
     jobs = []

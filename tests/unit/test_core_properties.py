@@ -32,7 +32,17 @@ from chatnode.core.actions import (
 )
 from chatnode.core.socket import SocketCore
 from chatnode.errors import Unavailable
-from tests.unit.corekit import PEER, Clock, Inbox, Wire, make, name_of, parse_push
+from tests.unit.corekit import (
+    PEER,
+    Clock,
+    Inbox,
+    Wire,
+    feed,
+    make,
+    name_of,
+    parse_push,
+    take_actions,
+)
 
 CAP_ENTRIES = 6
 CAP_BYTES = 2000
@@ -106,7 +116,7 @@ class World:
     # -- the driver's part --------------------------------------------------------------
 
     def collect(self, core: SocketCore) -> None:
-        for action in core.take_actions():
+        for action in take_actions(core):
             if isinstance(action, Call):
                 self.calls.append((core, action))
             elif isinstance(action, Close) and core is self.core:
@@ -177,7 +187,7 @@ class World:
             if self.replies:
                 owner, call, reply = self.replies.popleft()
                 before = len(self.calls)
-                owner.reply(call, reply)
+                feed(owner, call, reply)
                 self.collect(owner)
                 if isinstance(reply, Exception) and name_of(call) in READS:
                     # a failed read waits for the sweep: no loop while Redis is away
