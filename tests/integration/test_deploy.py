@@ -90,6 +90,11 @@ def _node_envs() -> list[dict[str, Any]]:
     return [services[name]["environment"] for name in services if name.startswith("node")]
 
 
+def _cluster_node_envs() -> list[dict[str, Any]]:
+    services = _compose()["services"]
+    return [services[name]["environment"] for name in services if name.startswith("cluster-node")]
+
+
 def _haproxy_sections() -> dict[str, list[str]]:
     """Section header ('defaults', 'frontend http', ...) -> its directives, comments out."""
     sections: dict[str, list[str]] = {}
@@ -122,9 +127,9 @@ def test_compose_publishes_no_database_redis_or_metrics_port() -> None:
     """The postgres password default is acceptable only while nothing publishes it."""
     services = _compose()["services"]
     published = {name for name, s in services.items() if s.get("ports")}
-    assert published == {"haproxy"}
-    ports = " ".join(str(p) for p in services["haproxy"]["ports"])
-    for env in _node_envs():
+    assert published == {"haproxy", "haproxy-cluster"}  # the second in profile `cluster`
+    ports = " ".join(str(p) for name in published for p in services[name]["ports"])
+    for env in _node_envs() + _cluster_node_envs():
         metrics_port = str(env["CHATNODE_METRICS_PORT"])
         assert int(metrics_port) > 0 and metrics_port not in ports
 
@@ -132,6 +137,43 @@ def test_compose_publishes_no_database_redis_or_metrics_port() -> None:
 def test_compose_redis_never_evicts() -> None:
     command = [str(part) for part in _compose()["services"]["redis"]["command"]]
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def test_compose_cluster_profile_runs_three_primaries_three_replicas_and_three_nodes() -> None:
+    """Profile `cluster`: six cluster-enabled Redis (AOF, noeviction) that one shot forms
+    with one replica each, three nodes on them behind their own haproxy, which they trust."""
+    spec = _compose()
+    services = spec["services"]
+    in_profile = {name for name, s in services.items() if "cluster" in s.get("profiles", [])}
+    members = sorted(n for n in in_profile if "--cluster-enabled" in services[n].get("command", []))
+    assert members == [f"redis-c{i}" for i in range(1, 7)]
+    for name in members:
+        command = [str(part) for part in services[name]["command"]]
+        assert command[command.index("--cluster-enabled") + 1] == "yes"
+        assert command[command.index("--appendonly") + 1] == "yes"
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    create = services["redis-cluster-create"]
+    script = " ".join(create["command"])
+    assert "--cluster create" in script and "--cluster-replicas 1" in script  # 6 = 3 + 3
+    assert all(name in script for name in members)
+    assert set(create["depends_on"]) == set(members)
+    nodes = sorted(n for n in in_profile if n.startswith("cluster-node"))
+    assert len(nodes) == 3
+    address = ipaddress.ip_address(
+        services["haproxy-cluster"]["networks"]["cluster"]["ipv4_address"]
+    )
+    subnets = [
+        ipaddress.ip_network(c["subnet"]) for c in spec["networks"]["cluster"]["ipam"]["config"]
+    ]
+    assert any(address in net for net in subnets)
+    for i, name in enumerate(nodes, 1):
+        node = services[name]
+        assert node["environment"]["CHATNODE_REDIS_URL"].startswith("redis://redis-c")
+        assert "redis-cluster-create" in node["depends_on"]
+        assert node["networks"]["cluster"]["aliases"] == [f"node{i}"]  # haproxy.cfg's names
+        trusted = netaddr.parse_networks(node["environment"]["CHATNODE_TRUSTED_PROXIES"])
+        assert trusted == (ipaddress.ip_network(f"{address}/32"),)
+    assert "cluster" in services["postgres"]["networks"]
 
 
 def test_compose_nodes_trust_the_proxy_and_haproxy_forwards_the_client() -> None:
