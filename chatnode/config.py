@@ -42,6 +42,10 @@ DEFAULT_LOOKUPS_PER_ADDRESS = 1000
 DEFAULT_LOOKUP_WINDOW_S = 60
 DEFAULT_UNACKED_MAX_ENTRIES = 256
 DEFAULT_UNACKED_MAX_BYTES = 1024 * 1024
+# How long a send's client id is remembered once its message is acked (docs/PROTOCOL.md,
+# guarantee 2): what Redis keeps per message after the ack is this much traffic at most.
+DEFAULT_DEDUPE_WINDOW_S = 600
+MAX_DEDUPE_WINDOW_S = 600
 MIN_JWT_SECRET_BYTES = 32
 # Secrets seen in examples and earlier compose files: never accepted by `serve`.
 KNOWN_PLACEHOLDER_SECRETS = frozenset(
@@ -95,6 +99,7 @@ class Settings:
     lookup_window_s: int = DEFAULT_LOOKUP_WINDOW_S
     unacked_max_entries: int = DEFAULT_UNACKED_MAX_ENTRIES
     unacked_max_bytes: int = DEFAULT_UNACKED_MAX_BYTES
+    dedupe_window_s: int = DEFAULT_DEDUPE_WINDOW_S
     # 0: /metrics on the HTTP port; else only on this port (keep it off the proxy)
     metrics_port: int = 0
 
@@ -143,6 +148,10 @@ class Settings:
             0 < self.send_rate < math.inf and 0 < self.frame_rate < math.inf
         ):
             raise ConfigError("rate limits must be positive numbers")
+        if not 0 < self.dedupe_window_s <= MAX_DEDUPE_WINDOW_S:
+            raise ConfigError(
+                f"CHATNODE_DEDUPE_WINDOW_S must be between 1 and {MAX_DEDUPE_WINDOW_S} seconds"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("CHATNODE_METRICS_PORT must be a port number (0: the HTTP port)")
         try:

@@ -69,7 +69,9 @@ class Gateway:
         self.node = Node(settings, metrics, channel_up=lambda: router.connected.is_set())
         self.sessions: dict[str, Session] = {}
         self.seen_to_store: dict[str, int] = {}
-        self.slowpath = SlowPath(batcher, Recipients(pool, batcher), settings.inbox_limit)
+        self.slowpath = SlowPath(
+            batcher, Recipients(pool, batcher), settings.inbox_limit, settings.dedupe_window_s
+        )
         self.tasks = TaskSet()
         self._paused: set[Session] = set()  # reading paused while Redis is congested
         self._to_flush: list[Session] = []

@@ -12,7 +12,7 @@ token: one round trip per message, no wake-up and no second read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +47,10 @@ class Entry:
 
 
 def message_call(
-    sender: str, send: frames.Send, ts: int, limit: int
+    sender: str, send: frames.Send, ts: int, limit: int, window_s: int
 ) -> tuple[list[str], list[Any]]:
-    """SEND's keys and arguments."""
+    """SEND's keys and arguments; `window_s` is the dedupe window (a blocked send's key
+    gets it at once, a stored one's at its ack)."""
     to = send.to
     keys_ = [
         keys.account(to),
@@ -58,7 +59,7 @@ def message_call(
         keys.dedupe(to, sender, send.id),
         keys.route(to),
     ]
-    return keys_, [sender, send.id, send.body, ts, limit, keys.DEDUPE_TTL_S, to]
+    return keys_, [sender, send.id, send.body, ts, limit, keys.DEDUPE_SAFETY_TTL_S, to, window_s]
 
 
 def stored(reply: Any) -> Stored | None:
@@ -115,6 +116,19 @@ def read_result(ids: list[str], reply: Any) -> tuple[int, int, list[str]]:
     to receipt, now marked read)."""
     missing, undelivered, fresh = reply
     return int(missing), int(undelivered), [ids[int(i) - 1] for i in fresh or ()]
+
+
+def acked_dedupe_keys(owner: str, entries: Iterable[Entry]) -> list[str]:
+    """The dedupe keys of the messages among `entries` of `owner`'s inbox: once those are
+    acked, their keys live only the dedupe window (`window_call`). Receipts have none,
+    nor have entries deleted while pending (nothing is known of them)."""
+    return [keys.dedupe(owner, e.sender, e.client_id) for e in entries if e.kind == "m"]
+
+
+def window_call(key: str, window_s: int) -> tuple[Any, ...]:
+    """Shorten an acked message's dedupe key to the window. LT: never lengthen it (an
+    ack repeated later), and a key with no TTL counts as endless, so it gets one."""
+    return ("EXPIRE", key, window_s, "LT")
 
 
 def unread_keys(reader: str, sender: str, ids: list[str]) -> list[str]:

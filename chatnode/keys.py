@@ -6,7 +6,11 @@ from chatnode import channel
 
 GROUP = "g"
 CONSUMER = "c"  # one session per user, so one consumer per inbox
-DEDUPE_TTL_S = 24 * 3600
+# A dedupe key's TTL while its message is unacked; the ack drops it to the dedupe window
+# (CHATNODE_DEDUPE_WINDOW_S; core.acks, slowpath.ack). A recipient may be offline for
+# days, so this is no window: it bounds the keys whose entry left without that EXPIRE (a
+# connection lost after the XACK, before the EXPIRE) or was never acked at all.
+DEDUPE_SAFETY_TTL_S = 30 * 24 * 3600
 SEEN_TTL_S = 400 * 24 * 3600
 
 

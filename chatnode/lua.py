@@ -40,11 +40,13 @@ def _script(source: str) -> Script:
 
 
 # KEYS: account, blocks, inbox, dedupe, route of the recipient.
-# ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient.
+# ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient, dedupe window.
 # The dedupe value is `msgId|ts`, then flags: `|b` a blocked send (never stored), `|r` a
 # read receipt was sent for it (READ). A blocked send is added and deleted at once: its
 # id comes from the stream like every real one (and moves the stream's last id on), and
 # the inbox limit applies to it too, so nothing tells a blocked sender it is blocked.
+# A stored message's key lives until its ack shortens it to the window; a blocked send
+# is never acked, so its key gets the window at once.
 SEND = _script(
     keys.LUA_ROUTES
     + """
@@ -61,7 +63,7 @@ if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[5]) then return {'full'} end
 if hit[1] == 1 then
   local id = redis.call('XADD', KEYS[3], '*', 'k', '')
   redis.call('XDEL', KEYS[3], id)
-  redis.call('SET', KEYS[4], id .. '|' .. ARGV[4] .. '|b', 'EX', ARGV[6])
+  redis.call('SET', KEYS[4], id .. '|' .. ARGV[4] .. '|b', 'EX', ARGV[8])
   return {'ok', id, ARGV[4]}
 end
 local id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],

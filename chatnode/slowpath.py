@@ -29,27 +29,30 @@ Loader = Callable[[str], Awaitable[bool]]  # copy a user into Redis; False if no
 
 
 class SlowPath:
-    def __init__(self, batcher: Batcher, recipients: Recipients, inbox_limit: int) -> None:
+    def __init__(
+        self, batcher: Batcher, recipients: Recipients, inbox_limit: int, dedupe_window_s: int
+    ) -> None:
         self.batcher = batcher
         self.recipients = recipients
         self.limit = inbox_limit
+        self.window = dedupe_window_s
 
     async def run(self, job: Job) -> Any:
         """The job's result; its failure raised."""
-        batcher, load, limit = self.batcher, self.recipients.load, self.limit
+        batcher, load, limit, window = self.batcher, self.recipients.load, self.limit, self.window
         match job:
             case StoreMessage(sender, frame, ts):
-                return await store_message(batcher, load, sender, frame, ts, limit)
+                return await store_message(batcher, load, sender, frame, ts, limit, window)
             case FetchEntries(owner, msg_ids):
                 return await fetch(batcher, owner, msg_ids)
-            case StoreReceipts(acker, receipts, ack_ids):
+            case StoreReceipts(acker, receipts, ack_ids, dedupe_keys):
                 for receipt in receipts:
                     try:
                         await store_receipt(batcher, load, receipt, limit)
                     except UnknownRecipient:
                         pass  # the sender's account is gone: nobody to tell
                 if ack_ids:
-                    await ack(batcher, acker, ack_ids)
+                    await ack(batcher, acker, ack_ids, dedupe_keys, window)
                 return None
             case StoreRead(receipt):
                 await store_receipt(batcher, load, receipt, limit)
@@ -77,10 +80,16 @@ async def _with_reload(
 
 
 async def store_message(
-    batcher: Batcher, load: Loader, sender: str, send: frames.Send, ts: int, limit: int
+    batcher: Batcher,
+    load: Loader,
+    sender: str,
+    send: frames.Send,
+    ts: int,
+    limit: int,
+    window_s: int,
 ) -> inbox.Stored:
     """Store a message, reloading the recipient from PostgreSQL if Redis lacks them."""
-    call = inbox.message_call(sender, send, ts, limit)
+    call = inbox.message_call(sender, send, ts, limit, window_s)
     result = inbox.stored(await _with_reload(batcher, load, send.to, SEND, *call))
     assert result is not None
     return result
@@ -103,9 +112,19 @@ async def fetch(batcher: Batcher, mobile: str, msg_ids: list[str]) -> list[inbox
     return [inbox.decode(item[0], item[1]) for reply in replies for item in reply or ()]
 
 
-async def ack(batcher: Batcher, mobile: str, msg_ids: list[str]) -> None:
-    """XDEL, then XACK, in one pipeline (core/acks.py says why in this order)."""
+async def ack(
+    batcher: Batcher, mobile: str, msg_ids: list[str], dedupe_keys: list[str], window_s: int
+) -> None:
+    """XDEL, then XACK, then the acked messages' dedupe keys shortened to the window, in
+    one pipeline (core/acks.py says why in this order). A failed EXPIRE fails nothing:
+    the key keeps its safety TTL."""
     box = keys.inbox(mobile)
-    await asyncio.gather(
-        batcher.call("XDEL", box, *msg_ids), batcher.call("XACK", box, keys.GROUP, *msg_ids)
+    replies = await asyncio.gather(
+        batcher.call("XDEL", box, *msg_ids),
+        batcher.call("XACK", box, keys.GROUP, *msg_ids),
+        *(batcher.call(*inbox.window_call(key, window_s)) for key in dedupe_keys),
+        return_exceptions=True,
     )
+    for reply in replies[:2]:
+        if isinstance(reply, BaseException):
+            raise reply

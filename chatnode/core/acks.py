@@ -87,7 +87,8 @@ class Acks:
             if not failed:
                 self._remove(done, ids, answer)
             else:
-                job = StoreReceipts(core.mobile, failed, ids)
+                dedupe = inbox.acked_dedupe_keys(core.mobile, [e for e, _ in done])
+                job = StoreReceipts(core.mobile, failed, ids, dedupe)
                 core.lane.add(answer, None, job, lambda r: self._stored(done, ids, r))
 
         limit = core.settings.inbox_limit
@@ -99,8 +100,10 @@ class Acks:
         """XDEL, then XACK, entries whose receipts are stored. Two plain commands cost
         Redis less than a script; in this order a connection lost between them leaves
         at worst a pending id whose entry is gone, which a pending read finds empty and
-        acks away. Nobody waits for them (no answer unless they fail): they ride with
-        other work."""
+        acks away. Then each acked message's dedupe key is shortened to the dedupe
+        window (one EXPIRE each, in the owner's slot; its reply is not needed: a key
+        missed keeps its safety TTL, keys.DEDUPE_SAFETY_TTL_S). Nobody waits for them
+        (no answer unless they fail): they ride with other work."""
         core = self.core
         failed: list[Exception] = []
 
@@ -121,6 +124,9 @@ class Acks:
         box = keys.inbox(core.mobile)
         core.emit(Call(("XDEL", box, *ids), deleted, None, (), True))
         core.emit(Call(("XACK", box, keys.GROUP, *ids), acked, None, (), True))
+        window = core.settings.dedupe_window_s
+        for key in inbox.acked_dedupe_keys(core.mobile, [e for e, _ in done]):
+            core.emit(Call(inbox.window_call(key, window), None, None, (), True))
 
     def _fetched(self, done: list[Acked], ids: list[str], result: Any) -> Next:
         """Entries acked that this socket did not deliver: found in the inbox, they are
@@ -134,7 +140,9 @@ class Acks:
         earlier = [self.core.ledger.release(e.msg_id) or (e, -1.0) for e in result if e.kind]
         done = done + earlier
         ids = ids + self.core.ledger.acking_now([e for e, _ in earlier])
-        job = StoreReceipts(self.core.mobile, self._receipts_for(done), ids)
+        mobile = self.core.mobile
+        dedupe = inbox.acked_dedupe_keys(mobile, [e for e, _ in done])
+        job = StoreReceipts(mobile, self._receipts_for(done), ids, dedupe)
         return Next(job, lambda r: self._stored(done, ids, r))
 
     def _stored(self, done: list[Acked], ids: list[str], result: Any) -> None:

@@ -96,11 +96,13 @@ class FetchEntries:
 @dataclass(frozen=True, slots=True)
 class StoreReceipts:
     """Store receipts (loading owners; an unknown owner is skipped), then XDEL and XACK
-    `ack_ids` from the acker's inbox."""
+    `ack_ids` from the acker's inbox and shorten `dedupe_keys` (those of the acked
+    messages) to the dedupe window."""
 
     acker: str
     receipts: list[inbox.Receipt]
     ack_ids: list[str]
+    dedupe_keys: list[str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -257,7 +257,10 @@ class SocketCore:
                 return
             self.answers.give(answer, self._accepted(frame, result, started))
 
-        args, argv = inbox.message_call(self.mobile, frame, ts, self.settings.inbox_limit)
+        cfg = self.settings
+        args, argv = inbox.message_call(
+            self.mobile, frame, ts, cfg.inbox_limit, cfg.dedupe_window_s
+        )
         self.emit(Call(args, stored, lua.SEND, argv))
 
     def _accepted(self, frame: frames.Send, result: Any, started: float) -> bytes:

@@ -48,9 +48,13 @@ async def user(redis: aioredis.Redis) -> str:
     return mobile
 
 
+WINDOW_S = 42  # the dedupe window these calls pass
+
+
 async def send(batcher: Batcher, sender: str, to: str, cid: str, body: str = "hi") -> Any:
     frame = frames.Send(cid, to, body)
-    return inbox.stored(await batcher.script(lua.SEND, *inbox.message_call(sender, frame, 1, 100)))
+    call = inbox.message_call(sender, frame, 1, 100, WINDOW_S)
+    return inbox.stored(await batcher.script(lua.SEND, *call))
 
 
 async def subscribe(redis: aioredis.Redis, node: str) -> Any:
@@ -150,9 +154,13 @@ async def test_pending_entries_come_back_until_acked_and_ack_removes_them(
     assert [e.msg_id for e in pending] == [s.msg_id for s in stored]
     after_first = await read_pending(batcher, bob, stored[0].msg_id)
     assert [e.msg_id for e in after_first] == [s.msg_id for s in stored[1:]]
-    await slowpath.ack(batcher, bob, [stored[0].msg_id, stored[1].msg_id])
+    dedupe = [keys.dedupe(bob, alice, f"c{i}") for i in range(3)]
+    await slowpath.ack(batcher, bob, [stored[0].msg_id, stored[1].msg_id], dedupe[:2], WINDOW_S)
     assert await redis.xlen(keys.inbox(bob)) == 1
     assert [e.msg_id for e in await read_pending(batcher, bob, "0")] == [stored[2].msg_id]
+    # the acked ones are remembered for the window only; the unacked one for long
+    assert [0 < await redis.ttl(k) <= WINDOW_S for k in dedupe] == [True, True, False]
+    assert await redis.ttl(dedupe[2]) > keys.DEDUPE_SAFETY_TTL_S - 60
 
 
 async def test_a_repeated_send_id_is_stored_once_with_the_same_msgid(
@@ -163,6 +171,35 @@ async def test_a_repeated_send_id_is_stored_once_with_the_same_msgid(
     again = await send(batcher, alice, bob, "same")
     assert again == first
     assert await redis.xlen(keys.inbox(bob)) == 1
+
+
+async def test_a_send_a_block_dropped_is_remembered_for_the_window_only(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """It is never stored, so never acked: nothing else would shorten its key."""
+    alice, bob = await user(redis), await user(redis)
+    await redis.sadd(keys.blocks(bob), alice)  # bob blocked alice
+    first = await send(batcher, alice, bob, "b-1")
+    assert await send(batcher, alice, bob, "b-1") == first
+    assert await redis.xlen(keys.inbox(bob)) == 0
+    key = keys.dedupe(bob, alice, "b-1")
+    assert str(await redis.get(key)).endswith("|b")
+    assert 0 < await redis.ttl(key) <= WINDOW_S
+
+
+async def test_an_ack_shortens_a_dedupe_key_never_lengthens_it(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    stored = await send(batcher, alice, bob, "c1")
+    key = keys.dedupe(bob, alice, "c1")
+    await slowpath.ack(batcher, bob, [stored.msg_id], [key], 5)
+    assert 0 < await redis.ttl(key) <= 5
+    await slowpath.ack(batcher, bob, [stored.msg_id], [key], WINDOW_S)  # acked again
+    assert 0 < await redis.ttl(key) <= 5
+    never = keys.dedupe(bob, alice, "never-sent")
+    await slowpath.ack(batcher, bob, [stored.msg_id], [never], 5)
+    assert await redis.exists(never) == 0  # EXPIRE makes no key
 
 
 async def test_refresh_keeps_a_live_token_and_tells_replaced_from_lost(

@@ -121,6 +121,7 @@ class Inbox:
         self.sent: dict[str, str] = {}  # dedupe of the owner's sends: client id -> msgId
         self.peer_seq = 0
         self.unknown_once = False
+        self.windowed: list[str] = []  # dedupe keys an ack shortened to the window
 
     # -- what other users do ------------------------------------------------------------
 
@@ -222,6 +223,10 @@ class Inbox:
         for msg_id in call.args[3:]:
             self.pending.discard(int(msg_id.partition("-")[0]))
         return len(call.args) - 3
+
+    def _expire(self, call: Call) -> Any:
+        self.windowed.append(call.args[1])
+        return 1
 
     def _send(self, call: Call) -> Any:
         if self.unknown_once:  # Redis lost the recipient's account: the slow way

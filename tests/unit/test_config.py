@@ -132,11 +132,25 @@ def test_malformed_numbers_raise_config_error_naming_the_variable(name: str, raw
         ("CHATNODE_TOKEN_TTL_S", "0"),
         ("CHATNODE_INBOX_LIMIT", "0"),
         ("CHATNODE_INBOX_LIMIT", "-5"),
+        ("CHATNODE_DEDUPE_WINDOW_S", "0"),
+        ("CHATNODE_DEDUPE_WINDOW_S", "601"),
     ],
 )
 def test_out_of_range_numbers_raise_config_error(name: str, raw: str) -> None:
     with pytest.raises(ConfigError):
         Settings.from_env({name: raw})
+
+
+@pytest.mark.parametrize("value", [1, 600])
+def test_the_dedupe_window_is_at_most_ten_minutes(value: int) -> None:
+    assert Settings.from_env({}).dedupe_window_s == 600
+    window = Settings.from_env({"CHATNODE_DEDUPE_WINDOW_S": str(value)}).dedupe_window_s
+    assert window == value
+
+
+def test_a_dedupe_window_out_of_range_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="CHATNODE_DEDUPE_WINDOW_S"):
+        Settings.from_env({"CHATNODE_DEDUPE_WINDOW_S": "3600"})
 
 
 @pytest.mark.parametrize("value", [4, 31])

@@ -8,7 +8,7 @@ import sys
 import orjson
 import pytest
 
-from chatnode import inbox
+from chatnode import inbox, keys
 from chatnode.core.actions import (
     CheckKnown,
     Close,
@@ -373,11 +373,48 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert calls[0].argv[2] == "p0,p1"
     feed(core, calls[0], ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK"] and all(c.defer for c in calls)
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "EXPIRE", "EXPIRE"]
+    assert all(c.defer for c in calls)
     for call in calls:
         feed(core, call, model.answer(call))
     assert model.entries() == [] and not core.ledger.out and core.ledger.acking is None
     assert written(core) == []  # an ack that goes through is not answered
+
+
+def test_an_ack_shortens_the_dedupe_keys_of_its_messages_to_the_window() -> None:
+    """After the XDEL and XACK, in the same deferred pipeline: one EXPIRE ... LT per acked
+    message, on its dedupe key in the acker's slot; none for a receipt."""
+    core, model = opened(dedupe_window_s=42)
+    ids = delivered(core, model, 2)
+    receipt_id = model.receipt_from_peer(["s1"])
+    while model.pushes:
+        core.pushed(*parse_push(model.pushes.popleft()))
+    written(core)
+    core.receive(orjson.dumps({"type": "ack", "msgIds": [*ids, receipt_id]}).decode())
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["RECEIPT"]
+    feed(core, calls[0], ["ok"])
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "EXPIRE", "EXPIRE"]
+    assert all(c.defer for c in calls)
+    assert [tuple(c.args) for c in calls[2:]] == [
+        ("EXPIRE", keys.dedupe(ME, PEER, "p0"), 42, "LT"),
+        ("EXPIRE", keys.dedupe(ME, PEER, "p1"), 42, "LT"),
+    ]
+    for call in calls:
+        feed(core, call, model.answer(call))
+    assert model.entries() == [] and core.ledger.acking is None and written(core) == []
+    assert model.windowed == [keys.dedupe(ME, PEER, "p0"), keys.dedupe(ME, PEER, "p1")]
+
+
+def test_an_ack_of_receipts_only_shortens_nothing() -> None:
+    core, model = opened()
+    ids = [model.receipt_from_peer(["s1"]), model.receipt_from_peer(["s2"])]
+    while model.pushes:
+        core.pushed(*parse_push(model.pushes.popleft()))
+    core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK"]  # no receipt, no EXPIRE
 
 
 def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
@@ -388,6 +425,7 @@ def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
     feed(core, calls[0], Unavailable())
     job = core.lane.next()
     assert isinstance(job, StoreReceipts) and job.ack_ids == ids
+    assert job.dedupe_keys == [keys.dedupe(ME, PEER, "p0")]  # shortened once acked
     core.lane.done(Unavailable())
     assert written(core)[0]["code"] == "unavailable"
     assert list(core.ledger.out) == ids and core.ledger.acking is None
@@ -399,7 +437,7 @@ def test_a_failed_xack_answers_unavailable_and_keeps_redelivering() -> None:
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
     feed(core, calls[0], ["ok"])
-    xdel, xack = take(core)[0]
+    xdel, xack, _expire = take(core)[0]
     feed(core, xdel, Unavailable())
     feed(core, xack, 1)
     assert written(core)[0]["code"] == "unavailable"
@@ -414,6 +452,7 @@ def test_acking_what_an_earlier_socket_delivered_looks_it_up_first() -> None:
     core.lane.done([entry(5)])
     job = core.lane.next()  # the same place in the lane: the receipts and the ack
     assert isinstance(job, StoreReceipts) and job.ack_ids == ["5-0"]
+    assert job.dedupe_keys == [keys.dedupe(ME, PEER, "c5")]
     assert core.ledger.knows("5-0")  # a pending read in flight must not send it again
     core.lane.done(None)
     assert core.lane.next() is None and not core.ledger.knows("5-0")

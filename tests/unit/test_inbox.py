@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
-from chatnode import inbox
+from chatnode import frames, inbox, keys
 from chatnode.errors import Blocked, InboxFull, Unavailable
 
 
@@ -71,3 +71,21 @@ def test_decode_of_a_receipt_lists_its_ids() -> None:
         "ids": ["a", "b"],
         "ts": 7,
     }
+
+
+def test_a_send_keeps_its_dedupe_key_until_the_ack_a_blocked_one_the_window() -> None:
+    send = frames.Send("c-1", "+15550000002", "hi")
+    keys_, argv = inbox.message_call("+15550000001", send, 7, 100, 42)
+    assert keys_[3] == keys.dedupe("+15550000002", "+15550000001", "c-1")
+    assert argv[5] == keys.DEDUPE_SAFETY_TTL_S and argv[7] == 42  # lua.SEND's ARGV[6], [8]
+
+
+def test_only_acked_messages_have_dedupe_keys_to_shorten() -> None:
+    me, peer = "+15550000002", "+15550000001"
+    entries = [
+        inbox.decode("1-0", ["k", "m", "f", peer, "i", "a-1", "b", "hi", "t", "1"]),
+        inbox.decode("2-0", ["k", "r", "s", "delivered", "f", peer, "i", "x-1", "t", "1"]),
+        inbox.decode("3-0", None),  # deleted while pending
+    ]
+    assert inbox.acked_dedupe_keys(me, entries) == [keys.dedupe(me, peer, "a-1")]
+    assert inbox.window_call("k", 600) == ("EXPIRE", "k", 600, "LT")

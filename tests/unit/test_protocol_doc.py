@@ -30,12 +30,12 @@ from chatnode.errors import HTTP_STATUS, CloseCode, Code
 ROOT = Path(__file__).resolve().parents[2]
 DOC_PATH = ROOT / "docs" / "PROTOCOL.md"
 V1_PATH = ROOT.parent / "shared" / "PROTOCOL.md"  # v1 as first agreed, beside the repo
-VERSIONS = {"v1", "v1.1"}
+VERSIONS = {"v1", "v1.1", "v1.2"}
 ME = "tester"  # parse_client's user: a name no example frame sends to
 GATEWAY = ("GET", "/ws")  # the WebSocket handshake, not an aiohttp route
 ROUTE_RE = re.compile(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`?\s]*)")
 SETTING_RE = re.compile(r"CHATNODE_[A-Z0-9_]*[A-Z0-9]")
-VERSION_MARK_RE = re.compile(r"\((v1(?:\.1)?)\)\s*$")
+VERSION_MARK_RE = re.compile(r"\((v1(?:\.[12])?)\)\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +239,7 @@ def test_server_frame_examples_match_the_encoders() -> None:
 def test_every_frame_type_has_a_versioned_heading(title: str, kinds: Any) -> None:
     found = {}
     for heading in headings(section(doc(), title), 3):
-        m = re.fullmatch(r"`(\w+)` \((v1(?:\.1)?)\)", heading)
+        m = re.fullmatch(r"`(\w+)` \((v1(?:\.[12])?)\)", heading)
         assert m, f"frame heading {heading!r} is not like ### `name` (v1)"
         found[m.group(1)] = m.group(2)
     assert set(found) == kinds()
@@ -405,7 +405,7 @@ def test_v1_frames_are_marked_v1() -> None:
     text = doc()
     for title in ("Client frames", "Server frames"):
         for heading in headings(section(text, title), 3):
-            m = re.fullmatch(r"`(\w+)` \((v1(?:\.1)?)\)", heading)
+            m = re.fullmatch(r"`(\w+)` \((v1(?:\.[12])?)\)", heading)
             assert m
             assert (m.group(2) == "v1") == (m.group(1) in v1), heading
 
