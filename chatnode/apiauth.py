@@ -23,7 +23,7 @@ from chatnode.apibase import (
 from chatnode.config import Settings
 from chatnode.errors import ChatError, Conflict, InvalidCredentials, InvalidRequest, RateLimited
 from chatnode.frames import is_mobile
-from chatnode.redisio import Batcher
+from chatnode.redisio import Redis
 
 log = logs.get(__name__)
 
@@ -154,11 +154,11 @@ async def logout(request: web.Request) -> web.Response:
     except ChatError:
         # PostgreSQL holds the revocation and Redis does not: no node may trust Redis
         # alone until it holds them all again (they are then copied back)
-        _distrust_redis_revocations(svc.batcher)
+        _distrust_redis_revocations(svc.batcher, keys.partition(claims.jti))
         raise
     try:
         route = await svc.batcher.run("GET", keys.route(claims.mobile))
-        svc.router.to_route(route, channel.logout(claims.mobile, claims.jti))
+        svc.router.to_route(route, claims.mobile, channel.logout(claims.mobile, claims.jti))
     except Exception as exc:
         log.warning("logout_close_failed", user=claims.mobile, error=type(exc).__name__)
     log.info("logout", user=claims.mobile)
@@ -168,15 +168,15 @@ async def logout(request: web.Request) -> web.Response:
 _distrusting: set[asyncio.Task[None]] = set()
 
 
-def _distrust_redis_revocations(batcher: Batcher) -> None:
-    """Delete the marker saying Redis holds every revocation, retried for a while in the
-    background (Redis may be away right now)."""
+def _distrust_redis_revocations(batcher: Redis, part: int) -> None:
+    """Delete the marker saying Redis holds every revocation of the token's partition,
+    retried for a while in the background (Redis may be away right now)."""
 
     async def delete() -> None:
         for pause in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0):
             await asyncio.sleep(pause)
             try:
-                await batcher.run("DEL", keys.REVOCATIONS_LOADED)
+                await batcher.run("DEL", keys.revocations_loaded(part))
                 return
             except ChatError:
                 continue

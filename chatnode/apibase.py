@@ -16,7 +16,7 @@ from chatnode.errors import Code, InvalidRequest, RateLimited
 from chatnode.frames import is_mobile
 from chatnode.health import Health
 from chatnode.metrics import Metrics
-from chatnode.redisio import Batcher
+from chatnode.redisio import Redis
 from chatnode.routing import Router
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -27,7 +27,7 @@ class Services:
     """What the HTTP handlers need, built by app.py."""
 
     settings: Settings
-    batcher: Batcher
+    batcher: Redis
     pool: Any
     router: Router
     tokens: auth.Tokens

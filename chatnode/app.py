@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import signal
 from collections.abc import Awaitable, Callable
@@ -12,8 +13,9 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from chatnode import accounts, api, apibase, auth, logs, redisio, wsserver
-from chatnode.config import Settings
+from chatnode import accounts, api, apibase, auth, cluster, keys, logs, redisio, wsserver
+from chatnode.cluster import Cluster
+from chatnode.config import REPLICA_ACKS_AUTO, Settings
 from chatnode.core.answers import OUT_BUFFER_LOW
 from chatnode.frames import MAX_FRAME_BYTES
 from chatnode.gateway import Gateway
@@ -73,15 +75,33 @@ def _hide_item(item: str) -> str:
     return item
 
 
-async def eviction_policy(batcher: redisio.Batcher) -> str | None:
-    """Redis's maxmemory-policy from INFO memory; None if INFO does not say."""
-    info = await batcher.run("INFO", "memory")
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key == "maxmemory_policy":
-            return value.strip()
-    return None
+async def eviction_policy(batcher: redisio.Redis) -> str | None:
+    """Redis's maxmemory-policy from INFO memory (on a cluster, the first primary's that
+    is not noeviction, else noeviction); None if INFO does not say."""
+    found: list[str | None] = []
+    for info in await batcher.each("INFO", "memory"):
+        if isinstance(info, Exception):
+            raise info
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        policy = None
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key == "maxmemory_policy":
+                policy = value.strip()
+        found.append(policy)
+    odd = [p for p in found if p != REQUIRED_EVICTION_POLICY]
+    return odd[0] if odd else REQUIRED_EVICTION_POLICY
+
+
+async def fewest_replicas(redis: redisio.Redis) -> int:
+    """The fewest replicas any primary has connected (INFO replication's
+    connected_slaves): what a WAIT can count on."""
+    counts = []
+    for info in await redis.each("INFO", "replication"):
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        found = re.search(r"^connected_slaves:(\d+)", text, re.M)
+        counts.append(int(found.group(1)) if found else 0)
+    return min(counts, default=0)
 
 
 @web.middleware
@@ -106,7 +126,7 @@ class Node:
         self.pool: Any = None
         self.passwords: auth.Passwords | None = None
         self.gateway: Gateway | None = None
-        self.batcher: redisio.Batcher | None = None
+        self.batcher: redisio.Redis | None = None
         self._ws_server: wsserver.Server | None = None
         self._http: web.AppRunner | None = None
         self._metrics_http: web.AppRunner | None = None
@@ -122,7 +142,8 @@ class Node:
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             raise StartupError(f"cannot reach Redis at {safe_url(s.redis_url)}: {reason}") from None
-        self.batcher = redisio.Batcher(s.redis_url, on_pipeline=metrics.count_pipeline)
+        self.batcher, s = await self._connect_redis(s, metrics)
+        self.settings = s
         await self._require_noeviction()
         try:
             self.pool = await accounts.create_pool(s.database_url)
@@ -130,11 +151,22 @@ class Node:
             raise StartupError(
                 f"cannot reach PostgreSQL at {safe_url(s.database_url)}: {exc}"
             ) from None
-        router = Router(s.redis_url, self.batcher, s.node_id)
+        cluster_ = self.batcher if isinstance(self.batcher, Cluster) else None
+        router = Router(
+            s.redis_url,
+            self.batcher,
+            s.node_id,
+            owner=None if cluster_ is None else lambda ch: cluster_.owner(keys.slot(ch)),
+            refresh=None if cluster_ is None else cluster_.refresh,
+        )
         tokens = auth.Tokens(s.jwt_secret, s.token_ttl_s)
         self.passwords = auth.Passwords(s.bcrypt_rounds)
         self.gateway = Gateway(s, self.batcher, self.pool, router, tokens, metrics)
         router.listener = self.gateway
+        if cluster_ is not None:
+            # a primary's connection was lost: it may have failed over, and writes not
+            # yet on its replica with it; every session reads its inbox again
+            cluster_.on_lost = self.gateway.on_resync
         self._tasks = [
             asyncio.create_task(router.listen(), name="pubsub"),
             asyncio.create_task(
@@ -175,6 +207,39 @@ class Node:
             metrics_port=s.metrics_port or s.http_port,
             host=s.host,
         )
+
+    async def _connect_redis(self, s: Settings, metrics: Metrics) -> tuple[redisio.Redis, Settings]:
+        """A Batcher on a single Redis, a Cluster on a cluster node (found out from the
+        URL's server), with CHATNODE_REPLICA_ACKS resolved: AUTO is 1 on a cluster whose
+        every shard has a replica, else 0."""
+        try:
+            clustered = await cluster.detect(s.redis_url)
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            raise StartupError(f"cannot ask Redis at {safe_url(s.redis_url)}: {reason}") from None
+        if not clustered:
+            acks = max(s.replica_acks, 0)
+            single = redisio.Batcher(
+                s.redis_url,
+                on_pipeline=metrics.count_pipeline,
+                replicas=acks,
+                replica_wait_ms=s.replica_wait_ms,
+            )
+            return single, dataclasses.replace(s, replica_acks=acks)
+        many = Cluster(s.redis_url, on_pipeline=metrics.count_pipeline)
+        try:
+            await many.start()
+        except Exception as exc:
+            await many.close()
+            raise StartupError(
+                f"cannot read the slot map of the Redis Cluster at {safe_url(s.redis_url)}: {exc}"
+            ) from None
+        acks = s.replica_acks
+        if acks == REPLICA_ACKS_AUTO:
+            acks = 1 if await fewest_replicas(many) > 0 else 0
+        many.set_replicas(acks, s.replica_wait_ms)
+        log.info("redis_cluster", primaries=len(many.primaries), replica_acks=acks)
+        return many, dataclasses.replace(s, replica_acks=acks)
 
     async def _require_noeviction(self) -> None:
         """Refuse a Redis that may evict keys: revocations (tokens work again) and inboxes
@@ -285,7 +350,7 @@ class Node:
             # replies come in order: once this one is back, so are the route releases
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
-                    await self.batcher.run("PING")
+                    await self.batcher.each("PING")
             await self.batcher.close()
         if self.passwords is not None:
             self.passwords.close()

@@ -18,7 +18,7 @@ import jwt
 
 from chatnode import accounts, keys, logs
 from chatnode.errors import Unauthorized, Unavailable
-from chatnode.redisio import Batcher
+from chatnode.redisio import Redis
 
 log = logs.get(__name__)
 
@@ -217,7 +217,7 @@ class Tokens:
         self._reload: asyncio.Task[int] | None = None
         self.known = KnownAccounts()
 
-    def reload_revocations(self, batcher: Batcher, pool: Any) -> None:
+    def reload_revocations(self, batcher: Redis, pool: Any) -> None:
         """Start copying revocations back into Redis, once however many ask at a time."""
         if self._reload is None or self._reload.done():
             self._reload = asyncio.get_running_loop().create_task(load_revocations(batcher, pool))
@@ -255,7 +255,7 @@ class Tokens:
         return Claims(sub, jti, exp, uid)
 
 
-async def authenticate(tokens: Tokens, batcher: Batcher, pool: Any, token: str | None) -> Claims:
+async def authenticate(tokens: Tokens, batcher: Redis, pool: Any, token: str | None) -> Claims:
     """The claims of a valid, unexpired, unrevoked token of an existing account;
     Unauthorized otherwise. Used by the HTTP API and the WebSocket handshake alike.
 
@@ -269,7 +269,7 @@ async def authenticate(tokens: Tokens, batcher: Batcher, pool: Any, token: str |
     try:
         revoked, loaded = await asyncio.gather(
             batcher.call("EXISTS", keys.revoked(claims.jti)),
-            batcher.call("EXISTS", keys.REVOCATIONS_LOADED),
+            batcher.call("EXISTS", keys.revocations_loaded(keys.partition(claims.jti))),
         )
     except Unavailable:
         revoked = loaded = None
@@ -282,14 +282,23 @@ async def authenticate(tokens: Tokens, batcher: Batcher, pool: Any, token: str |
     return claims
 
 
-async def load_revocations(batcher: Batcher, pool: Any) -> int:
-    """Copy every unexpired revocation from PostgreSQL into Redis, then mark it done."""
-    rows = await accounts.revocations(pool)
+async def load_revocations(batcher: Redis, pool: Any) -> int:
+    """Copy the unexpired revocations of every partition whose marker Redis lacks from
+    PostgreSQL into Redis, then mark those partitions done. On a cluster each shard
+    holds the markers of its own partitions, so a shard that lost its data is reloaded
+    and the others are left alone."""
+    marks = await asyncio.gather(
+        *(batcher.call("EXISTS", keys.revocations_loaded(p)) for p in range(keys.PARTITIONS))
+    )
+    missing = {p for p, mark in enumerate(marks) if not mark}
+    if not missing:
+        return 0
+    rows = [(j, e) for j, e in await accounts.revocations(pool) if keys.partition(j) in missing]
     await asyncio.gather(
         *(batcher.call("SET", keys.revoked(jti), "1", "EXAT", exp) for jti, exp in rows)
     )
-    await batcher.run("SET", keys.REVOCATIONS_LOADED, "1")
-    log.info("revocations_loaded", count=len(rows))
+    await asyncio.gather(*(batcher.call("SET", keys.revocations_loaded(p), "1") for p in missing))
+    log.info("revocations_loaded", count=len(rows), partitions=len(missing))
     return len(rows)
 
 

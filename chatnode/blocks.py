@@ -18,7 +18,7 @@ from chatnode import accounts, keys, logs
 from chatnode.accounts import connection
 from chatnode.errors import InvalidRequest, NotFound, RateLimited, Unavailable
 from chatnode.lua import Script
-from chatnode.redisio import Batcher
+from chatnode.redisio import Redis
 
 log = logs.get(__name__)
 
@@ -63,7 +63,7 @@ return 1
 _drops: set[asyncio.Task[None]] = set()
 
 
-async def load_into_redis(pool: Any, batcher: Batcher, mobile: str) -> bool:
+async def load_into_redis(pool: Any, batcher: Redis, mobile: str) -> bool:
     """Copy one user from PostgreSQL into Redis, replacing what Redis held; False if no
     such user.
 
@@ -84,7 +84,7 @@ async def load_into_redis(pool: Any, batcher: Batcher, mobile: str) -> bool:
     raise Unavailable("this user's block list keeps changing, try again")
 
 
-async def _load(batcher: Batcher, mobile: str, copy: accounts.RedisCopy, nonce: str) -> bool:
+async def _load(batcher: Redis, mobile: str, copy: accounts.RedisCopy, nonce: str) -> bool:
     """Write the copy chunk by chunk, each after the previous one succeeded; False if the
     reload stopped being current."""
     members = [*copy.blocked, *(keys.blocked_marker(m) for m in copy.blocked_by)]
@@ -137,7 +137,7 @@ async def _advisory(conn: Any, key: str) -> AsyncIterator[None]:
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
 
 
-async def block(pool: Any, batcher: Batcher, me: str, target: str) -> None:
+async def block(pool: Any, batcher: Redis, me: str, target: str) -> None:
     """Record that `me` blocks `target` (idempotent); NotFound if target is unknown."""
     if target == me:
         raise InvalidRequest("you cannot block yourself")
@@ -156,7 +156,7 @@ async def block(pool: Any, batcher: Batcher, me: str, target: str) -> None:
         await _mirror(batcher, "SADD", me, target, changed=row["added"] > 0)
 
 
-async def unblock(pool: Any, batcher: Batcher, me: str, target: str) -> None:
+async def unblock(pool: Any, batcher: Redis, me: str, target: str) -> None:
     """Lift a block; NotFound if target is unknown or not blocked by `me`."""
     async with _pair_lock(pool, me, target) as conn:
         deleted = await conn.fetchval(
@@ -173,7 +173,7 @@ async def unblock(pool: Any, batcher: Batcher, me: str, target: str) -> None:
         raise NotFound("this number is unknown or not blocked")
 
 
-async def _mirror(batcher: Batcher, command: str, me: str, target: str, *, changed: bool) -> None:
+async def _mirror(batcher: Redis, command: str, me: str, target: str, *, changed: bool) -> None:
     """Apply a committed block change to both users' Redis copies.
 
     PostgreSQL is the truth; a Redis copy that missed the change must not outlive it.
@@ -204,17 +204,17 @@ async def _mirror(batcher: Batcher, command: str, me: str, target: str, *, chang
         ) from exc
 
 
-async def _drop(batcher: Batcher, users: list[str]) -> None:
+async def _drop(batcher: Redis, users: list[str]) -> None:
     await asyncio.gather(*(batcher.run("DEL", keys.account(u), keys.loading(u)) for u in users))
 
 
-def _drop_later(batcher: Batcher, users: list[str]) -> None:
+def _drop_later(batcher: Redis, users: list[str]) -> None:
     task = asyncio.get_running_loop().create_task(_keep_dropping(batcher, users))
     _drops.add(task)
     task.add_done_callback(_drops.discard)
 
 
-async def _keep_dropping(batcher: Batcher, users: list[str]) -> None:
+async def _keep_dropping(batcher: Redis, users: list[str]) -> None:
     """Retry dropping stale copies for about half a minute (while Redis comes back)."""
     for delay in DROP_RETRY_S:
         await asyncio.sleep(delay)

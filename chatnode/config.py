@@ -46,6 +46,11 @@ DEFAULT_UNACKED_MAX_BYTES = 1024 * 1024
 # guarantee 2): what Redis keeps per message after the ack is this much traffic at most.
 DEFAULT_DEDUPE_WINDOW_S = 600
 MAX_DEDUPE_WINDOW_S = 600
+# Replicas that must hold a write before it counts (docs/ARCHITECTURE.md, "Writes that
+# wait for a replica"): AUTO is 1 on a cluster whose shards all have a replica, 0 on a
+# single Redis; a WAIT that times out answers unavailable.
+REPLICA_ACKS_AUTO = -1
+DEFAULT_REPLICA_WAIT_MS = 1000
 MIN_JWT_SECRET_BYTES = 32
 # Secrets seen in examples and earlier compose files: never accepted by `serve`.
 KNOWN_PLACEHOLDER_SECRETS = frozenset(
@@ -100,6 +105,8 @@ class Settings:
     unacked_max_entries: int = DEFAULT_UNACKED_MAX_ENTRIES
     unacked_max_bytes: int = DEFAULT_UNACKED_MAX_BYTES
     dedupe_window_s: int = DEFAULT_DEDUPE_WINDOW_S
+    replica_acks: int = REPLICA_ACKS_AUTO
+    replica_wait_ms: int = DEFAULT_REPLICA_WAIT_MS
     # 0: /metrics on the HTTP port; else only on this port (keep it off the proxy)
     metrics_port: int = 0
 
@@ -151,6 +158,11 @@ class Settings:
         if not 0 < self.dedupe_window_s <= MAX_DEDUPE_WINDOW_S:
             raise ConfigError(
                 f"CHATNODE_DEDUPE_WINDOW_S must be between 1 and {MAX_DEDUPE_WINDOW_S} seconds"
+            )
+        if self.replica_acks < REPLICA_ACKS_AUTO or not 0 < self.replica_wait_ms <= 60_000:
+            raise ConfigError(
+                "CHATNODE_REPLICA_ACKS must be -1 (auto) or a count of replicas, and "
+                "CHATNODE_REPLICA_WAIT_MS between 1 and 60000"
             )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("CHATNODE_METRICS_PORT must be a port number (0: the HTTP port)")

@@ -24,7 +24,7 @@ from chatnode.core.socket import SocketCore
 from chatnode.errors import CloseCode
 from chatnode.metrics import Metrics
 from chatnode.recipients import Recipients
-from chatnode.redisio import Batcher, ignore
+from chatnode.redisio import Redis, ignore
 from chatnode.routing import Router
 from chatnode.slowpath import SlowPath
 from chatnode.tasks import TaskSet
@@ -54,7 +54,7 @@ class Gateway:
     def __init__(
         self,
         settings: Settings,
-        batcher: Batcher,
+        batcher: Redis,
         pool: Any,
         router: Router,
         tokens: auth.Tokens,
@@ -70,7 +70,11 @@ class Gateway:
         self.sessions: dict[str, Session] = {}
         self.seen_to_store: dict[str, int] = {}
         self.slowpath = SlowPath(
-            batcher, Recipients(pool, batcher), settings.inbox_limit, settings.dedupe_window_s
+            batcher,
+            Recipients(pool, batcher),
+            settings.inbox_limit,
+            settings.dedupe_window_s,
+            push=settings.replica_acks <= 0,
         )
         self.tasks = TaskSet()
         self._paused: set[Session] = set()  # reading paused while Redis is congested
@@ -162,7 +166,7 @@ class Gateway:
                     else:
                         s.conn.pause_reading()
                 elif isinstance(action, Publish):
-                    self.router.send(action.node, action.payload)
+                    self.router.send(action.node, action.mobile, action.payload)
                 elif isinstance(action, RunSlow):
                     self.tasks.spawn(self._run_slow(s))
         finally:

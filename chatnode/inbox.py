@@ -47,10 +47,11 @@ class Entry:
 
 
 def message_call(
-    sender: str, send: frames.Send, ts: int, limit: int, window_s: int
+    sender: str, send: frames.Send, ts: int, limit: int, window_s: int, push: bool = True
 ) -> tuple[list[str], list[Any]]:
     """SEND's keys and arguments; `window_s` is the dedupe window (a blocked send's key
-    gets it at once, a stored one's at its ack)."""
+    gets it at once, a stored one's at its ack). `push`: the script pushes the entry to
+    a live recipient; else nudge_call does, after a replica has it."""
     to = send.to
     keys_ = [
         keys.account(to),
@@ -59,7 +60,13 @@ def message_call(
         keys.dedupe(to, sender, send.id),
         keys.route(to),
     ]
-    return keys_, [sender, send.id, send.body, ts, limit, keys.DEDUPE_SAFETY_TTL_S, to, window_s]
+    ttl = keys.DEDUPE_SAFETY_TTL_S
+    return keys_, [sender, send.id, send.body, ts, limit, ttl, to, window_s, "1" if push else "0"]
+
+
+def nudge_call(owner: str, msg_id: str) -> tuple[list[str], list[Any]]:
+    """NUDGE: push what is new in `owner`'s inbox up to `msg_id` to their live session."""
+    return [keys.inbox(owner), keys.route(owner)], [owner, msg_id]
 
 
 def stored(reply: Any) -> Stored | None:

@@ -1,6 +1,17 @@
-"""Every Redis key, group and channel name. A user's keys share one hash tag."""
+"""Every Redis key, group and channel name.
+
+A user's keys share one hash tag: the user's partition, one of PARTITIONS. On Redis
+Cluster a partition is one slot, so a script that touches one user's keys runs on one
+shard; and each node listens on one sharded channel per partition, so such a script can
+publish to the node holding its user (SPUBLISH may only name a channel in the script's
+slot). A partition, not the user, is the tag so that a node needs PARTITIONS channels,
+not one per user.
+"""
 
 from __future__ import annotations
+
+import binascii
+import zlib
 
 from chatnode import channel
 
@@ -14,8 +25,32 @@ DEDUPE_SAFETY_TTL_S = 30 * 24 * 3600
 SEEN_TTL_S = 400 * 24 * 3600
 
 
+# Fixed for the life of a deployment's data: changing it moves every user's keys.
+PARTITIONS = 1024
+SLOTS = 16384
+
+
+def partition(name: str) -> int:
+    """The partition of a user (by mobile number) or of a token (by jti)."""
+    return zlib.crc32(name.encode()) % PARTITIONS
+
+
+def part_tag(part: int) -> str:
+    return "{p" + str(part) + "}"
+
+
 def _tag(mobile: str) -> str:
-    return "{u:" + mobile + "}"
+    return part_tag(partition(mobile)) + ":u:" + mobile
+
+
+def slot(key: str) -> int:
+    """The Redis Cluster slot of a key: CRC16 (XMODEM) of its hash tag, mod 16384."""
+    start = key.find("{")
+    if start != -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key.encode(), 0) % SLOTS
 
 
 def account(mobile: str) -> str:
@@ -67,20 +102,34 @@ def blocked_marker(mobile: str) -> str:
 
 
 def revoked(jti: str) -> str:
-    return "chatnode:revoked:" + jti
+    """A revoked token, in the partition of its jti."""
+    return "chatnode:revoked:" + part_tag(partition(jti)) + ":" + jti
 
 
-# Present once this Redis holds every unexpired revocation from PostgreSQL; its absence
-# means Redis lost its data (or never had it): revocations are checked in PostgreSQL
-# then, and copied back.
-REVOCATIONS_LOADED = "chatnode:revoked:loaded"
+def revocations_loaded(part: int) -> str:
+    """Present once Redis holds every unexpired revocation of partition `part` from
+    PostgreSQL. Its absence means the shard holding it lost its data (or never had it):
+    revocations of that partition are checked in PostgreSQL then, and copied back. One
+    per partition, so a shard that loses its data loses its own markers with it."""
+    return "chatnode:revloaded:" + part_tag(part)
 
 
 NODE_CHANNEL_PREFIX = "chatnode:node:"
 
 
-def node_channel(node_id: str) -> str:
-    return NODE_CHANNEL_PREFIX + node_id
+def node_channel(node_id: str, part: int) -> str:
+    """The sharded channel on which node `node_id` hears about users of partition `part`."""
+    return NODE_CHANNEL_PREFIX + node_id + ":" + part_tag(part)
+
+
+def node_channels(node_id: str) -> list[str]:
+    """Every channel a node subscribes to: one per partition."""
+    return [node_channel(node_id, p) for p in range(PARTITIONS)]
+
+
+def user_channel(node_id: str, mobile: str) -> str:
+    """The channel of `node_id` in `mobile`'s partition."""
+    return node_channel(node_id, partition(mobile))
 
 
 def route_value(node_id: str, session: str) -> str:
@@ -103,18 +152,38 @@ def parse_route(value: str | None) -> tuple[str, str] | None:
 # the node holding the owner, tagged with the live token. Never raises: it runs after
 # the XADD, and a script that fails after its XADD would make a retry store twice.
 LUA_ROUTES = f"""
+local function channel(node, key)  -- keys.node_channel: the node's channel in key's slot
+  return '{NODE_CHANNEL_PREFIX}' .. node .. ':' .. string.match(key, '^{{[^}}]*}}')
+end
 local function ours(cur, mine)
   return cur ~= false and cur ~= nil
     and (cur == mine or string.sub(cur, 1, #mine + 1) == mine .. '|')
 end
-local function push(inbox, route, owner)
+local function push(inbox, route, owner, upto)
   if not route then return end
   local node, token = string.match(route, '^([^|]+)|[^|]+|(.+)$')
   if not node then return end
-  local res = redis.pcall('XREADGROUP', 'GROUP', '{GROUP}', '{CONSUMER}', 'COUNT', 100,
+  local count = 100
+  if upto then  -- only entries up to `upto`: those after may not be on a replica yet
+    local last = nil
+    local groups = redis.pcall('XINFO', 'GROUPS', inbox)
+    if type(groups) ~= 'table' or groups.err then return end
+    for _, g in ipairs(groups) do
+      local name, id = nil, nil
+      for i = 1, #g, 2 do
+        if g[i] == 'name' then name = g[i + 1] end
+        if g[i] == 'last-delivered-id' then id = g[i + 1] end
+      end
+      if name == '{GROUP}' then last = id end
+    end
+    if not last then return end
+    count = #redis.call('XRANGE', inbox, '(' .. last, upto, 'COUNT', 100)
+    if count == 0 then return end
+  end
+  local res = redis.pcall('XREADGROUP', 'GROUP', '{GROUP}', '{CONSUMER}', 'COUNT', count,
                           'STREAMS', inbox, '>')
   if type(res) == 'table' and res[1] then
-    redis.pcall('PUBLISH', '{NODE_CHANNEL_PREFIX}' .. node,
+    redis.pcall('SPUBLISH', channel(node, inbox),
                 '{channel.PUSH}|' .. owner .. '|' .. token .. '|' .. cjson.encode(res[1][2]))
   end
 end

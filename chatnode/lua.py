@@ -33,14 +33,15 @@ class Script:
 def _script(source: str) -> Script:
     """A Script with the group and consumer names of keys.py in place of $GROUP and
     $CONSUMER."""
-    names = {"$GROUP": keys.GROUP, "$CONSUMER": keys.CONSUMER, "$CHANNEL": keys.NODE_CHANNEL_PREFIX}
+    names = {"$GROUP": keys.GROUP, "$CONSUMER": keys.CONSUMER}
     for name, value in names.items():
         source = source.replace(name, value)
     return Script(source)
 
 
 # KEYS: account, blocks, inbox, dedupe, route of the recipient.
-# ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient, dedupe window.
+# ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient, dedupe window,
+# push ('1': push the entry now; '0': NUDGE does, once a replica has it).
 # The dedupe value is `msgId|ts`, then flags: `|b` a blocked send (never stored), `|r` a
 # read receipt was sent for it (READ). A blocked send is added and deleted at once: its
 # id comes from the stream like every real one (and moves the stream's last id on), and
@@ -69,8 +70,21 @@ end
 local id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],
                       'b', ARGV[3], 't', ARGV[4])
 redis.call('SET', KEYS[4], id .. '|' .. ARGV[4], 'EX', ARGV[6])
-push(KEYS[3], seen[2], ARGV[7])
+if ARGV[9] == '1' then push(KEYS[3], seen[2], ARGV[7]) end
 return {'ok', id, ARGV[4]}
+"""
+)
+
+# KEYS: inbox, route of the owner. ARGV: owner, a msgId. With replica acks, SEND stores
+# without pushing; once a WAIT says a replica has the entry, this pushes what is new in
+# the inbox up to that entry (entries after it may not be on a replica yet; their own
+# NUDGE pushes them). Stream ids grow with each XADD and a replica receives writes in
+# order, so a replica that has the entry has every one before it.
+NUDGE = _script(
+    keys.LUA_ROUTES
+    + """
+push(KEYS[1], redis.call('GET', KEYS[2]), ARGV[1], ARGV[2])
+return 1
 """
 )
 
@@ -242,13 +256,14 @@ def release_call(mobile: str, route: str, ms: int) -> tuple[list[str], list[Any]
 # KEYS: account, blocks, route of the recipient. ARGV: sender, payload for its node.
 # 1 if the typing frame went to the recipient's node, 0 if no block-free route exists.
 TYPING = _script(
-    """
+    keys.LUA_ROUTES
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[1] == 1 or hit[2] == 1 then return 0 end
 local route = redis.call('GET', KEYS[3])
 if not route then return 0 end
-redis.call('PUBLISH', '$CHANNEL' .. string.match(route, '^[^|]+'), ARGV[2])
+redis.call('SPUBLISH', channel(string.match(route, '^[^|]+'), KEYS[3]), ARGV[2])
 return 1
 """
 )

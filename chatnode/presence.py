@@ -8,7 +8,7 @@ from typing import Any
 
 from chatnode import accounts, blocks, keys, lua
 from chatnode.errors import NotFound, Unavailable
-from chatnode.redisio import Batcher
+from chatnode.redisio import Redis
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -23,14 +23,14 @@ def iso(ms: int) -> str:
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def refresh(batcher: Batcher, mobile: str, route: str, ttl_s: int, ms: int) -> Any:
+def refresh(batcher: Redis, mobile: str, route: str, ttl_s: int, ms: int) -> Any:
     """Queue one refresh; the batcher sends all refreshes of a sweep as one pipeline."""
     return batcher.script(
         lua.REFRESH, [keys.route(mobile), keys.seen(mobile)], [route, ttl_s, ms, keys.SEEN_TTL_S]
     )
 
 
-async def last_seen(pool: Any, batcher: Batcher, viewer: str, target: str) -> dict[str, Any]:
+async def last_seen(pool: Any, batcher: Redis, viewer: str, target: str) -> dict[str, Any]:
     """The profile answer for `target` as `viewer` may see it."""
     user = await accounts.find_user(pool, target)
     if user is None:

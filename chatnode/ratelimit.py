@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from chatnode import keys
 from chatnode.lua import Script
-from chatnode.redisio import Batcher
+from chatnode.redisio import Redis
 
 # KEYS: counter. ARGV: window seconds. Returns the count in this window and its TTL.
 HIT = Script(
@@ -30,7 +30,7 @@ class Verdict:
     retry_after: int
 
 
-async def hit(batcher: Batcher, kind: str, subject: str, limit: int, window_s: int) -> Verdict:
+async def hit(batcher: Redis, kind: str, subject: str, limit: int, window_s: int) -> Verdict:
     """Count one event for `subject`; allowed while the window's count stays within limit."""
     count, ttl = await batcher.script(HIT, [keys.rate_limit(kind, subject)], [window_s])
     return Verdict(int(count) <= limit, max(1, int(ttl)))
@@ -46,15 +46,13 @@ return 0
 )
 
 
-async def give_back(batcher: Batcher, kind: str, subject: str) -> None:
+async def give_back(batcher: Redis, kind: str, subject: str) -> None:
     """Undo one `hit`: a reservation that turned out not to be the event limited (a
     login that was right, or one refused by another counter). The window is unchanged."""
     await batcher.script(GIVE_BACK, [keys.rate_limit(kind, subject)], [])
 
 
-async def reserve(
-    batcher: Batcher, limits: Sequence[tuple[str, str, int]], window_s: int
-) -> Verdict:
+async def reserve(batcher: Redis, limits: Sequence[tuple[str, str, int]], window_s: int) -> Verdict:
     """Count one event on every (kind, subject, limit) counter before the work it limits.
 
     Counting first is what makes a limit hold under concurrency: N parallel requests each
@@ -71,6 +69,6 @@ async def reserve(
     return Verdict(False, max(v.retry_after for v in refused))
 
 
-async def release(batcher: Batcher, limits: Sequence[tuple[str, str, int]]) -> None:
+async def release(batcher: Redis, limits: Sequence[tuple[str, str, int]]) -> None:
     """Take back the events `reserve` counted on these counters."""
     await asyncio.gather(*(give_back(batcher, kind, subject) for kind, subject, _ in limits))

@@ -17,7 +17,7 @@ from typing import Any
 
 from chatnode import blocks, logs
 from chatnode.errors import Unavailable
-from chatnode.redisio import Batcher
+from chatnode.redisio import Redis
 
 log = logs.get(__name__)
 
@@ -33,7 +33,7 @@ class Recipients:
     def __init__(
         self,
         pool: Any,
-        batcher: Batcher,
+        batcher: Redis,
         *,
         miss_ttl_s: float = MISS_TTL_S,
         max_misses: int = MAX_MISSES,

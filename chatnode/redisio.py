@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from chatnode import logs
 from chatnode.errors import Unavailable
@@ -40,6 +40,11 @@ BACKLOG_LOW = 5_000
 # A deferred command rides with the next pipeline that goes out, or goes on its own
 # after this long: work nobody waits for costs no write of its own under load.
 DEFER_S = 0.005
+# With replica acks on, these commands' replies wait for a WAIT after them: their write
+# is on a replica before the caller hears it is done (docs/ARCHITECTURE.md, "Writes that
+# wait for a replica"). XACK, XDEL and EXPIRE do not: losing one redelivers a message
+# with the same msgId, or keeps a dedupe key a little longer.
+WAITED = frozenset({"EVALSHA", "SET", "DEL", "SADD", "SREM"})
 
 
 async def check(url: str) -> None:
@@ -57,6 +62,28 @@ async def check(url: str) -> None:
         wire.abort()
 
 
+class Redis(Protocol):
+    """What the node asks of Redis: a Batcher (one Redis) or a cluster.Cluster."""
+
+    @property
+    def backlog(self) -> int: ...
+    def congested(self) -> bool: ...
+    def when_relieved(self, callback: Callable[[], None]) -> None: ...
+    def submit(self, callback: Callback, *args: Any) -> None: ...
+    def submit_script(
+        self, callback: Callback, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> None: ...
+    def defer(self, callback: Callback, *args: Any) -> None: ...
+    def call(self, *args: Any) -> asyncio.Future[Any]: ...
+    def script(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[Any]: ...
+    def fire(self, *args: Any) -> None: ...
+    async def run(self, *args: Any) -> Any: ...
+    async def each(self, *args: Any) -> list[Any]: ...
+    async def close(self) -> None: ...
+
+
 class Batcher:
     """Sends every command submitted during one event-loop turn as one pipeline."""
 
@@ -67,8 +94,23 @@ class Batcher:
         timeout: float = COMMAND_TIMEOUT_S,
         max_in_flight: int = MAX_IN_FLIGHT,
         on_pipeline: Callable[[int], None] | None = None,
+        opts: dict[str, Any] | None = None,
+        redirects: bool = False,
+        replicas: int = 0,
+        replica_wait_ms: int = 1000,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
-        self._opts = options(url)
+        """`opts` instead of `url`: connection options made already (cluster.py).
+        `redirects`: this is a cluster node; its redirections reach the callbacks as
+        resp.Redirect. `replicas` > 0: a pipeline with commands in WAITED ends with
+        `WAIT replicas replica_wait_ms`, and those commands' replies are held until it
+        answers; if fewer replicas than that have the writes by then, they fail as
+        unavailable. `on_lost`: the connection was lost after it was made."""
+        self._opts = opts if opts is not None else options(url)
+        self._redirects = redirects
+        self._replicas = replicas
+        self._replica_wait_ms = replica_wait_ms
+        self._on_lost = on_lost
         self._timeout = timeout
         self._max_in_flight = max_in_flight
         self._on_pipeline = on_pipeline
@@ -168,6 +210,15 @@ class Batcher:
         """Queue one command and wait for its reply."""
         return await self.call(*args)
 
+    async def each(self, *args: Any) -> list[Any]:
+        """Run a command on every server: here, the one."""
+        return [await self.call(*args)]
+
+    def set_replicas(self, replicas: int, wait_ms: int) -> None:
+        """WAIT for `replicas` after each pipeline with writes (0: no WAIT)."""
+        self._replicas = replicas
+        self._replica_wait_ms = wait_ms
+
     def _flush(self) -> None:
         self._scheduled = False
         if not self._queue:
@@ -177,6 +228,8 @@ class Batcher:
             if wire.in_flight >= self._max_in_flight:
                 return  # flushed when replies come back: fewer, larger pipelines under load
             batch, self._queue = self._queue, []
+            if self._replicas:
+                batch = self._waited(batch)
             wire.send(batch)
             if self._on_pipeline is not None:
                 self._on_pipeline(len(batch))
@@ -188,10 +241,44 @@ class Batcher:
             return
         self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
+    def _waited(
+        self, batch: list[tuple[tuple[Any, ...], Callback]]
+    ) -> list[tuple[tuple[Any, ...], Callback]]:
+        """The batch with a WAIT after it, holding the replies of the commands in WAITED
+        until it answers (the batch as it is when it has none)."""
+        held: list[list[Any]] = []  # [callback, reply] of each waited command
+        out: list[tuple[tuple[Any, ...], Callback]] = []
+        for args, callback in batch:
+            if args[0] in WAITED:
+                slot: list[Any] = [callback, None]
+                held.append(slot)
+                out.append((args, _keeper(slot)))
+            else:
+                out.append((args, callback))
+        if not held:
+            return batch
+        need = self._replicas
+
+        def waited(reply: Reply) -> None:
+            ok = not isinstance(reply, BaseException) and reply >= need
+            if not ok:
+                log.warning("redis_replica_wait_failed", replicas=str(reply)[:60], held=len(held))
+            for callback, kept in held:
+                if not ok and not isinstance(kept, BaseException):
+                    kept = Unavailable("the write did not reach a replica in time")
+                try:
+                    callback(kept)
+                except Exception:
+                    log.exception("redis_callback_failed")
+
+        out.append((("WAIT", need, self._replica_wait_ms), waited))
+        return out
+
     async def _connect(self) -> None:
         try:
             wire = await open_connection(
-                self._opts, lambda: Wire(self._timeout, self._replied, self._load_scripts)
+                self._opts,
+                lambda: Wire(self._timeout, self._replied, self._load_scripts, self._redirects),
             )
             await self._greet(wire)
         except Exception as exc:
@@ -204,6 +291,9 @@ class Batcher:
             self._connecting = None
         self._backoff = 0.0
         self._wire = wire
+        if self._on_lost is not None:
+            on_lost = self._on_lost
+            wire.lost.add_done_callback(lambda _: on_lost())
         self._flush()
 
     async def _greet(self, wire: Wire) -> None:
@@ -261,6 +351,13 @@ def resolver(fut: asyncio.Future[Any]) -> Callback:
             fut.set_result(reply)
 
     return resolve
+
+
+def _keeper(slot: list[Any]) -> Callback:
+    def keep(reply: Reply) -> None:
+        slot[1] = reply
+
+    return keep
 
 
 def ignore(reply: Reply) -> None:

@@ -27,6 +27,10 @@ log = logs.get(__name__)
 CONNECT_TIMEOUT_S = 2.0
 WATCHDOG_S = 0.5
 EXPECTED_REPLY_ERRORS = ("NOSCRIPT", "BUSYGROUP", "NOGROUP")
+# Replies of a Redis Cluster node for a command it did not run: the slot is elsewhere
+# (MOVED, ASK), or cannot be served right now (TRYAGAIN, CLUSTERDOWN). cluster.py sends
+# the command again; on a single Redis they mean it cannot serve us (unavailable).
+REDIRECT_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 
 Reply = Any  # a value, or an exception instance: Unavailable, or an expected ResponseError
 Callback = Callable[[Reply], None]
@@ -66,14 +70,22 @@ async def open_connection(opts: dict[str, Any], factory: Callable[[], asyncio.Pr
     return proto
 
 
-def meaning(reply: Exception) -> Exception:
+class Redirect(ResponseError):
+    """A cluster node did not run the command: MOVED, ASK, TRYAGAIN or CLUSTERDOWN."""
+
+
+def meaning(reply: Exception, redirects: bool = False) -> Exception:
     """Error replies the code handles stay as they are; any other (LOADING while Redis
-    reads its append-only file, OOM, ...) means Redis cannot serve us now."""
+    reads its append-only file, OOM, ...) means Redis cannot serve us now. With
+    `redirects` (a connection to a cluster node), the cluster's redirections come back
+    as Redirect."""
     text = str(reply)
     if text.startswith("NOSCRIPT"):
         return NoScriptError(text)
     if text.startswith(EXPECTED_REPLY_ERRORS):
         return reply
+    if redirects and text.startswith(REDIRECT_ERRORS):
+        return Redirect(text)
     log.warning("redis_error_reply", error=text[:200])
     return Unavailable("Redis is unavailable")
 
@@ -148,9 +160,11 @@ class Wire(Link):
         timeout: float,
         on_settled: Callable[[], None] | None = None,
         on_noscript: Callable[[], None] | None = None,
+        redirects: bool = False,
     ) -> None:
         super().__init__()
         self._on_noscript = on_noscript  # Redis lost its scripts: load them again
+        self._redirects = redirects
         self._callbacks: deque[Callback] = deque()
         self._marks: deque[tuple[float, int]] = deque()  # (written at, replies owed until)
         self._written = 0
@@ -192,7 +206,7 @@ class Wire(Link):
     def on_reply(self, reply: Reply) -> None:
         self._replied += 1
         if isinstance(reply, ResponseError):
-            reply = meaning(reply)
+            reply = meaning(reply, self._redirects)
             if isinstance(reply, NoScriptError):
                 # the scripts are loaded again, but this call fails: running it again
                 # now would run it after commands queued behind it, and callers count

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from chatnode import keys, presence
-from chatnode.errors import ChatError, CloseCode
+from chatnode.errors import CloseCode
 
 if TYPE_CHECKING:
     from chatnode.gateway import Gateway, Session
@@ -42,18 +42,15 @@ async def refresh_routes(gw: Gateway) -> None:
 
 
 async def _revoked(gw: Gateway, sessions: list[Session]) -> list[Session]:
-    """The sessions whose token was revoked, asked in the sweep's pipeline; none when
-    Redis is away or lost its revocations (they are copied back for the next pass)."""
+    """The sessions whose token Redis holds as revoked, asked in the sweep's pipeline. A
+    partition whose revocations Redis lost (its marker is gone) is copied back from
+    PostgreSQL for the next pass."""
     batcher = gw.batcher
-    loaded = batcher.call("EXISTS", keys.REVOCATIONS_LOADED)
+    parts = {keys.partition(s.core.jti) for s in sessions}
+    marks = {p: batcher.call("EXISTS", keys.revocations_loaded(p)) for p in parts}
     checks = [batcher.call("EXISTS", keys.revoked(s.core.jti)) for s in sessions]
-    try:
-        if not await loaded:
-            gw.tokens.reload_revocations(batcher, gw.pool)
-            await asyncio.gather(*checks, return_exceptions=True)
-            return []
-        found = await asyncio.gather(*checks, return_exceptions=True)
-    except ChatError:
-        await asyncio.gather(*checks, return_exceptions=True)
-        return []
+    found = await asyncio.gather(*checks, return_exceptions=True)
+    loaded = await asyncio.gather(*marks.values(), return_exceptions=True)
+    if any(mark == 0 for mark in loaded):
+        gw.tokens.reload_revocations(batcher, gw.pool)
     return [s for s, hit in zip(sessions, found, strict=True) if hit == 1]

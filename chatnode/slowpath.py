@@ -23,26 +23,36 @@ from chatnode.core.actions import (
 from chatnode.errors import InboxFull, UnknownRecipient
 from chatnode.lua import RECEIPT, SEND, Script
 from chatnode.recipients import Recipients
-from chatnode.redisio import Batcher
+from chatnode.redisio import Redis
 
 Loader = Callable[[str], Awaitable[bool]]  # copy a user into Redis; False if no such user
 
 
 class SlowPath:
     def __init__(
-        self, batcher: Batcher, recipients: Recipients, inbox_limit: int, dedupe_window_s: int
+        self,
+        batcher: Redis,
+        recipients: Recipients,
+        inbox_limit: int,
+        dedupe_window_s: int,
+        push: bool = True,
     ) -> None:
+        """`push` False (replica acks on): a message is stored without a push; the core
+        nudges it once the store's reply says a replica has it."""
         self.batcher = batcher
         self.recipients = recipients
         self.limit = inbox_limit
         self.window = dedupe_window_s
+        self.push = push
 
     async def run(self, job: Job) -> Any:
         """The job's result; its failure raised."""
         batcher, load, limit, window = self.batcher, self.recipients.load, self.limit, self.window
         match job:
             case StoreMessage(sender, frame, ts):
-                return await store_message(batcher, load, sender, frame, ts, limit, window)
+                return await store_message(
+                    batcher, load, sender, frame, ts, limit, window, self.push
+                )
             case FetchEntries(owner, msg_ids):
                 return await fetch(batcher, owner, msg_ids)
             case StoreReceipts(acker, receipts, ack_ids, dedupe_keys):
@@ -66,7 +76,7 @@ class SlowPath:
 
 
 async def _with_reload(
-    batcher: Batcher, load: Loader, owner: str, script: Script, keys_: list[str], args: list[Any]
+    batcher: Redis, load: Loader, owner: str, script: Script, keys_: list[str], args: list[Any]
 ) -> list[Any]:
     """Run an inbox script; if Redis lacks the owner, reload them from PostgreSQL once."""
     reply: list[Any] = await batcher.script(script, keys_, args)
@@ -80,22 +90,23 @@ async def _with_reload(
 
 
 async def store_message(
-    batcher: Batcher,
+    batcher: Redis,
     load: Loader,
     sender: str,
     send: frames.Send,
     ts: int,
     limit: int,
     window_s: int,
+    push: bool = True,
 ) -> inbox.Stored:
     """Store a message, reloading the recipient from PostgreSQL if Redis lacks them."""
-    call = inbox.message_call(sender, send, ts, limit, window_s)
+    call = inbox.message_call(sender, send, ts, limit, window_s, push)
     result = inbox.stored(await _with_reload(batcher, load, send.to, SEND, *call))
     assert result is not None
     return result
 
 
-async def store_receipt(batcher: Batcher, load: Loader, receipt: inbox.Receipt, limit: int) -> None:
+async def store_receipt(batcher: Redis, load: Loader, receipt: inbox.Receipt, limit: int) -> None:
     """Put a receipt in its owner's inbox, reloading the owner from PostgreSQL if Redis
     lacks them (a block may drop it). UnknownRecipient if there is no such user,
     InboxFull if a read receipt finds the inbox full."""
@@ -104,7 +115,7 @@ async def store_receipt(batcher: Batcher, load: Loader, receipt: inbox.Receipt, 
         raise InboxFull()
 
 
-async def fetch(batcher: Batcher, mobile: str, msg_ids: list[str]) -> list[inbox.Entry]:
+async def fetch(batcher: Redis, mobile: str, msg_ids: list[str]) -> list[inbox.Entry]:
     """The entries of `mobile`'s inbox with these ids (those still there), one pipeline."""
     replies = await asyncio.gather(
         *(batcher.call("XRANGE", keys.inbox(mobile), m, m) for m in msg_ids)
@@ -113,7 +124,7 @@ async def fetch(batcher: Batcher, mobile: str, msg_ids: list[str]) -> list[inbox
 
 
 async def ack(
-    batcher: Batcher, mobile: str, msg_ids: list[str], dedupe_keys: list[str], window_s: int
+    batcher: Redis, mobile: str, msg_ids: list[str], dedupe_keys: list[str], window_s: int
 ) -> None:
     """XDEL, then XACK, then the acked messages' dedupe keys shortened to the window, in
     one pipeline (core/acks.py says why in this order). A failed EXPIRE fails nothing:

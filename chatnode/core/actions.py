@@ -52,9 +52,11 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """A message on another node's channel (e.g. close the user's older session)."""
+    """A message about `mobile` on another node's channel (e.g. close the user's older
+    session)."""
 
     node: str
+    mobile: str
     payload: str
 
 

@@ -122,7 +122,7 @@ class SocketCore:
         if parsed is not None and parsed[1] != self.sid and parsed[0] != self.settings.node_id:
             # the previous holder's node closes it (on this node that happened at open),
             # even if this session is closed by now: one session per user
-            self.emit(Publish(parsed[0], channel.kick(self.mobile, parsed[1])))
+            self.emit(Publish(parsed[0], self.mobile, channel.kick(self.mobile, parsed[1])))
         if self.closed:
             return
         log.info("socket_open", user=self.mobile, session=self.sid)
@@ -259,7 +259,7 @@ class SocketCore:
 
         cfg = self.settings
         args, argv = inbox.message_call(
-            self.mobile, frame, ts, cfg.inbox_limit, cfg.dedupe_window_s
+            self.mobile, frame, ts, cfg.inbox_limit, cfg.dedupe_window_s, cfg.replica_acks <= 0
         )
         self.emit(Call(args, stored, lua.SEND, argv))
 
@@ -270,6 +270,9 @@ class SocketCore:
         metrics = self.node.metrics
         metrics.accepted += 1
         metrics.send_latency.observe(self.node.clock.perf() - started)
+        if self.settings.replica_acks > 0:  # a replica has it now (redisio.WAITED): push it
+            keys_, argv = inbox.nudge_call(frame.to, result.msg_id)
+            self.emit(Call(keys_, None, lua.NUDGE, argv))
         return frames.accepted(frame.id, result.msg_id, result.ts)
 
     def _typing(self, frame: frames.Typing) -> None:

@@ -155,7 +155,7 @@ async def _readyz_until(api: Api, wanted: int, within: float) -> dict[str, Any]:
 
 # -- point 22: a subscriber that cannot subscribe ----------------------------------------
 
-NO_SUBSCRIBE = ["on", ">hunter2", "~*", "&*", "+@all", "-subscribe"]
+NO_SUBSCRIBE = ["on", ">hunter2", "~*", "&*", "+@all", "-subscribe", "-ssubscribe"]
 
 
 def test_a_subscription_that_never_comes_is_one_clear_line(stack: Stack, workdir: Path) -> None:

@@ -57,9 +57,10 @@ async def send(batcher: Batcher, sender: str, to: str, cid: str, body: str = "hi
     return inbox.stored(await batcher.script(lua.SEND, *call))
 
 
-async def subscribe(redis: aioredis.Redis, node: str) -> Any:
+async def subscribe(redis: aioredis.Redis, node: str, owner: str) -> Any:
+    """Listen on `node`'s channel in `owner`'s partition, as that node does."""
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(keys.node_channel(node))
+    await pubsub.ssubscribe(keys.user_channel(node, owner))
     return pubsub
 
 
@@ -79,7 +80,7 @@ async def test_send_to_a_live_route_pushes_the_entry_and_records_it_as_pending(
 ) -> None:
     alice, bob = await user(redis), await user(redis)
     await redis.set(keys.route(bob), live_route("node-x|s1", "tok"))
-    pubsub = await subscribe(redis, "node-x")
+    pubsub = await subscribe(redis, "node-x", bob)
     try:
         stored = await send(batcher, alice, bob, "c1", "hello | world")
         payload = await next_message(pubsub)
@@ -99,7 +100,7 @@ async def test_send_to_a_route_that_is_catching_up_pushes_nothing(
 ) -> None:
     alice, bob = await user(redis), await user(redis)
     await redis.set(keys.route(bob), "node-y|s1")
-    pubsub = await subscribe(redis, "node-y")
+    pubsub = await subscribe(redis, "node-y", bob)
     try:
         await send(batcher, alice, bob, "c1")
         assert await next_message(pubsub, timeout=0.3) is None

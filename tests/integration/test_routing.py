@@ -17,19 +17,19 @@ async def test_subscriber_hears_its_channel_and_tells_of_a_loss_and_a_return(
     got: asyncio.Queue[str] = asyncio.Queue()
     changes: list[bool] = []
     sub = Subscriber(
-        stack.redis_url, channel, got.put_nowait, lambda: changes.append(sub.connected.is_set())
+        stack.redis_url, [channel], got.put_nowait, lambda: changes.append(sub.connected.is_set())
     )
     task = asyncio.create_task(sub.run())
     try:
         async with asyncio.timeout(5):
             await sub.connected.wait()
-        await redis.publish(channel, "one | with bars")
+        await redis.execute_command("SPUBLISH", channel, "one | with bars")
         assert await asyncio.wait_for(got.get(), 5) == "one | with bars"
         await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         async with asyncio.timeout(10):
             while changes != [False, True]:  # lost, then back
                 await asyncio.sleep(0.02)
-        await redis.publish(channel, "two")
+        await redis.execute_command("SPUBLISH", channel, "two")
         assert await asyncio.wait_for(got.get(), 5) == "two"
     finally:
         task.cancel()

@@ -154,7 +154,7 @@ def public_key_names() -> list[str]:
 def test_every_key_name_is_in_the_keys_section() -> None:
     body = section(doc(), "Redis keys")
     names = public_key_names()
-    assert {"inbox", "route", "dedupe", "REVOCATIONS_LOADED"} <= set(names)
+    assert {"inbox", "route", "dedupe", "revocations_loaded"} <= set(names)
     missing = [n for n in names if not re.search(rf"`keys\.{n}\b", body)]
     assert not missing, f"keys.py names missing from '## Redis keys': {missing}"
 

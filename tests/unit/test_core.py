@@ -98,7 +98,7 @@ def test_a_claim_over_a_session_on_another_node_kicks_it() -> None:
     calls, _ = take(core)
     feed(core, calls[1], "n2|oldsession|tok")
     _, other = take(core)
-    assert Publish("n2", f"k|{ME}|oldsession") in other
+    assert Publish("n2", ME, f"k|{ME}|oldsession") in other
 
 
 def test_too_many_held_frames_pause_reading() -> None:

@@ -40,10 +40,32 @@ def user_keys(mobile: str) -> list[str]:
 
 
 @pytest.mark.parametrize("mobile", [ALICE, BOB, "1234567", "+123456789012345"])
-def test_every_key_of_a_user_has_the_users_hash_tag(mobile: str) -> None:
+def test_every_key_of_a_user_has_the_users_partition_as_hash_tag(mobile: str) -> None:
+    part = keys.partition(mobile)
+    assert 0 <= part < keys.PARTITIONS
     for key in user_keys(mobile):
-        assert key.startswith("{u:" + mobile + "}")
-        assert hash_tag(key) == "u:" + mobile
+        assert key.startswith("{p" + str(part) + "}:u:" + mobile + ":")
+        assert hash_tag(key) == "p" + str(part)
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_keys_slot_is_redis_clusters_slot(key: str) -> None:
+    assert keys.slot(key) == key_slot(key.encode())
+
+
+def test_partitions_spread_over_the_slots_of_three_shards() -> None:
+    shards = [0, 0, 0]
+    for part in range(keys.PARTITIONS):
+        shards[min(keys.slot(keys.part_tag(part)) * 3 // keys.SLOTS, 2)] += 1
+    assert min(shards) > keys.PARTITIONS // 4  # about a third each
+
+
+def test_a_node_channel_is_in_the_slot_of_the_users_of_its_partition() -> None:
+    for mobile in (ALICE, BOB, "1234567"):
+        channel = keys.user_channel("node-a", mobile)
+        assert keys.slot(channel) == keys.slot(keys.inbox(mobile))
+        assert channel in keys.node_channels("node-a")
+    assert len(set(keys.node_channels("node-a"))) == keys.PARTITIONS
 
 
 def test_keys_of_one_user_are_all_different() -> None:
@@ -67,7 +89,7 @@ def test_dedupe_key_lives_in_the_recipients_slot(
     recipient: str, sender: str, client_id: str
 ) -> None:
     key = keys.dedupe(recipient, sender, client_id)
-    assert hash_tag(key) == "u:" + recipient
+    assert hash_tag(key) == hash_tag(keys.inbox(recipient))
     assert key_slot(key.encode()) == key_slot(keys.inbox(recipient).encode())
 
 
@@ -82,7 +104,7 @@ def test_dedupe_key_names_sender_and_client_id(recipient: str, sender: str, clie
 
 def test_dedupe_is_not_symmetric_in_sender_and_recipient() -> None:
     assert keys.dedupe(ALICE, BOB, "c-1") != keys.dedupe(BOB, ALICE, "c-1")
-    assert hash_tag(keys.dedupe(ALICE, BOB, "c-1")) == "u:" + ALICE
+    assert keys.dedupe(ALICE, BOB, "c-1").startswith(keys.inbox(ALICE).rpartition(":")[0])
 
 
 def test_blocked_marker_cannot_be_a_mobile_number() -> None:
@@ -91,10 +113,11 @@ def test_blocked_marker_cannot_be_a_mobile_number() -> None:
     assert MOBILE_RE.match(marker) is None
 
 
-def test_global_keys_have_no_user_tag() -> None:
-    assert hash_tag(keys.revoked("jti-1")) is None
-    assert keys.revoked("jti-1") == "chatnode:revoked:jti-1"
-    assert keys.node_channel("node-a") == "chatnode:node:node-a"
+def test_revocations_and_their_markers_are_in_the_partition_of_the_jti() -> None:
+    part = keys.partition("jti-1")
+    assert keys.revoked("jti-1") == f"chatnode:revoked:{{p{part}}}:jti-1"
+    assert keys.slot(keys.revoked("jti-1")) == keys.slot(keys.revocations_loaded(part))
+    assert keys.node_channel("node-a", 7) == "chatnode:node:node-a:{p7}"
 
 
 no_bar = st.text(min_size=1).filter(lambda s: "|" not in s)

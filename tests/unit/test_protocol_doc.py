@@ -316,7 +316,7 @@ def _default_matches(field: dataclasses.Field[Any], cell: str) -> bool:
     default = field.default
     if isinstance(default, str):
         return cell.startswith("none") if default == "" else f"`{default}`" in cell
-    number = re.match(r"[0-9][0-9,]*(?:\.[0-9]+)?", cell)
+    number = re.match(r"-?[0-9][0-9,]*(?:\.[0-9]+)?", cell)
     return number is not None and float(number.group(0).replace(",", "")) == default
 
 

@@ -176,21 +176,24 @@ async def test_subscriber_wire_hands_on_messages_counts_pongs_and_answers_comman
     w = _SubWire(got.append)
     t = Transport()
     w.connection_made(t)  # type: ignore[arg-type]
-    subscribed = asyncio.ensure_future(w.subscribe([("SELECT", 1)], "ch"))
+    subscribed = asyncio.ensure_future(w.subscribe([("SELECT", 1)], ["ch"]))
     await asyncio.sleep(0)
-    assert t.writes == [b"*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n"]
-    w.data_received(b"+OK\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+    assert t.writes == [b"*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n*2\r\n$10\r\nSSUBSCRIBE\r\n$2\r\nch\r\n"]
+    w.data_received(b"+OK\r\n*3\r\n$10\r\nssubscribe\r\n$2\r\nch\r\n:1\r\n")
     await subscribed
     w.data_received(
-        b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nk|a|b\r\n*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+        b"*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$5\r\nk|a|b\r\n*2\r\n$4\r\npong\r\n$0\r\n\r\n"
     )
-    assert got == ["k|a|b"] and w._pongs == 1
+    assert got == ["k|a|b"] and w.pongs == 1
+    # the slot of a channel moved to another shard: Redis unsubscribes it; start over
+    w.data_received(b"*3\r\n$12\r\nsunsubscribe\r\n$2\r\nch\r\n:0\r\n")
+    assert w.lost.done() and w.why
 
 
 async def test_subscriber_wire_loss_fails_a_pending_subscription() -> None:
     w = _SubWire(lambda _: None)
     w.connection_made(Transport())  # type: ignore[arg-type]
-    subscribed = asyncio.ensure_future(w.subscribe([], "ch"))
+    subscribed = asyncio.ensure_future(w.subscribe([], ["ch"]))
     await asyncio.sleep(0)
     w.connection_lost(ConnectionResetError())
     with pytest.raises(Unavailable):

@@ -1,0 +1,449 @@
+"""Redis Cluster: each command to the primary that owns its key's slot.
+
+One redisio.Batcher per primary keeps what makes the single-Redis path fast: every
+command for a shard in one event-loop turn goes out as one pipeline. The slot map comes
+from CLUSTER SLOTS, asked of any node known (the URL's, then every node the map named),
+again after a MOVED, a lost connection or a CLUSTERDOWN, and every MAP_REFRESH_S.
+
+A command the cluster did not run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) is sent again: to
+the new owner, to the ASK target after ASKING, or to the same slot after a back-off. Its
+slot is held meanwhile: later commands for that slot wait behind it and go in their
+order, so the sends of one socket still reach an inbox in the order the client made
+them. A command gives up (unavailable) REDIRECT_DEADLINE_S after it was first sent. A
+command whose connection was lost is not sent again (it may have run): the caller hears
+it is unavailable, as on a single Redis.
+
+Commands with no key (PING, INFO, SCRIPT) go to any primary; `each` runs one on every
+primary. Scripts are loaded on every primary's connection when it opens (redisio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import itertools
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from chatnode import keys, logs
+from chatnode.errors import Unavailable
+from chatnode.lua import Script
+from chatnode.redisio import COMMAND_TIMEOUT_S, Batcher, ignore, resolver
+from chatnode.resp import Callback, Redirect, Reply, Wire, handshake, open_connection, options
+
+log = logs.get(__name__)
+
+REDIRECT_DEADLINE_S = 3.0
+RETRY_MIN_S = 0.02
+RETRY_MAX_S = 0.4
+MAP_REFRESH_S = 10.0  # slots can move without telling us until a command hits them
+MAP_RETRY_S = 0.2  # while a primary is unreachable: ask for the map this often
+REPLICA_COUNT_S = 1.0  # how often each primary's attached replicas are counted
+NO_KEY = frozenset({"PING", "INFO", "SCRIPT", "WAIT", "CLUSTER", "CONFIG", "DBSIZE", "MEMORY"})
+
+
+async def detect(url: str) -> bool:
+    """True if the Redis at `url` is a cluster node."""
+    info = await ask(options(url), ("INFO", "cluster"))
+    return "cluster_enabled:1" in str(info)
+
+
+async def ask(opts: dict[str, Any], command: tuple[Any, ...]) -> Any:
+    """One command on a connection of its own (for the rare questions: the map)."""
+    wire: Wire = await open_connection(opts, lambda: Wire(COMMAND_TIMEOUT_S))
+    try:
+        loop = asyncio.get_running_loop()
+        commands = [*handshake(opts), command]
+        futures = [loop.create_future() for _ in commands]
+        wire.send([(c, resolver(f)) for c, f in zip(commands, futures, strict=True)])
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            replies = [await f for f in futures]
+        return replies[-1]
+    finally:
+        wire.abort()
+
+
+def key_slot(args: Sequence[Any]) -> int | None:
+    """The slot a command's keys live in; None when it has no key."""
+    name = args[0]
+    if name == "EVALSHA":
+        return keys.slot(args[3]) if args[2] else None
+    if name == "XREADGROUP":
+        return keys.slot(args[list(args).index("STREAMS") + 1])
+    if name == "XGROUP":
+        return keys.slot(args[2])
+    if name in NO_KEY or len(args) < 2:
+        return None
+    return keys.slot(args[1])
+
+
+class _Pending:
+    """A command the cluster did not run yet, waiting to be sent again."""
+
+    __slots__ = ("args", "ask", "callback", "deadline", "seq", "slot", "tries")
+
+    def __init__(self, seq: int, slot: int, args: tuple[Any, ...], callback: Callback) -> None:
+        self.seq = seq
+        self.slot = slot
+        self.args = args
+        self.callback = callback
+        self.deadline = time.monotonic() + REDIRECT_DEADLINE_S
+        self.ask: str | None = None
+        self.tries = 0
+
+
+class _Held:
+    """A slot whose commands wait behind one the cluster redirected."""
+
+    __slots__ = ("flying", "queue", "timer")
+
+    def __init__(self) -> None:
+        self.queue: list[_Pending] = []  # in the order they were first submitted
+        self.flying = 0  # sent again, not answered yet
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Cluster:
+    """The Batcher interface over every primary of a Redis Cluster."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = COMMAND_TIMEOUT_S,
+        on_pipeline: Callable[[int], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self._opts = options(url)
+        self._timeout = timeout
+        self._on_pipeline = on_pipeline
+        self.on_lost = on_lost  # a primary's connection was lost: writes may be lost too
+        self.replicas = 0  # WAIT for this many replicas (set_replicas)
+        self.replica_wait_ms = 1000
+        self._seed = f"{self._opts.get('host', '127.0.0.1')}:{self._opts.get('port', 6379)}"
+        self._known: list[str] = [self._seed]
+        self._slots: list[str] = []
+        self._shards: dict[str, Batcher] = {}
+        self._held: dict[int, _Held] = {}
+        self._seq = itertools.count()
+        self._refreshing: asyncio.Task[None] | None = None
+        self._stale = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- the map ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the slot map (raises if no node answers), then keep it fresh."""
+        await self._read_map()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_map())
+
+    def set_replicas(self, replicas: int, wait_ms: int) -> None:
+        """WAIT for `replicas` after each pipeline with writes, on every primary."""
+        self.replicas, self.replica_wait_ms = replicas, wait_ms
+        for shard in self._shards.values():
+            shard.set_replicas(replicas, wait_ms)
+
+    @property
+    def primaries(self) -> list[str]:
+        return list(self._shards)
+
+    def owner(self, slot: int) -> dict[str, Any]:
+        """Connection options of the primary serving `slot` (routing subscribes there)."""
+        return self._node_opts(self._slots[slot])
+
+    def _node_opts(self, addr: str) -> dict[str, Any]:
+        host, _, port = addr.rpartition(":")
+        return {**self._opts, "host": host, "port": int(port), "db": 0}
+
+    async def _read_map(self) -> None:
+        error: Exception | None = None
+        for addr in list(self._known):
+            try:
+                reply = await ask(self._node_opts(addr), ("CLUSTER", "SLOTS"))
+            except Exception as exc:
+                error = exc
+                continue
+            if isinstance(reply, Exception):
+                error = reply
+                continue
+            self._apply(reply)
+            return
+        raise Unavailable(f"no Redis Cluster node answered: {error}")
+
+    def _apply(self, reply: list[Any]) -> None:
+        slots = [""] * keys.SLOTS
+        known = [self._seed]
+        for start, end, primary, *replicas in reply:
+            addr = f"{primary[0] or self._opts.get('host', '127.0.0.1')}:{primary[1]}"
+            for slot in range(int(start), int(end) + 1):
+                slots[slot] = addr
+            known += [addr, *(f"{r[0] or primary[0]}:{r[1]}" for r in replicas)]
+        if "" in slots:
+            log.warning("redis_cluster_slots_uncovered", count=slots.count(""))
+            for slot, addr in enumerate(slots):  # keep what we knew for those
+                if not addr and self._slots:
+                    slots[slot] = self._slots[slot]
+        self._known = list(dict.fromkeys(known + self._known))[:64]
+        changed = slots != self._slots
+        self._slots = slots
+        for addr in set(slots) - set(self._shards) - {""}:
+            self._shards[addr] = self._shard(addr)
+        for addr in set(self._shards) - set(slots):
+            shard = self._shards.pop(addr)  # no longer a primary: fail what waits there
+            asyncio.get_running_loop().create_task(shard.close())
+        if changed:
+            log.info("redis_cluster_map", primaries=len(self._shards))
+
+    def _shard(self, addr: str) -> Batcher:
+        return Batcher(
+            "",
+            opts=self._node_opts(addr),
+            timeout=self._timeout,
+            on_pipeline=self._on_pipeline,
+            redirects=True,
+            replicas=self.replicas,
+            replica_wait_ms=self.replica_wait_ms,
+            on_lost=self._lost,
+        )
+
+    def _lost(self) -> None:
+        self._stale = True
+        if self.on_lost is not None and not self._closed:
+            try:
+                self.on_lost()
+            except Exception:
+                log.exception("redis_cluster_on_lost_failed")
+
+    async def refresh(self) -> None:
+        """Read the map now (routing does before it subscribes again)."""
+        try:
+            await self._read_map()
+        except Exception as exc:
+            log.warning("redis_cluster_map_failed", error=str(exc)[:200])
+
+    def refresh_soon(self) -> None:
+        """Read the map again at the next chance (a MOVED, a failover, CLUSTERDOWN)."""
+        self._stale = True
+        if self._refreshing is None and not self._closed:
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            self._stale = False
+            await self._read_map()
+        except Exception as exc:
+            self._stale = True
+            log.warning("redis_cluster_map_failed", error=str(exc)[:200])
+        finally:
+            self._refreshing = None
+
+    async def _watch_map(self) -> None:
+        last = counted = time.monotonic()
+        while not self._closed:
+            await asyncio.sleep(MAP_RETRY_S)
+            now = time.monotonic()
+            if self._stale or now - last > MAP_REFRESH_S:
+                last = now
+                if self._refreshing is None:
+                    self.refresh_soon()
+            if self.replicas and now - counted > REPLICA_COUNT_S:
+                counted = now
+                await self._count_replicas()
+
+    async def _count_replicas(self) -> None:
+        """Each primary waits for CHATNODE_REPLICA_ACKS replicas, or for as many as are
+        attached to it if fewer (INFO replication's connected_slaves). A primary whose
+        replicas are all gone (its replica was just promoted, and the old primary is
+        dead) then takes writes as a single Redis would, instead of refusing them all
+        until a replica comes back. A replica that is attached but slow or paused still
+        counts: writes wait for it, and fail as unavailable if it does not answer."""
+        for shard in list(self._shards.values()):
+            try:
+                info = await asyncio.wait_for(shard.run("INFO", "replication"), 2.0)
+            except Exception:
+                continue
+            found = re.search(r"^connected_slaves:(\d+)", str(info), re.M)
+            attached = int(found.group(1)) if found else 0
+            shard.set_replicas(min(self.replicas, attached), self.replica_wait_ms)
+
+    # -- commands --------------------------------------------------------------------
+
+    def submit(self, callback: Callback, *args: Any) -> None:
+        slot = key_slot(args)
+        if slot is None:
+            self._any().submit(callback, *args)
+            return
+        held = self._held.get(slot) if self._held else None
+        pending = _Pending(next(self._seq), slot, args, callback)
+        if held is not None:
+            held.queue.append(pending)
+            return
+        self._send(pending, False)
+
+    def _send(self, p: _Pending, retry: bool) -> None:
+        if p.ask is not None:
+            shard = self._shards.get(p.ask) or self._ask_shard(p.ask)
+            shard.submit(ignore, "ASKING")
+        else:
+            shard = self._shards[self._slots[p.slot]]
+        shard.submit(self._watch(p, retry), *p.args)
+
+    def _ask_shard(self, addr: str) -> Batcher:
+        shard = self._shards[addr] = self._shard(addr)
+        self.refresh_soon()
+        return shard
+
+    def _watch(self, p: _Pending, retry: bool) -> Callback:
+        def reply(value: Reply) -> None:
+            if isinstance(value, Redirect):
+                self._redirected(p, value, retry)
+                return
+            if isinstance(value, Unavailable):
+                self.refresh_soon()
+            if retry:
+                self._landed(p.slot)
+            p.callback(value)
+
+        return reply
+
+    def _redirected(self, p: _Pending, error: Redirect, retry: bool) -> None:
+        held = self._held.get(p.slot)
+        if held is None:
+            held = self._held[p.slot] = _Held()
+        if retry:
+            held.flying -= 1
+        text = str(error)
+        kind = text.split(" ", 1)[0]
+        p.tries += 1
+        if time.monotonic() > p.deadline:
+            log.warning("redis_cluster_gave_up", reply=text[:80])
+            with contextlib.suppress(Exception):
+                p.callback(Unavailable("Redis Cluster is unavailable"))
+            self._landed(p.slot, counted=True)
+            return
+        delay = 0.0
+        p.ask = None
+        if kind == "MOVED":
+            addr = text.split()[2]
+            self._slots[p.slot] = addr
+            if addr not in self._shards:
+                self._shards[addr] = self._shard(addr)
+            self.refresh_soon()
+        elif kind == "ASK":
+            p.ask = text.split()[2]
+        else:  # TRYAGAIN (keys split by a migration), CLUSTERDOWN (a failover)
+            delay = min(RETRY_MIN_S * 2 ** (p.tries - 1), RETRY_MAX_S)
+            if kind == "CLUSTERDOWN":
+                self.refresh_soon()
+        bisect.insort(held.queue, p, key=lambda q: q.seq)
+        if held.timer is None:
+            held.timer = asyncio.get_running_loop().call_later(delay, self._release, p.slot)
+
+    def _landed(self, slot: int, counted: bool = False) -> None:
+        """A command sent again was answered: the slot goes on when all of them are."""
+        held = self._held.get(slot)
+        if held is None:
+            return
+        if not counted:
+            held.flying -= 1
+        if held.flying <= 0 and held.timer is None:
+            if held.queue:
+                self._release(slot)
+            else:
+                del self._held[slot]
+
+    def _release(self, slot: int) -> None:
+        held = self._held.get(slot)
+        if held is None:
+            return
+        held.timer = None
+        if held.flying > 0:
+            return  # the rest goes when those are answered
+        queue, held.queue = held.queue, []
+        if not queue:
+            del self._held[slot]
+            return
+        for p in queue:
+            held.flying += 1
+            try:
+                self._send(p, True)
+            except KeyError:  # the map has no primary for it yet
+                held.flying -= 1
+                with contextlib.suppress(Exception):
+                    p.callback(Unavailable("Redis Cluster is unavailable"))
+
+    def _any(self) -> Batcher:
+        shard = self._shards.get(self._seed)
+        return shard if shard is not None else next(iter(self._shards.values()))
+
+    # -- the Batcher interface ---------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        held = sum(len(h.queue) + h.flying for h in self._held.values())
+        return held + sum(s.backlog for s in self._shards.values())
+
+    def congested(self) -> bool:
+        return any(s.congested() for s in self._shards.values())
+
+    def when_relieved(self, callback: Callable[[], None]) -> None:
+        for shard in self._shards.values():
+            if shard.congested():
+                shard.when_relieved(lambda: self.when_relieved(callback))
+                return
+        callback()
+
+    def submit_script(
+        self, callback: Callback, script: Script, keys_: Sequence[str], args: Sequence[Any]
+    ) -> None:
+        self.submit(callback, "EVALSHA", script.sha, len(keys_), *keys_, *args)
+
+    def defer(self, callback: Callback, *args: Any) -> None:
+        # a deferred command's order matters as much as a submitted one's; what it saves
+        # (a write of its own) a cluster's shards save with their own batching
+        self.submit(callback, *args)
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit(resolver(fut), *args)
+        return fut
+
+    def script(
+        self, script: Script, keys_: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit_script(resolver(fut), script, keys_, args)
+        return fut
+
+    def fire(self, *args: Any) -> None:
+        self.submit(ignore, *args)
+
+    async def run(self, *args: Any) -> Any:
+        return await self.call(*args)
+
+    async def each(self, *args: Any) -> list[Any]:
+        """Run a command with no key on every primary."""
+        futures = []
+        for shard in list(self._shards.values()):
+            futures.append(shard.call(*args))
+        return list(await asyncio.gather(*futures))
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in (self._watcher, self._refreshing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for held in self._held.values():
+            if held.timer is not None:
+                held.timer.cancel()
+            for p in held.queue:
+                with contextlib.suppress(Exception):
+                    p.callback(Unavailable("Redis is unavailable"))
+        self._held.clear()
+        await asyncio.gather(*(s.close() for s in self._shards.values()))
