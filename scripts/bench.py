@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from loadgen import idle_entry, worker_entry  # noqa: E402
 
 from chatnode import devstack  # noqa: E402
+from chatnode.devcluster import RedisCluster  # noqa: E402
 from tests.pgutil import ensure_database  # noqa: E402
 
 P99_LIMIT_MS = 100.0
@@ -96,11 +97,20 @@ class Cluster:
     node_pids: list[int] = field(default_factory=list)
     owned_pg: devstack.PostgresServer | None = None
     tmp: Path | None = None
+    redis_cluster: RedisCluster | None = None
 
     def pids(self) -> dict[str, int]:
+        """Every process whose CPU is reported: nodes, and Redis (each shard's primary
+        and replica on a cluster, named by role and port as they were at the start)."""
         out = {f"node{i + 1}": pid for i, pid in enumerate(self.node_pids)}
         if self.redis is not None and self.redis.proc is not None:
             out["redis"] = self.redis.proc.pid
+        rc = self.redis_cluster
+        if rc is not None:
+            for n, primary in enumerate(sorted(rc.primaries()), 1):
+                out[f"shard{n}-primary"] = rc.nodes[primary].proc.pid  # type: ignore[union-attr]
+                for replica in rc.replicas_of(primary):
+                    out[f"shard{n}-replica"] = rc.nodes[replica].proc.pid  # type: ignore[union-attr]
         return out
 
     def stop(self) -> None:
@@ -114,6 +124,8 @@ class Cluster:
                 proc.kill()
         if self.redis is not None:
             self.redis.stop()
+        if self.redis_cluster is not None:
+            self.redis_cluster.stop()
         if self.owned_pg is not None:
             self.owned_pg.stop()
         if self.tmp is not None:
@@ -140,11 +152,15 @@ def start_cluster(args: argparse.Namespace) -> Cluster:
     tmp = Path(tempfile.mkdtemp(prefix="chatnode-bench-"))
     os.chmod(tmp, 0o755)
     redis = None
+    redis_cluster = None
     redis_url = args.redis_url
-    if not redis_url:
+    if args.redis_cluster:
+        redis_cluster = RedisCluster(tmp / "redis-cluster").start()
+        redis_url = redis_cluster.url
+    elif not redis_url:
         redis = devstack.RedisServer(tmp / "redis", fsync=args.appendfsync).start()
         redis_url = redis.url
-    cluster = Cluster(redis, redis_url, tmp=tmp)
+    cluster = Cluster(redis, redis_url, tmp=tmp, redis_cluster=redis_cluster)
     database_url = args.database_url
     if not database_url:
         database_url = "postgresql://127.0.0.1:5432/chatnode_bench"
@@ -434,7 +450,7 @@ def report(r: dict[str, Any], results: list[dict[str, Any]]) -> None:
 def redis_ceiling(cluster: Cluster) -> dict[str, float]:
     """redis-benchmark XADD on the same Redis, one command at a time and 16 per pipeline."""
     exe = shutil.which("redis-benchmark")
-    if exe is None or not cluster.redis_url:
+    if exe is None or not cluster.redis_url or cluster.redis_cluster is not None:
         return {}
     url = urllib.parse.urlsplit(cluster.redis_url)
     host, port = url.hostname or "127.0.0.1", str(url.port or 6379)
@@ -631,6 +647,11 @@ def main() -> None:
     p.add_argument("--bcrypt-rounds", type=int, default=4, help="cost of the set-up hashes")
     p.add_argument("--appendfsync", default="everysec", choices=["always", "everysec", "no"])
     p.add_argument("--redis-url", default="", help="use a running Redis")
+    p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="run on a private Redis Cluster (3 primaries, a replica each); CPU per shard",
+    )
     p.add_argument("--database-url", default="", help="use a running PostgreSQL")
     p.add_argument("--http", default="", help="comma-separated HTTP URLs of running nodes")
     p.add_argument("--ws", default="", help="their WebSocket URLs (ws://host:port/ws)")

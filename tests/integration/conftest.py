@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.integration.harness import Api, NodeProc, Stack, start_stack
+from tests.integration.harness import Api, NodeProc, Stack, clustered, start_stack
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,7 +36,11 @@ async def stack(workdir: Path) -> AsyncIterator[Stack]:
 
 async def forget_rate_limits(url: str) -> None:
     """Every test client is 127.0.0.1: start each session with its counters at zero."""
-    client = aioredis.Redis.from_url(url)
+    client: Any = (
+        aioredis.RedisCluster.from_url(url)
+        if await clustered(url)
+        else aioredis.Redis.from_url(url)
+    )
     try:
         async for key in client.scan_iter("chatnode:rl:*", count=1000):
             await client.delete(key)
@@ -92,6 +97,13 @@ def api_b(http: aiohttp.ClientSession, cluster: tuple[NodeProc, NodeProc]) -> Ap
 
 @pytest.fixture(scope="session")
 async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
+    """A client of the stack's Redis: redis-py's cluster client when it is a cluster
+    (the tests' own look-ups follow its slots; the nodes use chatnode.cluster)."""
+    if await clustered(stack.redis_url):
+        many = aioredis.RedisCluster.from_url(stack.redis_url, decode_responses=True)
+        yield many  # type: ignore[misc]  # the commands the tests use are the same
+        await many.aclose()
+        return
     client = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
     yield client
     await client.aclose()

@@ -26,6 +26,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from chatnode import devstack
+from chatnode.devcluster import RedisCluster
 from tests.pgutil import ensure_database
 
 TEST_DB = "chatnode_test"
@@ -77,12 +78,34 @@ async def _redis_answers(url: str) -> bool:
         await client.aclose()
 
 
+async def clustered(url: str) -> bool:
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool((await client.info("cluster")).get("cluster_enabled"))
+    finally:
+        await client.aclose()
+
+
+async def on_every_node(redis: Any, *command: Any) -> None:
+    """A command with no key on the Redis, or on every node of a cluster."""
+    if isinstance(redis, aioredis.RedisCluster):
+        await redis.execute_command(*command, target_nodes=aioredis.RedisCluster.ALL_NODES)
+    else:
+        await redis.execute_command(*command)
+
+
 async def start_stack(tmp: Path) -> Stack:
-    """Use the machine's Redis and PostgreSQL when they answer, else start private ones."""
+    """Use the machine's Redis and PostgreSQL when they answer, else start private ones.
+    CHATNODE_TEST_REDIS_CLUSTER=1: a private Redis Cluster (3 primaries, a replica each)
+    instead of Redis; the tests that run there (scripts/test) run on it."""
     redis_url = os.environ.get("CHATNODE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     owned: list[Any] = []
     embedded = os.environ.get("CHATNODE_TEST_EMBEDDED") == "1"  # prove the no-services path
-    if embedded or not await _redis_answers(redis_url):
+    if os.environ.get("CHATNODE_TEST_REDIS_CLUSTER") == "1":
+        many = await asyncio.to_thread(RedisCluster(tmp / "redis-cluster").start)
+        owned.append(many)
+        redis_url = many.url
+    elif embedded or not await _redis_answers(redis_url):
         server = devstack.RedisServer(tmp / "redis", fsync="everysec").start()
         owned.append(server)
         redis_url = server.url
@@ -254,8 +277,10 @@ class User:
     token: str
 
 
-async def new_user(api: Api, name: str = "Tester", password: str = "password123") -> User:
-    mobile = new_mobile()
+async def new_user(
+    api: Api, name: str = "Tester", password: str = "password123", mobile: str | None = None
+) -> User:
+    mobile = mobile or new_mobile()
     status, body, _ = await api.call(
         "POST", "/auth/signup", {"name": name, "mobileNo": mobile, "password": password}
     )
@@ -380,6 +405,7 @@ class Resilient:
         self.seen_ids: set[str] = set()
         self.deliveries = 0
         self.errors: list[dict[str, Any]] = []
+        self.troubles: list[float] = []  # when an error came, or the socket closed
         self.reconnects = 0
         self._reader: asyncio.Task[None] | None = None
         self._next = 0
@@ -424,9 +450,11 @@ class Resilient:
                     )
                 elif kind == "error":
                     self.errors.append(frame)
+                    self.troubles.append(time.monotonic())
         except websockets.ConnectionClosed:
             pass
         if self.ws is ws:
+            self.troubles.append(time.monotonic())
             self.reconnects += 1
             await self.connect()
 

@@ -253,7 +253,6 @@ async def test_dev_redis_cluster_forms_six_nodes_and_ctrl_c_stops_them(
     assert not any(devstack.port_open(port) for port in ports)
 
 
-@pytest.mark.xfail(strict=False, reason="cluster client lands in a later commit")
 @pytest.mark.timeout(120)
 async def test_dev_redis_cluster_runs_two_nodes_that_carry_a_session(
     tmp_path: Path, stack: Stack, http: aiohttp.ClientSession

@@ -21,6 +21,7 @@ from tests.integration.harness import (
     Stack,
     connected,
     new_user,
+    on_every_node,
     stream_id,
 )
 
@@ -109,7 +110,7 @@ async def test_messages_sent_while_a_node_lost_its_subscription_still_arrive(
     async with connected(cluster[0].ws, alice.token) as a, connected(cluster[1].ws, bob.token) as b:
         await a.send_message(bob.mobile, "before")
         assert (await b.recv_type("message"))["body"] == "before"
-        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await on_every_node(redis, "CLIENT", "KILL", "TYPE", "pubsub")
         sent = [await a.send_message(bob.mobile, f"cut {i}") for i in range(20)]
         assert all(s["type"] == "accepted" for s in sent)
         got = [await b.recv_type("message", timeout=15) for _ in range(20)]
