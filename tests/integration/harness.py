@@ -89,7 +89,8 @@ async def clustered(url: str) -> bool:
 async def on_every_node(redis: Any, *command: Any) -> None:
     """A command with no key on the Redis, or on every node of a cluster."""
     if isinstance(redis, aioredis.RedisCluster):
-        await redis.execute_command(*command, target_nodes=aioredis.RedisCluster.ALL_NODES)
+        for node in redis.get_nodes():
+            await node.execute_command(*command)
     else:
         await redis.execute_command(*command)
 
