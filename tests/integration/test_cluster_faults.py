@@ -116,8 +116,12 @@ async def traffic_through(
     await settle(clients, settled, timeout=90)
     troubles = [t for c in clients for t in c.troubles if t >= fault_at[0]]
     window = round(max(troubles) - fault_at[0], 2) if troubles else 0.0
-    report(scenario + " (window)", unavailable_s=window)
-    assert check_every_accepted_arrived_once_in_order(clients, scenario, fault_at[0]) == sent
+    assert (
+        check_every_accepted_arrived_once_in_order(
+            clients, scenario, fault_at[0], unavailable_s=window
+        )
+        == sent
+    )
     assert sent == 2 * len(pairs) * PER_SENDER
     return window
 
@@ -231,7 +235,7 @@ async def test_a_shard_restarted_empty_is_reloaded_from_postgresql(
     async with connected(a.ws, blocker.token) as bl:
         assert await bl.quiet(1.5, "message") == []
     report(
-        "Redis Cluster shard restarted empty",
+        "Redis Cluster shard restarted empty (reloaded)",
         accepted=1,
         delivered=1,
         lost=0,

@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,7 +32,7 @@ PER_SENDER = 30  # 2 * PAIRS * PER_SENDER = 480 messages, most of them in flight
 
 
 def check_every_accepted_arrived_once_in_order(
-    clients: list[Resilient], scenario: str, fault_at: float
+    clients: list[Resilient], scenario: str, fault_at: float, **figures: Any
 ) -> int:
     """Every accepted (sender, id) reached its recipient exactly once after dedupe by
     msgId, one msgId per client id, and each inbox came in the order it was stored.
@@ -56,6 +57,7 @@ def check_every_accepted_arrived_once_in_order(
         duplicated=duplicated,
         redelivered=redelivered,
         recover_s=round(time.monotonic() - fault_at, 2),
+        **figures,
     )
     assert (accepted - delivered, duplicated) == (0, 0)
     for c in clients:
