@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis
+import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -586,6 +588,7 @@ def run_idle(cluster: Cluster, args: argparse.Namespace) -> list:
     ctx = mp.get_context("spawn")
     pids = cluster.node_pids
     before = [rss_bytes(pid) for pid in pids]
+    redis_before = redis_memory(cluster) if cluster.redis_url else {}
     pipes, workers = [], []
     for node in range(len(cluster.ws)):
         users = asyncio.run(make_users([cluster.http[node]], args.idle))
@@ -599,6 +602,7 @@ def run_idle(cluster: Cluster, args: argparse.Namespace) -> list:
     opened = [pipe.recv() for pipe in pipes]
     time.sleep(3)
     after = [rss_bytes(pid) for pid in pids]
+    redis_after = redis_memory(cluster) if cluster.redis_url else {}
     time.sleep(max(0.0, args.idle_hold - 3))  # past a keepalive round: pings are answered
     for pipe in pipes:
         pipe.send("close")
@@ -621,6 +625,12 @@ def run_idle(cluster: Cluster, args: argparse.Namespace) -> list:
         "held_s": args.idle_hold,
         "nodes": per_node,
     }
+    if redis_after:  # the users were made before: this is what a connected one adds
+        grown_redis = sum(redis_after.values()) - sum(redis_before.values())
+        r["redis_bytes_per_connected_user"] = round(
+            grown_redis / max(1, sum(o["open"] for o in opened)), 1
+        )
+        print(f"Redis: {r['redis_bytes_per_connected_user']} B per connected user (with signup)")
     for e in per_node:
         print(
             f"commit {r['commit']}  {e['node']}: {e['open']} idle sockets open, "
@@ -628,6 +638,78 @@ def run_idle(cluster: Cluster, args: argparse.Namespace) -> list:
             f"{args.idle_hold:g} s idle, "
             f"{e.get('rss_per_socket_kib', '?')} KiB RSS per socket"
         )
+    print(json.dumps(r), flush=True)
+    return [r]
+
+
+# -- Redis memory: per queued message, per connected user --------------------------------
+
+
+def redis_memory(cluster: Cluster) -> dict[str, int]:
+    """used_memory of the Redis, or of each primary of a cluster (by shard)."""
+    rc = cluster.redis_cluster
+    if rc is not None:
+        ports = {f"shard{n}": p for n, p in enumerate(sorted(rc.primaries()), 1)}
+    else:
+        url = urllib.parse.urlsplit(cluster.redis_url)
+        ports = {"redis": url.port or 6379}
+    out = {}
+    for name, port in ports.items():
+        with redis.Redis(port=port, socket_timeout=10) as client:
+            out[name] = int(client.info("memory")["used_memory"])
+    return out
+
+
+async def queue_messages(users: list[dict[str, Any]], ws: list[str], per: int, body: str) -> int:
+    """Each of the first half of `users` sends `per` messages to one of the second half,
+    who never connect; returns how many were accepted."""
+    half = len(users) // 2
+    accepted = 0
+
+    async def one(sender: dict[str, Any], to: str) -> None:
+        nonlocal accepted
+        url = f"{ws[sender['node'] % len(ws)]}?token={sender['token']}"
+        async with websockets.connect(url, max_size=2**22) as conn:
+            await asyncio.wait_for(conn.recv(), 10)  # hello
+            for i in range(per):
+                frame = {"type": "send", "id": f"q{i}", "to": to, "body": body}
+                await conn.send(json.dumps(frame))
+            got = 0
+            async with asyncio.timeout(120):
+                while got < per:
+                    if json.loads(await conn.recv())["type"] == "accepted":
+                        got += 1
+            accepted += got
+
+    await asyncio.gather(*(one(users[i], users[half + i]["mobile"]) for i in range(half)))
+    return accepted
+
+
+def run_backlog(cluster: Cluster, args: argparse.Namespace) -> list:
+    """Redis memory per queued (stored, unacked) message: users/2 senders each send
+    backlog/(users/2) messages of --body-bytes to a recipient who never connects."""
+    users = asyncio.run(make_users(cluster.http, args.users))
+    time.sleep(1)
+    before = redis_memory(cluster)
+    per = max(1, args.backlog // (len(users) // 2))
+    body = "x" * args.body_bytes
+    accepted = asyncio.run(queue_messages(users, cluster.ws, per, body))
+    time.sleep(1)
+    after = redis_memory(cluster)
+    grown = {k: after[k] - before[k] for k in after}
+    r = {
+        "mode": "backlog",
+        "commit": commit(),
+        "queued": accepted,
+        "body_bytes": args.body_bytes,
+        "redis_grown_bytes": grown,
+        "bytes_per_queued_message": round(sum(grown.values()) / max(1, accepted), 1),
+    }
+    print(
+        f"commit {r['commit']}  {accepted} messages of {args.body_bytes} B queued for "
+        f"{len(users) // 2} offline users: Redis grew {sum(grown.values()):,} B "
+        f"({r['bytes_per_queued_message']} B a message; by shard {grown})"
+    )
     print(json.dumps(r), flush=True)
     return [r]
 
@@ -665,6 +747,9 @@ def main() -> None:
         "--idle-hold", type=float, default=35, help="seconds to hold them (heartbeat is 30)"
     )
     p.add_argument("--login-storm", type=float, default=0, help="logins/s, run against none")
+    p.add_argument(
+        "--backlog", type=int, default=0, help="queue this many messages: Redis bytes each"
+    )
     p.add_argument("--json-out", default="")
     args = p.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the finally below stops every process we started
@@ -674,6 +759,8 @@ def main() -> None:
     try:
         if args.idle:
             results = run_idle(cluster, args)
+        elif args.backlog:
+            results = run_backlog(cluster, args)
         else:
             users = asyncio.run(make_users(cluster.http, args.users))
             if args.sweep:
