@@ -24,6 +24,12 @@ from chatnode.errors import Blocked, ChatError, InboxFull, Unavailable
 log = logs.get(__name__)
 
 READ_COUNT = 200
+# The most a reader's count of one sender's messages acked and not read (keys.unread)
+# holds. A reader that sends no reads (read receipts off) would bank one for every message
+# ever acked, and could later send as many read receipts naming ids nobody can check;
+# a full default inbox (CHATNODE_INBOX_LIMIT) of one sender's unread messages is more
+# than a person reads back through.
+UNREAD_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,32 +121,42 @@ def read_call(
     """READ's keys and arguments: which of `ids` (client ids `sender` gave messages to
     `reader`; `held` those out on the reader's socket) may be receipted as read."""
     flags = ["1" if i in held else "0" for i in ids]
-    return [keys.inbox(reader), *unread_keys(reader, sender, ids)], flags
+    dedupe = [keys.dedupe(reader, sender, i) for i in ids]
+    return [keys.inbox(reader), keys.unread(reader), *dedupe], [sender, *flags]
 
 
-def read_result(ids: list[str], reply: Any) -> tuple[int, int, list[str]]:
+def read_result(ids: list[str], reply: Any) -> tuple[int, int, list[str], int]:
     """READ's reply as (count with no record, count stored but not delivered, the ids
-    to receipt, now marked read)."""
-    missing, undelivered, fresh = reply
-    return int(missing), int(undelivered), [ids[int(i) - 1] for i in fresh or ()]
+    to receipt, now marked read, how many of those the reader's unread count vouched
+    for: UNREAD gives that back if the receipt cannot be stored)."""
+    missing, undelivered, fresh, trusted = reply
+    return int(missing), int(undelivered), [ids[int(i) - 1] for i in fresh or ()], int(trusted)
 
 
-def acked_dedupe_keys(owner: str, entries: Iterable[Entry]) -> list[str]:
-    """The dedupe keys of the messages among `entries` of `owner`'s inbox: once those are
-    acked, their keys live only the dedupe window (`window_call`). Receipts have none,
-    nor have entries deleted while pending (nothing is known of them)."""
-    return [keys.dedupe(owner, e.sender, e.client_id) for e in entries if e.kind == "m"]
+def unread_call(
+    reader: str, sender: str, ids: list[str], trusted: int
+) -> tuple[list[str], list[Any]]:
+    """UNREAD: unmark ids whose read receipt could not be stored, and give the reader's
+    count of `sender`'s unread messages back what READ took for them."""
+    dedupe = [keys.dedupe(reader, sender, i) for i in ids]
+    return [keys.unread(reader), *dedupe], [sender, trusted, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX]
 
 
-def window_call(key: str, window_s: int) -> tuple[Any, ...]:
-    """Shorten an acked message's dedupe key to the window. LT: never lengthen it (an
-    ack repeated later), and a key with no TTL counts as endless, so it gets one."""
-    return ("EXPIRE", key, window_s, "LT")
+def acked_messages(entries: Iterable[Entry]) -> list[tuple[str, str]]:
+    """(sender, client id) of the messages among acked `entries`: what `acked_call`
+    shortens and counts. Receipts have no dedupe key, nor have entries deleted while
+    pending (nothing is known of them)."""
+    return [(e.sender, e.client_id) for e in entries if e.kind == "m"]
 
 
-def unread_keys(reader: str, sender: str, ids: list[str]) -> list[str]:
-    """UNREAD's keys: unmark ids whose read receipt could not be stored."""
-    return [keys.dedupe(reader, sender, i) for i in ids]
+def acked_call(
+    owner: str, messages: list[tuple[str, str]], window_s: int
+) -> tuple[list[str], list[Any]]:
+    """ACKED, after an ack's XDEL and XACK: the acked messages' dedupe keys shortened to
+    the window, and those not read yet counted in the owner's unread counts."""
+    dedupe = [keys.dedupe(owner, sender, client_id) for sender, client_id in messages]
+    argv = [window_s, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX, *(s for s, _ in messages)]
+    return [keys.unread(owner), *dedupe], argv
 
 
 # -- delivery: the owner's node reads pending entries, then goes live (pushes)

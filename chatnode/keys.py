@@ -18,9 +18,11 @@ from chatnode import channel
 GROUP = "g"
 CONSUMER = "c"  # one session per user, so one consumer per inbox
 # A dedupe key's TTL while its message is unacked; the ack drops it to the dedupe window
-# (CHATNODE_DEDUPE_WINDOW_S; core.acks, slowpath.ack). A recipient may be offline for
-# days, so this is no window: it bounds the keys whose entry left without that EXPIRE (a
-# connection lost after the XACK, before the EXPIRE) or was never acked at all.
+# (CHATNODE_DEDUPE_WINDOW_S; lua.ACKED from core.acks and slowpath.ack). A recipient may
+# be offline for days, so this is no window: it bounds the keys whose entry left without
+# ACKED (a connection lost after the XACK) or was never acked at all. A reader's unread
+# counts (`unread`) live as long from their last increment: they stand in for the keys of
+# messages acked and not read, and must not outlive an abandoned account.
 DEDUPE_SAFETY_TTL_S = 30 * 24 * 3600
 SEEN_TTL_S = 400 * 24 * 3600
 
@@ -78,6 +80,14 @@ def seen(mobile: str) -> str:
 def dedupe(recipient: str, sender: str, client_id: str) -> str:
     """The msgId given to sender's client id; in the recipient's slot like the inbox."""
     return f"{_tag(recipient)}:sent:{sender}:{client_id}"
+
+
+def unread(reader: str) -> str:
+    """Hash: per sender, how many of that sender's messages the reader acked (so
+    delivered) and has not read yet; it vouches for a read receipt once the messages'
+    dedupe keys are gone (lua.ACKED counts, lua.READ takes, lua.UNREAD gives back). In
+    the reader's slot, like the dedupe keys it stands in for."""
+    return _tag(reader) + ":unread"
 
 
 def send_tokens(mobile: str) -> str:

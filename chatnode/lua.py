@@ -1,10 +1,10 @@
 """Lua scripts: the Script type, and the scripts of the socket path with their calls.
 
 Each script here touches only the keys of one user (one hash tag, so one cluster slot):
-the recipient's for SEND, READ and TYPING, the owner's for RECEIPT, GO_LIVE, UNLIVE and
-the route scripts (CLAIM, REFRESH, RELEASE). Group and consumer names come from keys.py.
-Every Script made anywhere is loaded on every Redis connection (redisio.py) and called
-by SHA.
+the recipient's for SEND, READ, UNREAD, ACKED and TYPING, the owner's for RECEIPT,
+GO_LIVE, UNLIVE and the route scripts (CLAIM, REFRESH, RELEASE). Group and consumer
+names come from keys.py. Every Script made anywhere is loaded on every Redis connection
+(redisio.py) and called by SHA.
 """
 
 from __future__ import annotations
@@ -88,24 +88,31 @@ return 1
 """
 )
 
-# KEYS: the reader's inbox, then the dedupe key of each client id the read frame names
-# (sender = the frame's `to`, recipient = the reader). ARGV: per id, 1 if it is out on
-# the reader's socket now, else 0. An id may get a read receipt if its message was stored
-# for the reader and was delivered: out on the socket, pending in the group (read for
-# delivery, e.g. on a socket before a reconnect), or acked (gone from the stream); and if
-# it had no read receipt yet. Those are marked read. Ids of sends a block dropped, and
-# ids read already, are passed over in silence, like receipts across a block. Returns
-# {ids with no record (never sent, or past the dedupe window), ids stored but never
-# delivered, indexes of the ids to receipt (1-based)}.
+# KEYS: the reader's inbox, the reader's unread counts (keys.unread), then the dedupe key
+# of each client id the read frame names (sender = the frame's `to`, recipient = the
+# reader). ARGV: the sender, then per id 1 if it is out on the reader's socket now, else
+# 0. An id may get a read receipt if its message was stored for the reader and was
+# delivered: out on the socket, pending in the group (read for delivery, e.g. on a socket
+# before a reconnect), or acked (gone from the stream); and if it had no read receipt
+# yet. Those are marked read; one the ack counted (`|a`) leaves the sender's count too.
+# Ids of sends a block dropped, and ids read already, are passed over in silence, like
+# receipts across a block. An id with no record (its key expired: acked more than the
+# dedupe window ago, or never sent) is taken on trust while the sender's count of
+# messages acked and unread lasts, one each: the server cannot tell which message it
+# names any more, only that there is one. Returns {ids with no record and nothing left
+# to count them against, ids stored but never delivered, indexes of the ids to receipt
+# (1-based, in frame order), how many of them the count vouched for}.
 READ = _script(
     """
-local fresh, missing, undelivered = {}, 0, 0
-for i = 2, #KEYS do
+local fresh, gone, undelivered = {}, {}, 0
+local left = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+local took = 0
+for i = 3, #KEYS do
   local v = redis.call('GET', KEYS[i])
   local id, rest = nil, nil
   if v then id, rest = string.match(v, '^([^|]+)|(.*)$') end
   if not id then
-    missing = missing + 1
+    gone[#gone + 1] = i - 2
   elseif not string.find(rest, '|[br]') then
     local out = ARGV[i - 1] == '1'
     if not out then
@@ -114,27 +121,91 @@ for i = 2, #KEYS do
     end
     if out or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
       redis.call('SET', KEYS[i], v .. '|r', 'KEEPTTL')
-      fresh[#fresh + 1] = i - 1
+      fresh[#fresh + 1] = i - 2
+      if string.find(rest, '|a', 1, true) and took < left then took = took + 1 end
     else
       undelivered = undelivered + 1
     end
   end
 end
-return {missing, undelivered, fresh}
+local trusted, missing = 0, 0
+for _, k in ipairs(gone) do
+  if took < left then
+    took = took + 1
+    trusted = trusted + 1
+    fresh[#fresh + 1] = k
+  else
+    missing = missing + 1
+  end
+end
+if took >= left and left > 0 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+elseif took > 0 then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], -took)
+end
+table.sort(fresh)
+return {missing, undelivered, fresh, trusted}
 """
 )
 
-# KEYS: the dedupe keys of ids marked read by READ whose receipt could not be stored:
-# unmark them, so the client's next read frame for them counts.
+# KEYS: the reader's unread counts, then the dedupe keys of the ids READ gave a read
+# receipt that could not be stored. ARGV: the sender, how many of them the count vouched
+# for, the counts' TTL, their cap. Unmark them and give the count back what READ took, so
+# the client's next read frame for them counts.
 UNREAD = _script(
     """
-for i = 1, #KEYS do
+local back = tonumber(ARGV[2])
+for i = 2, #KEYS do
   local v = redis.call('GET', KEYS[i])
-  if v and string.sub(v, -2) == '|r' then
-    redis.call('SET', KEYS[i], string.sub(v, 1, -3), 'KEEPTTL')
+  if v and string.find(v, '|r', 1, true) then
+    redis.call('SET', KEYS[i], (string.gsub(v, '|r', '')), 'KEEPTTL')
+    if string.find(v, '|a', 1, true) then back = back + 1 end
   end
 end
-return 1
+if back > 0 then
+  if redis.call('HINCRBY', KEYS[1], ARGV[1], back) > tonumber(ARGV[4]) then
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return back
+"""
+)
+
+# KEYS: the acker's unread counts (keys.unread), then the dedupe key of each message
+# acked. ARGV: the dedupe window, the counts' TTL, their cap, then each message's sender.
+# The end of an ack, after its XDEL and XACK: each key not acked before is marked `|a`
+# and shortened to the window (EXPIRE ... LT: never lengthened), and each such message
+# not read yet counts one for its sender, so that a read receipt may still name it once
+# its key is gone. The mark makes this idempotent: a message acked twice (an ack repeated
+# from another socket) counts once. A key already gone (unacked for 30 days) counts
+# nothing. The cap bounds what a reader who never sends reads (read receipts off) can
+# claim later; the TTL, refreshed at each count, an abandoned account's counts.
+ACKED = _script(
+    """
+local senders, counts = {}, {}
+for i = 2, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v and not string.find(v, '|a', 1, true) then
+    redis.call('SET', KEYS[i], v .. '|a', 'KEEPTTL')
+    redis.call('EXPIRE', KEYS[i], ARGV[1], 'LT')
+    if not string.find(v, '|[br]') then
+      local s = ARGV[i + 2]
+      if not counts[s] then
+        counts[s] = 0
+        senders[#senders + 1] = s
+      end
+      counts[s] = counts[s] + 1
+    end
+  end
+end
+for _, s in ipairs(senders) do
+  if redis.call('HINCRBY', KEYS[1], s, counts[s]) > tonumber(ARGV[3]) then
+    redis.call('HSET', KEYS[1], s, ARGV[3])
+  end
+end
+if #senders > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return #senders
 """
 )
 

@@ -21,7 +21,7 @@ from chatnode.core.actions import (
     StoreReceipts,
 )
 from chatnode.errors import InboxFull, UnknownRecipient
-from chatnode.lua import RECEIPT, SEND, Script
+from chatnode.lua import ACKED, RECEIPT, SEND, Script
 from chatnode.recipients import Recipients
 from chatnode.redisio import Redis
 
@@ -55,14 +55,14 @@ class SlowPath:
                 )
             case FetchEntries(owner, msg_ids):
                 return await fetch(batcher, owner, msg_ids)
-            case StoreReceipts(acker, receipts, ack_ids, dedupe_keys):
+            case StoreReceipts(acker, receipts, ack_ids, messages):
                 for receipt in receipts:
                     try:
                         await store_receipt(batcher, load, receipt, limit)
                     except UnknownRecipient:
                         pass  # the sender's account is gone: nobody to tell
                 if ack_ids:
-                    await ack(batcher, acker, ack_ids, dedupe_keys, window)
+                    await ack(batcher, acker, ack_ids, messages, window)
                 return None
             case StoreRead(receipt):
                 await store_receipt(batcher, load, receipt, limit)
@@ -124,18 +124,24 @@ async def fetch(batcher: Redis, mobile: str, msg_ids: list[str]) -> list[inbox.E
 
 
 async def ack(
-    batcher: Redis, mobile: str, msg_ids: list[str], dedupe_keys: list[str], window_s: int
+    batcher: Redis,
+    mobile: str,
+    msg_ids: list[str],
+    messages: list[tuple[str, str]],
+    window_s: int,
 ) -> None:
-    """XDEL, then XACK, then the acked messages' dedupe keys shortened to the window, in
-    one pipeline (core/acks.py says why in this order). A failed EXPIRE fails nothing:
-    the key keeps its safety TTL."""
+    """XDEL, then XACK, then lua.ACKED for the acked `messages` ((sender, client id)):
+    their dedupe keys shortened to the window, those unread counted; in one pipeline
+    (core/acks.py says why in this order). A failed ACKED fails nothing: its keys keep
+    their safety TTL."""
     box = keys.inbox(mobile)
-    replies = await asyncio.gather(
+    calls = [
         batcher.call("XDEL", box, *msg_ids),
         batcher.call("XACK", box, keys.GROUP, *msg_ids),
-        *(batcher.call(*inbox.window_call(key, window_s)) for key in dedupe_keys),
-        return_exceptions=True,
-    )
+    ]
+    if messages:
+        calls.append(batcher.script(ACKED, *inbox.acked_call(mobile, messages, window_s)))
+    replies = await asyncio.gather(*calls, return_exceptions=True)
     for reply in replies[:2]:
         if isinstance(reply, BaseException):
             raise reply

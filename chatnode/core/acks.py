@@ -2,9 +2,11 @@
 
 An ack stores the delivered receipts first, then removes the entries (XDEL, XACK): an
 entry leaves the inbox only once its receipt is stored, so a receipt that cannot be
-stored leaves the entry to be delivered, and acked, again. A read receipt names only
-messages its sender delivered to this user, each once (lua.READ), then goes to the
-sender's inbox like any receipt.
+stored leaves the entry to be delivered, and acked, again. Then lua.ACKED shortens the
+acked messages' dedupe keys and counts them as delivered and unread. A read receipt
+names only messages its sender delivered to this user, each once (lua.READ; past the
+dedupe window, as many as that count vouches for), then goes to the sender's inbox like
+any receipt.
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ class Acks:
             if not failed:
                 self._remove(done, ids, answer)
             else:
-                dedupe = inbox.acked_dedupe_keys(core.mobile, [e for e, _ in done])
-                job = StoreReceipts(core.mobile, failed, ids, dedupe)
+                messages = inbox.acked_messages(e for e, _ in done)
+                job = StoreReceipts(core.mobile, failed, ids, messages)
                 core.lane.add(answer, None, job, lambda r: self._stored(done, ids, r))
 
         limit = core.settings.inbox_limit
@@ -100,10 +102,11 @@ class Acks:
         """XDEL, then XACK, entries whose receipts are stored. Two plain commands cost
         Redis less than a script; in this order a connection lost between them leaves
         at worst a pending id whose entry is gone, which a pending read finds empty and
-        acks away. Then each acked message's dedupe key is shortened to the dedupe
-        window (one EXPIRE each, in the owner's slot; its reply is not needed: a key
-        missed keeps its safety TTL, keys.DEDUPE_SAFETY_TTL_S). Nobody waits for them
-        (no answer unless they fail): they ride with other work."""
+        acks away. Then one lua.ACKED for the acked messages, in the owner's slot:
+        their dedupe keys shortened to the dedupe window, and those not read yet
+        counted (keys.unread). Its reply is not needed: keys it missed keep their safety
+        TTL (keys.DEDUPE_SAFETY_TTL_S) and vouch for a read meanwhile. Nobody waits for
+        these (no answer unless the XDEL or XACK fails): they ride with other work."""
         core = self.core
         failed: list[Exception] = []
 
@@ -124,9 +127,10 @@ class Acks:
         box = keys.inbox(core.mobile)
         core.emit(Call(("XDEL", box, *ids), deleted, None, (), True))
         core.emit(Call(("XACK", box, keys.GROUP, *ids), acked, None, (), True))
-        window = core.settings.dedupe_window_s
-        for key in inbox.acked_dedupe_keys(core.mobile, [e for e, _ in done]):
-            core.emit(Call(inbox.window_call(key, window), None, None, (), True))
+        messages = inbox.acked_messages(e for e, _ in done)
+        if messages:
+            args, argv = inbox.acked_call(core.mobile, messages, core.settings.dedupe_window_s)
+            core.emit(Call(args, None, lua.ACKED, argv, True))
 
     def _fetched(self, done: list[Acked], ids: list[str], result: Any) -> Next:
         """Entries acked that this socket did not deliver: found in the inbox, they are
@@ -141,8 +145,8 @@ class Acks:
         done = done + earlier
         ids = ids + self.core.ledger.acking_now([e for e, _ in earlier])
         mobile = self.core.mobile
-        dedupe = inbox.acked_dedupe_keys(mobile, [e for e, _ in done])
-        job = StoreReceipts(mobile, self._receipts_for(done), ids, dedupe)
+        messages = inbox.acked_messages(e for e, _ in done)
+        job = StoreReceipts(mobile, self._receipts_for(done), ids, messages)
         return Next(job, lambda r: self._stored(done, ids, r))
 
     def _stored(self, done: list[Acked], ids: list[str], result: Any) -> None:
@@ -191,7 +195,8 @@ class Acks:
 
     def read(self, frame: frames.Read) -> None:
         """Ids of messages stored but not delivered are refused (invalid_frame); ids
-        with no record (made up, or past the dedupe window) are dropped in silence."""
+        with no record (made up, or past the dedupe window) count against the reader's
+        unread messages from `to`, and are dropped in silence once none is left."""
         core = self.core
         answer = core.answers.later()
         ids = list(frame.ids)
@@ -200,12 +205,12 @@ class Acks:
             if isinstance(reply, Exception):
                 core.refuse(Code.UNAVAILABLE, UNAVAILABLE, None, answer)
                 return
-            missing, undelivered, fresh = inbox.read_result(ids, reply)
+            missing, undelivered, fresh, trusted = inbox.read_result(ids, reply)
             if undelivered and not core.invalid_frame():
                 return  # closed
             if fresh:
                 receipt = inbox.Receipt(frame.to, core.mobile, "read", fresh, core.now_ms())
-                self._store_read(receipt, bool(undelivered), answer)
+                self._store_read(receipt, trusted, bool(undelivered), answer)
             elif undelivered:
                 core.node.metrics.refuse(Code.INVALID_FRAME)
                 core.answers.give(answer, frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None))
@@ -218,13 +223,15 @@ class Acks:
         args, argv = inbox.read_call(core.mobile, frame.to, ids, held)
         core.emit(Call(args, checked, lua.READ, argv))
 
-    def _store_read(self, receipt: inbox.Receipt, bad: bool, answer: Answer) -> None:
+    def _store_read(self, receipt: inbox.Receipt, trusted: int, bad: bool, answer: Answer) -> None:
+        """Store a read receipt; if it cannot be, UNREAD unmarks its ids and gives back
+        the `trusted` of them the unread count vouched for."""
         core = self.core
         after = frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None) if bad else None
 
         def unread() -> None:
-            args = inbox.unread_keys(core.mobile, receipt.owner, receipt.ids)
-            core.emit(Call(args, None, lua.UNREAD))
+            args, argv = inbox.unread_call(core.mobile, receipt.owner, receipt.ids, trusted)
+            core.emit(Call(args, None, lua.UNREAD, argv))
 
         def reloaded(result: Any) -> bytes | None:  # Redis lacked the owner: PostgreSQL
             if isinstance(result, Exception):

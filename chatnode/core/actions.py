@@ -98,13 +98,13 @@ class FetchEntries:
 @dataclass(frozen=True, slots=True)
 class StoreReceipts:
     """Store receipts (loading owners; an unknown owner is skipped), then XDEL and XACK
-    `ack_ids` from the acker's inbox and shorten `dedupe_keys` (those of the acked
-    messages) to the dedupe window."""
+    `ack_ids` from the acker's inbox, and lua.ACKED for `messages` ((sender, client id)
+    of the acked messages): their dedupe keys shortened, those unread counted."""
 
     acker: str
     receipts: list[inbox.Receipt]
     ack_ids: list[str]
-    dedupe_keys: list[str]
+    messages: list[tuple[str, str]]
 
 
 @dataclass(frozen=True, slots=True)

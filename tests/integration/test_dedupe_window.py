@@ -1,5 +1,6 @@
 """What a message leaves in Redis after its ack: its dedupe key, for the dedupe window
-only (docs/PROTOCOL.md, guarantee 2, v1.2). Real Redis, real nodes."""
+only (docs/PROTOCOL.md, guarantee 2, v1.2), and a count per conversation that lets a
+read past the window still get its receipt. Real Redis, real nodes."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ PAIRS = 20
 MESSAGES = 20_000  # in all: 1,000 per pair
 WINDOW_S = 2
 # What Redis may hold after the window beyond what it held before, per pair. Nothing per
-# message is left; allocator rounding in the inbox streams and the keyspace's hash tables
-# is what this allows for (the figures are printed).
+# message is left (each recipient's unread count of its sender is one hash field, made by
+# the warm-up); allocator rounding in the inbox streams and the keyspace's hash tables is
+# what this allows for (the figures are printed).
 SLACK_PER_PAIR = 4096
 # Rate-limit counters are made by signups, logins and handshakes before the start is
 # measured; with windows this long none expires during the test, so the key count must
@@ -160,7 +162,8 @@ async def test_acked_messages_leave_redis_memory_where_it_started(
     """20 senders on one node, 20 recipients on another, 1,000 messages from each sender,
     every message and receipt acked: once the dedupe window has passed, Redis holds the
     same keys as before the first of them, and its memory is back within SLACK_PER_PAIR
-    bytes a pair.
+    bytes a pair. What stays is one unread count per pair, in a hash per recipient that
+    the warm-up made.
 
     The start is measured after a warm-up of 20 messages a pair, acked and past the
     window too: the first traffic grows some of Redis's own buffers once (about 210 KB
@@ -190,12 +193,17 @@ async def test_acked_messages_leave_redis_memory_where_it_started(
         await wait_until(settled, 10, "the sockets did not go live")
         cold = await figures(redis, users)
 
+        back_to = cold["keys"] + PAIRS  # and each recipient's unread counts, to stay
+
         async def keys_back() -> bool:
-            return await key_count(redis) <= cold["keys"]
+            return await key_count(redis) <= back_to
 
         await exchange(redis, pairs, 20, "w")
         await wait_until(keys_back, WINDOW_S + 10, "the warm-up's dedupe keys did not expire")
         start = await figures(redis, users)
+        assert start["keys"] == back_to
+        unread = [await redis.hgetall(keys.unread(r.user.mobile)) for r in recipients]
+        assert unread == [{s.user.mobile: "20"} for s in senders]
 
         took = await exchange(redis, pairs, MESSAGES // PAIRS, "m")
         acked_at = time.monotonic()
@@ -214,7 +222,7 @@ async def test_acked_messages_leave_redis_memory_where_it_started(
         census: dict[str, int] = {}
         async for key in redis.scan_iter(count=1000):
             kind = key.rsplit(":", 1)[-1]
-            if key.startswith(("chatnode:rl:", "chatnode:revoked:")):
+            if key.startswith(("chatnode:rl:", "chatnode:revoked:", "chatnode:revloaded:")):
                 kind = key.split(":")[1]
             census[kind] = census.get(kind, 0) + 1
         print(
@@ -236,6 +244,8 @@ async def test_acked_messages_leave_redis_memory_where_it_started(
         print(f"  keys at the end: {dict(sorted(census.items()))}")
         assert acked["keys"] > start["keys"]  # the acked messages' keys, for the window
         assert end["keys"] == start["keys"]
+        unread = [await redis.hgetall(keys.unread(r.user.mobile)) for r in recipients]
+        assert unread == [{s.user.mobile: str(20 + MESSAGES // PAIRS)} for s in senders]
         assert abs(end["used_memory"] - start["used_memory"]) <= slack
         assert abs(end["inboxes"] - start["inboxes"]) <= slack
     finally:
@@ -252,7 +262,8 @@ async def test_a_resend_within_the_window_after_the_ack_is_stored_once_after_it_
 ) -> None:
     """Before the ack the id is kept (the safety TTL); the ack shortens it to the
     window, within which a resend is answered with the first msgId and a read still gets
-    its receipt; after it, a read is dropped in silence and a resend is a new message."""
+    its receipt; after it, a second read is dropped in silence (the message was read)
+    and a resend is a new message."""
     window = 3
     node = NodeProc(
         stack, f"window-{time.time_ns()}", workdir, CHATNODE_DEDUPE_WINDOW_S=str(window)
@@ -295,5 +306,52 @@ async def test_a_resend_within_the_window_after_the_ack_is_stored_once_after_it_
             assert again["msgId"] == late["msgId"] and again["body"] == "hi, late"
             assert await a.quiet(0.5, "receipt") == []  # the late read found no record
             assert await b.quiet(0.1, "error") == []
+    finally:
+        node.stop()
+
+
+async def test_a_read_long_after_the_ack_still_gets_its_receipt_once(
+    stack: Stack, workdir: Path, http: aiohttp.ClientSession, redis: aioredis.Redis
+) -> None:
+    """Phones ack on arrival and people read later. Bob acks Alice's message, and reads
+    it after its dedupe key is gone: Alice gets the read receipt, once (the count of his
+    unread messages from her vouches for one id). A second read of it is dropped, and
+    so is a read naming an id of Carol, from whom Bob never got anything."""
+    window = 1
+    node = NodeProc(
+        stack, f"late-read-{time.time_ns()}", workdir, CHATNODE_DEDUPE_WINDOW_S=str(window)
+    ).start()
+    try:
+        api = Api(http, node.http)
+        alice, bob, carol = await new_user(api), await new_user(api), await new_user(api)
+        key = keys.dedupe(bob.mobile, alice.mobile, "late-1")
+        async with (
+            connected(node.ws, alice.token) as a,
+            connected(node.ws, bob.token) as b,
+            connected(node.ws, carol.token) as c,
+        ):
+            assert (await a.send_message(bob.mobile, "hi", "late-1"))["type"] == "accepted"
+            message = await b.recv_type("message", id="late-1")
+            await b.send({"type": "ack", "msgIds": [message["msgId"]]})
+            delivered = await a.recv_type("receipt", status="delivered")
+            await a.send({"type": "ack", "msgIds": [delivered["msgId"]]})
+
+            async def expired() -> bool:
+                return not await redis.exists(key)
+
+            await wait_until(expired, window + 10, "the dedupe key did not expire")
+            assert await redis.hget(keys.unread(bob.mobile), alice.mobile) == "1"
+            await b.send({"type": "read", "to": alice.mobile, "ids": ["late-1"]})
+            read = await a.recv_type("receipt", status="read")
+            assert read["ids"] == ["late-1"] and read["by"] == bob.mobile
+            await a.send({"type": "ack", "msgIds": [read["msgId"]]})
+            assert not await redis.hexists(keys.unread(bob.mobile), alice.mobile)
+            await b.send({"type": "read", "to": alice.mobile, "ids": ["late-1"]})
+            await b.send({"type": "read", "to": carol.mobile, "ids": ["never-1"]})
+            assert await a.quiet(0.5, "receipt") == []  # the count is spent
+            assert await c.quiet(0.1, "receipt") == []  # nothing to count against
+            assert await b.quiet(0.1, "error") == []  # dropped in silence
+        assert await redis.xlen(keys.inbox(alice.mobile)) == 0
+        assert await redis.xlen(keys.inbox(carol.mobile)) == 0
     finally:
         node.stop()

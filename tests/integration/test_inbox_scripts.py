@@ -156,7 +156,8 @@ async def test_pending_entries_come_back_until_acked_and_ack_removes_them(
     after_first = await read_pending(batcher, bob, stored[0].msg_id)
     assert [e.msg_id for e in after_first] == [s.msg_id for s in stored[1:]]
     dedupe = [keys.dedupe(bob, alice, f"c{i}") for i in range(3)]
-    await slowpath.ack(batcher, bob, [stored[0].msg_id, stored[1].msg_id], dedupe[:2], WINDOW_S)
+    acked = [(alice, "c0"), (alice, "c1")]
+    await slowpath.ack(batcher, bob, [stored[0].msg_id, stored[1].msg_id], acked, WINDOW_S)
     assert await redis.xlen(keys.inbox(bob)) == 1
     assert [e.msg_id for e in await read_pending(batcher, bob, "0")] == [stored[2].msg_id]
     # the acked ones are remembered for the window only; the unacked one for long
@@ -194,13 +195,144 @@ async def test_an_ack_shortens_a_dedupe_key_never_lengthens_it(
     alice, bob = await user(redis), await user(redis)
     stored = await send(batcher, alice, bob, "c1")
     key = keys.dedupe(bob, alice, "c1")
-    await slowpath.ack(batcher, bob, [stored.msg_id], [key], 5)
+    await slowpath.ack(batcher, bob, [stored.msg_id], [(alice, "c1")], 5)
     assert 0 < await redis.ttl(key) <= 5
-    await slowpath.ack(batcher, bob, [stored.msg_id], [key], WINDOW_S)  # acked again
+    await slowpath.ack(batcher, bob, [stored.msg_id], [(alice, "c1")], WINDOW_S)  # again
     assert 0 < await redis.ttl(key) <= 5
     never = keys.dedupe(bob, alice, "never-sent")
-    await slowpath.ack(batcher, bob, [stored.msg_id], [never], 5)
-    assert await redis.exists(never) == 0  # EXPIRE makes no key
+    await slowpath.ack(batcher, bob, [stored.msg_id], [(alice, "never-sent")], 5)
+    assert await redis.exists(never) == 0  # ACKED makes no key
+    assert await redis.hgetall(keys.unread(bob)) == {alice: "1"}  # counted once
+
+
+# -- read receipts: the dedupe keys within the window, the unread counts past it
+
+
+async def delivered(
+    batcher: Batcher, redis: aioredis.Redis, sender: str, to: str, n: int
+) -> list[str]:
+    """`n` messages from `sender` (client ids r0, r1, ...) stored for `to` and read for
+    delivery (pending in the group); their msgIds."""
+    route = f"node-d|{new_mobile()}"
+    await redis.set(keys.route(to), route, ex=60)
+    stored = [await send(batcher, sender, to, f"r{i}") for i in range(n)]
+    assert await go_live(batcher, to, route, "t", 60) != "live"  # it read them
+    return [s.msg_id for s in stored]
+
+
+async def ack(
+    batcher: Batcher, reader: str, sender: str, msg_ids: list[str], cids: list[str]
+) -> None:
+    await slowpath.ack(batcher, reader, msg_ids, [(sender, c) for c in cids], WINDOW_S)
+
+
+async def read(
+    batcher: Batcher, reader: str, sender: str, ids: list[str], held: set[str] | None = None
+) -> tuple[int, int, list[str], int]:
+    reply = await batcher.script(lua.READ, *inbox.read_call(reader, sender, ids, held or set()))
+    return inbox.read_result(ids, reply)
+
+
+async def unread(batcher: Batcher, reader: str, sender: str, ids: list[str], trusted: int) -> Any:
+    return await batcher.script(lua.UNREAD, *inbox.unread_call(reader, sender, ids, trusted))
+
+
+async def count(redis: aioredis.Redis, reader: str, sender: str) -> int:
+    return int(await redis.hget(keys.unread(reader), sender) or 0)
+
+
+async def test_an_ack_counts_each_unread_message_once(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """One count per message acked and not read, per sender, however often it is acked;
+    a message read before its ack is not counted; the counts live 30 days from the last."""
+    alice, carol, bob = await user(redis), await user(redis), await user(redis)
+    from_alice = await delivered(batcher, redis, alice, bob, 3)
+    from_carol = await delivered(batcher, redis, carol, bob, 1)
+    assert await read(batcher, bob, alice, ["r2"], {"r2"}) == (0, 0, ["r2"], 0)  # while out
+    await ack(batcher, bob, alice, from_alice, ["r0", "r1", "r2"])
+    await ack(batcher, bob, carol, from_carol, ["r0"])
+    assert await redis.hgetall(keys.unread(bob)) == {alice: "2", carol: "1"}
+    assert await redis.ttl(keys.unread(bob)) > keys.DEDUPE_SAFETY_TTL_S - 60
+    await ack(batcher, bob, alice, from_alice, ["r0", "r1", "r2"])  # from another socket
+    assert await count(redis, bob, alice) == 2
+    for cid, flags in (("r0", "|a"), ("r1", "|a"), ("r2", "|r|a")):
+        key = keys.dedupe(bob, alice, cid)
+        assert str(await redis.get(key)).endswith(flags)
+        assert 0 < await redis.ttl(key) <= WINDOW_S
+
+
+async def test_past_the_window_a_read_rests_on_the_count_and_unread_gives_it_back(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    msg_ids = await delivered(batcher, redis, alice, bob, 3)
+    await ack(batcher, bob, alice, msg_ids, ["r0", "r1", "r2"])
+    await redis.delete(*[keys.dedupe(bob, alice, f"r{i}") for i in range(3)])  # the window
+    assert await read(batcher, bob, alice, ["r0"]) == (0, 0, ["r0"], 1)
+    assert await count(redis, bob, alice) == 2
+    # the receipt could not be stored: the count is given back, and the next read counts
+    assert await unread(batcher, bob, alice, ["r0"], 1) == 1
+    assert await count(redis, bob, alice) == 3
+    assert await redis.ttl(keys.unread(bob)) > keys.DEDUPE_SAFETY_TTL_S - 60
+    assert await read(batcher, bob, alice, ["r0", "r1", "r2", "zz"]) == (
+        1,
+        0,
+        ["r0", "r1", "r2"],
+        3,
+    )
+    assert await redis.hexists(keys.unread(bob), alice) == 0  # spent: the field goes
+    assert await read(batcher, bob, alice, ["r1"]) == (1, 0, [], 0)
+    # from a sender it has nothing unread from, a reader gets nothing on trust
+    assert await read(batcher, bob, await user(redis), ["r0"]) == (1, 0, [], 0)
+
+
+async def test_a_read_within_the_window_takes_its_message_from_the_count(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """Acked and read within the window: the count goes down with the read, so it leaves
+    no stale one behind, and once the key is gone a second read of the id is dropped."""
+    alice, bob = await user(redis), await user(redis)
+    msg_ids = await delivered(batcher, redis, alice, bob, 2)
+    await ack(batcher, bob, alice, msg_ids, ["r0", "r1"])
+    assert await read(batcher, bob, alice, ["r0"]) == (0, 0, ["r0"], 0)
+    assert await count(redis, bob, alice) == 1  # r1's
+    assert await read(batcher, bob, alice, ["r0"]) == (0, 0, [], 0)  # read already
+    await unread(batcher, bob, alice, ["r0"], 0)  # its receipt failed: r0 is unread again
+    assert await count(redis, bob, alice) == 2
+    assert str(await redis.get(keys.dedupe(bob, alice, "r0"))).endswith("|a")
+    assert await read(batcher, bob, alice, ["r0", "r1"]) == (0, 0, ["r0", "r1"], 0)
+    assert await redis.exists(keys.unread(bob)) == 0
+    await redis.delete(keys.dedupe(bob, alice, "r0"), keys.dedupe(bob, alice, "r1"))
+    assert await read(batcher, bob, alice, ["r0"]) == (1, 0, [], 0)
+
+
+async def test_a_read_that_failed_before_its_ack_is_counted_when_given_back(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """Read while out, acked while its receipt was being stored (not counted: read),
+    and the receipt failed: UNREAD counts it then, so a read past the window still works."""
+    alice, bob = await user(redis), await user(redis)
+    msg_ids = await delivered(batcher, redis, alice, bob, 1)
+    assert await read(batcher, bob, alice, ["r0"], {"r0"}) == (0, 0, ["r0"], 0)
+    await ack(batcher, bob, alice, msg_ids, ["r0"])
+    assert await count(redis, bob, alice) == 0
+    await unread(batcher, bob, alice, ["r0"], 0)
+    assert await count(redis, bob, alice) == 1
+    await redis.delete(keys.dedupe(bob, alice, "r0"))
+    assert await read(batcher, bob, alice, ["r0"]) == (0, 0, ["r0"], 1)
+
+
+async def test_the_count_stops_at_its_cap(batcher: Batcher, redis: aioredis.Redis) -> None:
+    alice, bob = await user(redis), await user(redis)
+    await redis.hset(keys.unread(bob), alice, inbox.UNREAD_MAX - 1)
+    msg_ids = await delivered(batcher, redis, alice, bob, 2)
+    await ack(batcher, bob, alice, msg_ids, ["r0", "r1"])
+    assert await count(redis, bob, alice) == inbox.UNREAD_MAX
+    await redis.delete(keys.dedupe(bob, alice, "r0"))
+    await read(batcher, bob, alice, ["r0"])
+    await unread(batcher, bob, alice, ["r0"], 5)
+    assert await count(redis, bob, alice) == inbox.UNREAD_MAX
 
 
 async def test_refresh_keeps_a_live_token_and_tells_replaced_from_lost(

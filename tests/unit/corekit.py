@@ -121,7 +121,7 @@ class Inbox:
         self.sent: dict[str, str] = {}  # dedupe of the owner's sends: client id -> msgId
         self.peer_seq = 0
         self.unknown_once = False
-        self.windowed: list[str] = []  # dedupe keys an ack shortened to the window
+        self.windowed: list[str] = []  # dedupe keys ACKED shortened to the window
 
     # -- what other users do ------------------------------------------------------------
 
@@ -224,9 +224,9 @@ class Inbox:
             self.pending.discard(int(msg_id.partition("-")[0]))
         return len(call.args) - 3
 
-    def _expire(self, call: Call) -> Any:
-        self.windowed.append(call.args[1])
-        return 1
+    def _acked(self, call: Call) -> Any:
+        self.windowed += call.args[1:]
+        return len(set(call.argv[3:]))
 
     def _send(self, call: Call) -> Any:
         if self.unknown_once:  # Redis lost the recipient's account: the slow way
@@ -245,7 +245,8 @@ class Inbox:
         return ["ok"]
 
     def _read(self, call: Call) -> Any:
-        return [len(call.argv), 0, []]  # the model keeps no dedupe records: none known
+        # the model keeps no dedupe records and no unread counts: nothing known
+        return [len(call.argv) - 1, 0, [], 0]
 
     def _unread(self, call: Call) -> Any:
         return 1

@@ -373,7 +373,7 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert calls[0].argv[2] == "p0,p1"
     feed(core, calls[0], ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "EXPIRE", "EXPIRE"]
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "ACKED"]
     assert all(c.defer for c in calls)
     for call in calls:
         feed(core, call, model.answer(call))
@@ -381,30 +381,41 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert written(core) == []  # an ack that goes through is not answered
 
 
-def test_an_ack_shortens_the_dedupe_keys_of_its_messages_to_the_window() -> None:
-    """After the XDEL and XACK, in the same deferred pipeline: one EXPIRE ... LT per acked
-    message, on its dedupe key in the acker's slot; none for a receipt."""
+def test_an_ack_shortens_and_counts_its_messages_in_one_deferred_script() -> None:
+    """After the XDEL and XACK, in the same deferred pipeline: one ACKED for the acked
+    messages (their dedupe keys shortened to the window, counted as delivered and unread
+    per sender, in the acker's slot); a receipt has no part in it."""
+    other = "+15550003333"
     core, model = opened(dedupe_window_s=42)
     ids = delivered(core, model, 2)
+    model.add({"k": "m", "f": other, "i": "o1", "b": "hi", "t": "1"})
     receipt_id = model.receipt_from_peer(["s1"])
     while model.pushes:
         core.pushed(*parse_push(model.pushes.popleft()))
     written(core)
-    core.receive(orjson.dumps({"type": "ack", "msgIds": [*ids, receipt_id]}).decode())
+    acked = [*ids, "3-0", receipt_id]
+    core.receive(orjson.dumps({"type": "ack", "msgIds": acked}).decode())
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["RECEIPT"]
-    feed(core, calls[0], ["ok"])
+    assert [name_of(c) for c in calls] == ["RECEIPT", "RECEIPT"]  # one per sender
+    for call in calls:
+        feed(core, call, ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "EXPIRE", "EXPIRE"]
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "ACKED"]
     assert all(c.defer for c in calls)
-    assert [tuple(c.args) for c in calls[2:]] == [
-        ("EXPIRE", keys.dedupe(ME, PEER, "p0"), 42, "LT"),
-        ("EXPIRE", keys.dedupe(ME, PEER, "p1"), 42, "LT"),
+    assert calls[2].then is None  # nobody waits for it
+    assert list(calls[2].args) == [
+        keys.unread(ME),
+        keys.dedupe(ME, PEER, "p0"),
+        keys.dedupe(ME, PEER, "p1"),
+        keys.dedupe(ME, other, "o1"),
     ]
+    window, ttl, cap, *senders = calls[2].argv
+    assert (window, ttl, cap) == (42, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX)
+    assert senders == [PEER, PEER, other]
     for call in calls:
         feed(core, call, model.answer(call))
     assert model.entries() == [] and core.ledger.acking is None and written(core) == []
-    assert model.windowed == [keys.dedupe(ME, PEER, "p0"), keys.dedupe(ME, PEER, "p1")]
+    assert model.windowed == list(calls[2].args[1:])
 
 
 def test_an_ack_of_receipts_only_shortens_nothing() -> None:
@@ -414,7 +425,7 @@ def test_an_ack_of_receipts_only_shortens_nothing() -> None:
         core.pushed(*parse_push(model.pushes.popleft()))
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK"]  # no receipt, no EXPIRE
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK"]  # no receipt, no ACKED
 
 
 def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
@@ -425,7 +436,7 @@ def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
     feed(core, calls[0], Unavailable())
     job = core.lane.next()
     assert isinstance(job, StoreReceipts) and job.ack_ids == ids
-    assert job.dedupe_keys == [keys.dedupe(ME, PEER, "p0")]  # shortened once acked
+    assert job.messages == [(PEER, "p0")]  # ACKED once the entries are gone
     core.lane.done(Unavailable())
     assert written(core)[0]["code"] == "unavailable"
     assert list(core.ledger.out) == ids and core.ledger.acking is None
@@ -437,7 +448,7 @@ def test_a_failed_xack_answers_unavailable_and_keeps_redelivering() -> None:
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
     feed(core, calls[0], ["ok"])
-    xdel, xack, _expire = take(core)[0]
+    xdel, xack, _acked = take(core)[0]
     feed(core, xdel, Unavailable())
     feed(core, xack, 1)
     assert written(core)[0]["code"] == "unavailable"
@@ -452,7 +463,7 @@ def test_acking_what_an_earlier_socket_delivered_looks_it_up_first() -> None:
     core.lane.done([entry(5)])
     job = core.lane.next()  # the same place in the lane: the receipts and the ack
     assert isinstance(job, StoreReceipts) and job.ack_ids == ["5-0"]
-    assert job.dedupe_keys == [keys.dedupe(ME, PEER, "c5")]
+    assert job.messages == [(PEER, "c5")]
     assert core.ledger.knows("5-0")  # a pending read in flight must not send it again
     core.lane.done(None)
     assert core.lane.next() is None and not core.ledger.knows("5-0")
@@ -481,8 +492,9 @@ def test_a_read_names_only_messages_delivered_each_once() -> None:
     delivered(core, model, 1)
     core.receive(read(["p0", "zz"]))
     calls, _ = take(core)
-    assert name_of(calls[0]) == "READ" and calls[0].argv == ["1", "0"]  # p0 is out here
-    feed(core, calls[0], [1, 0, [1]])
+    assert name_of(calls[0]) == "READ" and calls[0].argv == [PEER, "1", "0"]  # p0 is out
+    assert list(calls[0].args[:2]) == [keys.inbox(ME), keys.unread(ME)]
+    feed(core, calls[0], [1, 0, [1], 0])
     calls, _ = take(core)
     assert name_of(calls[0]) == "RECEIPT" and calls[0].argv[1:3] == ["read", "p0"]
     feed(core, calls[0], ["ok"])
@@ -493,7 +505,7 @@ def test_a_read_of_undelivered_ids_is_an_invalid_frame() -> None:
     core, _ = opened()
     core.receive(read(["p0"]))
     calls, _ = take(core)
-    feed(core, calls[0], [0, 1, []])
+    feed(core, calls[0], [0, 1, [], 0])
     assert written(core)[0]["code"] == "invalid_frame"
 
 
@@ -501,7 +513,7 @@ def test_a_read_with_no_record_asks_whether_the_user_exists() -> None:
     core, _ = opened()
     core.receive(read(["p0"]))
     calls, _ = take(core)
-    feed(core, calls[0], [1, 0, []])
+    feed(core, calls[0], [1, 0, [], 0])
     assert core.lane.next() == CheckKnown(PEER)
     core.lane.done(None)
     assert written(core) == []
@@ -512,12 +524,43 @@ def test_a_full_inbox_unmarks_the_read() -> None:
     delivered(core, model, 1)
     core.receive(read(["p0"]))
     calls, _ = take(core)
-    feed(core, calls[0], [0, 0, [1]])
+    feed(core, calls[0], [0, 0, [1], 0])
     calls, _ = take(core)
     feed(core, calls[0], ["full"])
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["UNREAD"]
+    assert list(calls[0].args) == [keys.unread(ME), keys.dedupe(ME, PEER, "p0")]
+    assert calls[0].argv == [PEER, 0, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX]
     assert written(core)[0]["code"] == "inbox_full"
+
+
+def test_a_read_past_the_window_rests_on_the_unread_count() -> None:
+    """Acked long ago, p7 has no record left: READ vouches for it from the reader's count
+    of PEER's unread messages (no CheckKnown, no error), and the receipt names it."""
+    core, _ = opened()
+    core.receive(read(["p7", "p8"]))
+    calls, _ = take(core)
+    feed(core, calls[0], [1, 0, [1], 1])  # p8 found nothing left to count against
+    calls, _ = take(core)
+    assert name_of(calls[0]) == "RECEIPT" and calls[0].argv[1:3] == ["read", "p7"]
+    feed(core, calls[0], ["ok"])
+    assert written(core) == [] and core.lane.next() is None
+
+
+def test_a_read_that_cannot_be_stored_gives_the_count_back() -> None:
+    """The receipt fails: UNREAD unmarks the ids and gives back what READ took from the
+    count for ids with no record, so the client's next read of them counts."""
+    core, _ = opened()
+    core.receive(read(["p1", "p7", "p8"]))
+    calls, _ = take(core)
+    feed(core, calls[0], [0, 0, [1, 2, 3], 2])
+    calls, _ = take(core)
+    assert calls[0].argv[2] == "p1,p7,p8"
+    feed(core, calls[0], Unavailable())
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["UNREAD"]
+    assert calls[0].args[0] == keys.unread(ME) and calls[0].argv[:2] == [PEER, 2]
+    assert written(core)[0]["code"] == "unavailable"
 
 
 def test_typing_goes_through_the_script_and_arrives_for_a_ready_socket() -> None:

@@ -80,12 +80,22 @@ def test_a_send_keeps_its_dedupe_key_until_the_ack_a_blocked_one_the_window() ->
     assert argv[5] == keys.DEDUPE_SAFETY_TTL_S and argv[7] == 42  # lua.SEND's ARGV[6], [8]
 
 
-def test_only_acked_messages_have_dedupe_keys_to_shorten() -> None:
+def test_only_acked_messages_are_shortened_and_counted() -> None:
     me, peer = "+15550000002", "+15550000001"
     entries = [
         inbox.decode("1-0", ["k", "m", "f", peer, "i", "a-1", "b", "hi", "t", "1"]),
         inbox.decode("2-0", ["k", "r", "s", "delivered", "f", peer, "i", "x-1", "t", "1"]),
         inbox.decode("3-0", None),  # deleted while pending
     ]
-    assert inbox.acked_dedupe_keys(me, entries) == [keys.dedupe(me, peer, "a-1")]
-    assert inbox.window_call("k", 600) == ("EXPIRE", "k", 600, "LT")
+    messages = inbox.acked_messages(entries)
+    assert messages == [(peer, "a-1")]
+    keys_, argv = inbox.acked_call(me, messages, 600)
+    assert keys_ == [keys.unread(me), keys.dedupe(me, peer, "a-1")]
+    assert argv == [600, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX, peer]
+
+
+def test_the_unread_counts_sit_in_the_readers_slot() -> None:
+    me, peer = "+15550000002", "+15550000001"
+    assert keys.unread(me).endswith(f":u:{me}:unread")
+    assert keys.slot(keys.unread(me)) == keys.slot(keys.dedupe(me, peer, "a-1"))
+    assert keys.slot(keys.unread(me)) == keys.slot(keys.inbox(me))
