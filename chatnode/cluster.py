@@ -3,15 +3,16 @@
 One redisio.Batcher per primary keeps what makes the single-Redis path fast: every
 command for a shard in one event-loop turn goes out as one pipeline. The slot map comes
 from CLUSTER SLOTS, asked of any node known (the URL's, then every node the map named),
-again after a MOVED, a lost connection or a CLUSTERDOWN, and every MAP_REFRESH_S.
+again after a MOVED, a lost connection or a CLUSTERDOWN (at most every MAP_MIN_S), and
+every MAP_REFRESH_S.
 
 A command the cluster did not run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) is sent again: to
 the new owner, to the ASK target after ASKING, or to the same slot after a back-off. Its
-slot is held meanwhile: later commands for that slot wait behind it and go in their
-order, so the sends of one socket still reach an inbox in the order the client made
-them. A command gives up (unavailable) REDIRECT_DEADLINE_S after it was first sent. A
-command whose connection was lost is not sent again (it may have run): the caller hears
-it is unavailable, as on a single Redis.
+slot is held meanwhile, until every command sent for it before is answered: later
+commands for that slot wait and go in their order, so the sends of one socket still
+reach an inbox in the order the client made them. A command gives up (unavailable)
+REDIRECT_DEADLINE_S after it was first sent. A command whose connection was lost is not
+sent again (it may have run): the caller hears it is unavailable, as on a single Redis.
 
 Commands with no key (PING, INFO, SCRIPT) go to any primary; `each` runs one on every
 primary. Scripts are loaded on every primary's connection when it opens (redisio).
@@ -41,6 +42,15 @@ RETRY_MIN_S = 0.02
 RETRY_MAX_S = 0.4
 MAP_REFRESH_S = 10.0  # slots can move without telling us until a command hits them
 MAP_RETRY_S = 0.2  # while a primary is unreachable: ask for the map this often
+# Each node asked for the map answers within this or the next is asked: a paused node
+# (connected, answering nothing) must not hold every map read for a command's timeout.
+MAP_ASK_S = 1.0
+# Map reads at most this often: every command failing (a dead primary, CLUSTERDOWN) asks
+# for one, and each opens a connection of its own.
+MAP_MIN_S = 0.1
+# A node that left the map keeps its connection this long at most, for the replies (a
+# MOVED, most likely) of the commands already on their way there.
+RETIRE_S = 2 * COMMAND_TIMEOUT_S
 REPLICA_COUNT_S = 1.0  # how often each primary's attached replicas are counted
 NO_KEY = frozenset({"PING", "INFO", "SCRIPT", "WAIT", "CLUSTER", "CONFIG", "DBSIZE", "MEMORY"})
 
@@ -128,7 +138,12 @@ class Cluster:
         self._slots: list[str] = []
         self._shards: dict[str, Batcher] = {}
         self._held: dict[int, _Held] = {}
+        self._out: dict[int, int] = {}  # slot: commands sent once, not answered yet
         self._seq = itertools.count()
+        self._retiring: set[Batcher] = set()
+        self._asked: dict[str, float] = {}  # ASK targets outside the map: when last asked
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._map_read_at = -MAP_MIN_S
         self._refreshing: asyncio.Task[None] | None = None
         self._stale = False
         self._watcher: asyncio.Task[None] | None = None
@@ -160,15 +175,21 @@ class Cluster:
         return {**self._opts, "host": host, "port": int(port), "db": 0}
 
     async def _read_map(self) -> None:
+        self._map_read_at = time.monotonic()
         error: Exception | None = None
         for addr in list(self._known):
             try:
-                reply = await ask(self._node_opts(addr), ("CLUSTER", "SLOTS"))
+                reply = await asyncio.wait_for(
+                    ask(self._node_opts(addr), ("CLUSTER", "SLOTS")), MAP_ASK_S
+                )
             except Exception as exc:
                 error = exc
                 continue
             if isinstance(reply, Exception):
                 error = reply
+                continue
+            if not reply:  # a node that knows no cluster (reset, or new and not met yet)
+                error = Unavailable(f"{addr} serves no slots")
                 continue
             self._apply(reply)
             return
@@ -192,9 +213,10 @@ class Cluster:
         self._slots = slots
         for addr in set(slots) - set(self._shards) - {""}:
             self._shards[addr] = self._shard(addr)
-        for addr in set(self._shards) - set(slots):
-            shard = self._shards.pop(addr)  # no longer a primary: fail what waits there
-            asyncio.get_running_loop().create_task(shard.close())
+        now = time.monotonic()
+        self._asked = {a: t for a, t in self._asked.items() if now - t < MAP_REFRESH_S}
+        for addr in set(self._shards) - set(slots) - set(self._asked):
+            self._retire(self._shards.pop(addr))
         if changed:
             log.info("redis_cluster_map", primaries=len(self._shards))
 
@@ -209,6 +231,25 @@ class Cluster:
             replica_wait_ms=self.replica_wait_ms,
             on_lost=self._lost,
         )
+
+    def _retire(self, shard: Batcher) -> None:
+        """Close a node's connection once it left the map, when the commands on their way
+        there are answered (a MOVED, an ASK target's reply): closing it at once would fail
+        them as unavailable, though they may have run."""
+        self._retiring.add(shard)
+        task = asyncio.get_running_loop().create_task(self._drain(shard))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, shard: Batcher) -> None:
+        try:
+            for _ in range(round(RETIRE_S / MAP_RETRY_S)):
+                if not shard.backlog:
+                    break
+                await asyncio.sleep(MAP_RETRY_S)
+        finally:
+            self._retiring.discard(shard)
+            await shard.close()
 
     def _lost(self) -> None:
         self._stale = True
@@ -233,6 +274,9 @@ class Cluster:
 
     async def _refresh(self) -> None:
         try:
+            wait = self._map_read_at + MAP_MIN_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._stale = False
             await self._read_map()
         except Exception as exc:
@@ -260,15 +304,26 @@ class Cluster:
         replicas are all gone (its replica was just promoted, and the old primary is
         dead) then takes writes as a single Redis would, instead of refusing them all
         until a replica comes back. A replica that is attached but slow or paused still
-        counts: writes wait for it, and fail as unavailable if it does not answer."""
-        for shard in list(self._shards.values()):
-            try:
-                info = await asyncio.wait_for(shard.run("INFO", "replication"), 2.0)
-            except Exception:
+        counts: writes wait for it, and fail as unavailable if it does not answer.
+
+        INFO goes on a connection of its own: on the shard's, it would wait behind the
+        pipelines whose WAIT blocks for want of that replica, and never be counted."""
+        shards = list(self._shards.items())
+        infos = await asyncio.gather(
+            *(self._ask_in_time(addr, ("INFO", "replication")) for addr, _ in shards)
+        )
+        for (_, shard), info in zip(shards, infos, strict=True):
+            if info is None or isinstance(info, Exception):
                 continue
             found = re.search(r"^connected_slaves:(\d+)", str(info), re.M)
             attached = int(found.group(1)) if found else 0
             shard.set_replicas(min(self.replicas, attached), self.replica_wait_ms)
+
+    async def _ask_in_time(self, addr: str, command: tuple[Any, ...]) -> Any:
+        try:
+            return await asyncio.wait_for(ask(self._node_opts(addr), command), REPLICA_COUNT_S)
+        except Exception:
+            return None
 
     # -- commands --------------------------------------------------------------------
 
@@ -286,10 +341,15 @@ class Cluster:
 
     def _send(self, p: _Pending, retry: bool) -> None:
         if p.ask is not None:
+            # a node joining the cluster is in no map until a slot is its own
+            self._asked[p.ask] = time.monotonic()
             shard = self._shards.get(p.ask) or self._ask_shard(p.ask)
             shard.submit(ignore, "ASKING")
         else:
-            shard = self._shards[self._slots[p.slot]]
+            # a slot no primary served when the map was read: any node tells its owner
+            shard = self._shards.get(self._slots[p.slot]) or self._any()
+        if not retry:
+            self._out[p.slot] = self._out.get(p.slot, 0) + 1
         shard.submit(self._watch(p, retry), *p.args)
 
     def _ask_shard(self, addr: str) -> Batcher:
@@ -299,6 +359,8 @@ class Cluster:
 
     def _watch(self, p: _Pending, retry: bool) -> Callback:
         def reply(value: Reply) -> None:
+            if not retry:
+                self._returned(p.slot)
             if isinstance(value, Redirect):
                 self._redirected(p, value, retry)
                 return
@@ -306,9 +368,18 @@ class Cluster:
                 self.refresh_soon()
             if retry:
                 self._landed(p.slot)
+            elif p.slot in self._held:
+                self._landed(p.slot, counted=True)  # the slot may wait for it
             p.callback(value)
 
         return reply
+
+    def _returned(self, slot: int) -> None:
+        left = self._out[slot] - 1
+        if left:
+            self._out[slot] = left
+        else:
+            del self._out[slot]
 
     def _redirected(self, p: _Pending, error: Redirect, retry: bool) -> None:
         held = self._held.get(p.slot)
@@ -319,13 +390,15 @@ class Cluster:
         text = str(error)
         kind = text.split(" ", 1)[0]
         p.tries += 1
-        if time.monotonic() > p.deadline:
+        if time.monotonic() > p.deadline or self._closed:
             log.warning("redis_cluster_gave_up", reply=text[:80])
             with contextlib.suppress(Exception):
                 p.callback(Unavailable("Redis Cluster is unavailable"))
             self._landed(p.slot, counted=True)
             return
-        delay = 0.0
+        # at once after a MOVED or an ASK, but not in a loop: two nodes that disagree
+        # about a slot (a failover still settling) would bounce it at full speed
+        delay = min(RETRY_MIN_S * 2 ** (p.tries - 1), RETRY_MAX_S)
         p.ask = None
         if kind == "MOVED":
             addr = text.split()[2]
@@ -333,24 +406,26 @@ class Cluster:
             if addr not in self._shards:
                 self._shards[addr] = self._shard(addr)
             self.refresh_soon()
+            delay = 0.0 if p.tries <= 2 else delay
         elif kind == "ASK":
             p.ask = text.split()[2]
-        else:  # TRYAGAIN (keys split by a migration), CLUSTERDOWN (a failover)
-            delay = min(RETRY_MIN_S * 2 ** (p.tries - 1), RETRY_MAX_S)
-            if kind == "CLUSTERDOWN":
-                self.refresh_soon()
+            delay = 0.0 if p.tries <= 2 else delay
+        elif kind == "CLUSTERDOWN":  # a failover; TRYAGAIN: keys split by a migration
+            self.refresh_soon()
         bisect.insort(held.queue, p, key=lambda q: q.seq)
         if held.timer is None:
             held.timer = asyncio.get_running_loop().call_later(delay, self._release, p.slot)
 
     def _landed(self, slot: int, counted: bool = False) -> None:
-        """A command sent again was answered: the slot goes on when all of them are."""
+        """A command sent again was answered: the slot goes on when all of them are, and
+        every command sent before the slot was held (one still on its way to the old
+        owner may come back MOVED: it goes before those that waited)."""
         held = self._held.get(slot)
         if held is None:
             return
         if not counted:
             held.flying -= 1
-        if held.flying <= 0 and held.timer is None:
+        if held.flying <= 0 and held.timer is None and slot not in self._out:
             if held.queue:
                 self._release(slot)
             else:
@@ -361,7 +436,7 @@ class Cluster:
         if held is None:
             return
         held.timer = None
-        if held.flying > 0:
+        if held.flying > 0 or slot in self._out:
             return  # the rest goes when those are answered
         queue, held.queue = held.queue, []
         if not queue:
@@ -434,7 +509,7 @@ class Cluster:
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._watcher, self._refreshing):
+        for task in (self._watcher, self._refreshing, *self._tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -446,4 +521,4 @@ class Cluster:
                 with contextlib.suppress(Exception):
                     p.callback(Unavailable("Redis is unavailable"))
         self._held.clear()
-        await asyncio.gather(*(s.close() for s in self._shards.values()))
+        await asyncio.gather(*(s.close() for s in [*self._shards.values(), *self._retiring]))

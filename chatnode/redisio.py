@@ -125,6 +125,7 @@ class Batcher:
         self._relief: list[Callable[[], None]] = []  # waiting for the backlog to shrink
         self._reloading = False  # SCRIPT LOADs after a NOSCRIPT are on their way
         self._deferred: asyncio.TimerHandle | None = None
+        self._closed = False
 
     @property
     def backlog(self) -> int:
@@ -236,7 +237,9 @@ class Batcher:
             return
         if self._connecting is not None:
             return  # flushed once connected
-        if time.monotonic() < self._retry_at:
+        if self._closed or time.monotonic() < self._retry_at:
+            # closed: a late command (a timer, a cluster's retired node) must not open a
+            # connection nobody would close again
             self._fail_queued()
             return
         self._connecting = asyncio.get_running_loop().create_task(self._connect())
@@ -291,10 +294,12 @@ class Batcher:
             self._connecting = None
         self._backoff = 0.0
         self._wire = wire
-        if self._on_lost is not None:
-            on_lost = self._on_lost
-            wire.lost.add_done_callback(lambda _: on_lost())
+        wire.lost.add_done_callback(self._wire_lost)
         self._flush()
+
+    def _wire_lost(self, _: object) -> None:
+        if self._on_lost is not None and not self._closed:  # a close is not a loss
+            self._on_lost()
 
     async def _greet(self, wire: Wire) -> None:
         """AUTH and SELECT as the URL asks, and load every script, before any command."""
@@ -325,6 +330,7 @@ class Batcher:
         self._relieve()
 
     async def close(self) -> None:
+        self._closed = True
         if self._deferred is not None:
             self._deferred.cancel()
             self._deferred = None

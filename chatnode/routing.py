@@ -226,13 +226,15 @@ class _SubWire(resp.Link):
                 log.exception("channel_message_failed")
         elif kind == "pong":
             self.pongs += 1
+        elif kind == "sunsubscribe":
+            # its slot moved to another shard; never a reply (we send no SUNSUBSCRIBE),
+            # even while our SSUBSCRIBEs wait for theirs
+            self.why = "a channel's slot moved"
+            self.abort()
         elif self._replies:
             fut = self._replies.popleft()
             if not fut.done():
                 fut.set_result(reply)
-        elif kind == "sunsubscribe":  # its slot moved to another shard
-            self.why = "a channel's slot moved"
-            self.abort()
 
     def on_lost(self) -> None:
         for fut in self._replies:

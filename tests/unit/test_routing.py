@@ -199,3 +199,18 @@ async def test_subscriber_wire_loss_fails_a_pending_subscription() -> None:
     with pytest.raises(Unavailable):
         await subscribed
     assert w.lost.done()
+
+
+async def test_a_channel_unsubscribed_while_subscribing_is_not_taken_for_a_reply() -> None:
+    """A slot moves while our SSUBSCRIBEs wait for their replies: Redis's sunsubscribe
+    push must drop the connection (subscribe again), not answer one of them and leave a
+    channel unsubscribed for good."""
+    w = _SubWire(lambda _: None)
+    w.connection_made(Transport())  # type: ignore[arg-type]
+    subscribed = asyncio.ensure_future(w.subscribe([], ["a", "b"]))
+    await asyncio.sleep(0)
+    w.data_received(b"*3\r\n$10\r\nssubscribe\r\n$1\r\na\r\n:1\r\n")
+    w.data_received(b"*3\r\n$12\r\nsunsubscribe\r\n$1\r\na\r\n:0\r\n")
+    assert w.lost.done() and w.why
+    with pytest.raises(Unavailable):
+        await subscribed
