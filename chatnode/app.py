@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from chatnode import accounts, api, apibase, auth, cluster, keys, logs, redisio, wsserver
+from chatnode import accounts, api, apibase, auth, keys, logs, redisio, slotmap, wsserver
 from chatnode.cluster import Cluster
 from chatnode.config import REPLICA_ACKS_AUTO, Settings
 from chatnode.core.answers import OUT_BUFFER_LOW
@@ -94,14 +94,11 @@ async def eviction_policy(batcher: redisio.Redis) -> str | None:
 
 
 async def fewest_replicas(redis: redisio.Redis) -> int:
-    """The fewest replicas any primary has connected (INFO replication's
-    connected_slaves): what a WAIT can count on."""
-    counts = []
-    for info in await redis.each("INFO", "replication"):
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        found = re.search(r"^connected_slaves:(\d+)", text, re.M)
-        counts.append(int(found.group(1)) if found else 0)
-    return min(counts, default=0)
+    """The fewest replicas in sync any primary has (slotmap.online_replicas): what a
+    WAIT can count on."""
+    return min(
+        (slotmap.online_replicas(i) for i in await redis.each("INFO", "replication")), default=0
+    )
 
 
 @web.middleware
@@ -213,7 +210,7 @@ class Node:
         URL's server), with CHATNODE_REPLICA_ACKS resolved: AUTO is 1 on a cluster whose
         every shard has a replica, else 0."""
         try:
-            clustered = await cluster.detect(s.redis_url)
+            clustered = await slotmap.detect(s.redis_url)
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             raise StartupError(f"cannot ask Redis at {safe_url(s.redis_url)}: {reason}") from None

@@ -24,16 +24,16 @@ import asyncio
 import bisect
 import contextlib
 import itertools
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from chatnode import keys, logs
+from chatnode import logs
 from chatnode.errors import Unavailable
 from chatnode.lua import Script
 from chatnode.redisio import COMMAND_TIMEOUT_S, Batcher, ignore, resolver
-from chatnode.resp import Callback, Redirect, Reply, Wire, handshake, open_connection, options
+from chatnode.resp import Callback, Redirect, Reply, options
+from chatnode.slotmap import ask, key_slot, online_replicas, parse_slots
 
 log = logs.get(__name__)
 
@@ -52,42 +52,6 @@ MAP_MIN_S = 0.1
 # MOVED, most likely) of the commands already on their way there.
 RETIRE_S = 2 * COMMAND_TIMEOUT_S
 REPLICA_COUNT_S = 1.0  # how often each primary's attached replicas are counted
-NO_KEY = frozenset({"PING", "INFO", "SCRIPT", "WAIT", "CLUSTER", "CONFIG", "DBSIZE", "MEMORY"})
-
-
-async def detect(url: str) -> bool:
-    """True if the Redis at `url` is a cluster node."""
-    info = await ask(options(url), ("INFO", "cluster"))
-    return "cluster_enabled:1" in str(info)
-
-
-async def ask(opts: dict[str, Any], command: tuple[Any, ...]) -> Any:
-    """One command on a connection of its own (for the rare questions: the map)."""
-    wire: Wire = await open_connection(opts, lambda: Wire(COMMAND_TIMEOUT_S))
-    try:
-        loop = asyncio.get_running_loop()
-        commands = [*handshake(opts), command]
-        futures = [loop.create_future() for _ in commands]
-        wire.send([(c, resolver(f)) for c, f in zip(commands, futures, strict=True)])
-        async with asyncio.timeout(COMMAND_TIMEOUT_S):
-            replies = [await f for f in futures]
-        return replies[-1]
-    finally:
-        wire.abort()
-
-
-def key_slot(args: Sequence[Any]) -> int | None:
-    """The slot a command's keys live in; None when it has no key."""
-    name = args[0]
-    if name == "EVALSHA":
-        return keys.slot(args[3]) if args[2] else None
-    if name == "XREADGROUP":
-        return keys.slot(args[list(args).index("STREAMS") + 1])
-    if name == "XGROUP":
-        return keys.slot(args[2])
-    if name in NO_KEY or len(args) < 2:
-        return None
-    return keys.slot(args[1])
 
 
 class _Pending:
@@ -196,13 +160,8 @@ class Cluster:
         raise Unavailable(f"no Redis Cluster node answered: {error}")
 
     def _apply(self, reply: list[Any]) -> None:
-        slots = [""] * keys.SLOTS
-        known = [self._seed]
-        for start, end, primary, *replicas in reply:
-            addr = f"{primary[0] or self._opts.get('host', '127.0.0.1')}:{primary[1]}"
-            for slot in range(int(start), int(end) + 1):
-                slots[slot] = addr
-            known += [addr, *(f"{r[0] or primary[0]}:{r[1]}" for r in replicas)]
+        slots, nodes = parse_slots(reply, self._opts.get("host", "127.0.0.1"))
+        known = [self._seed, *nodes]
         if "" in slots:
             log.warning("redis_cluster_slots_uncovered", count=slots.count(""))
             for slot, addr in enumerate(slots):  # keep what we knew for those
@@ -300,7 +259,7 @@ class Cluster:
 
     async def _count_replicas(self) -> None:
         """Each primary waits for CHATNODE_REPLICA_ACKS replicas, or for as many as are
-        attached to it if fewer (INFO replication's connected_slaves). A primary whose
+        attached and in sync if fewer (slotmap.online_replicas). A primary whose
         replicas are all gone (its replica was just promoted, and the old primary is
         dead) then takes writes as a single Redis would, instead of refusing them all
         until a replica comes back. A replica that is attached but slow or paused still
@@ -315,9 +274,7 @@ class Cluster:
         for (_, shard), info in zip(shards, infos, strict=True):
             if info is None or isinstance(info, Exception):
                 continue
-            found = re.search(r"^connected_slaves:(\d+)", str(info), re.M)
-            attached = int(found.group(1)) if found else 0
-            shard.set_replicas(min(self.replicas, attached), self.replica_wait_ms)
+            shard.set_replicas(min(self.replicas, online_replicas(info)), self.replica_wait_ms)
 
     async def _ask_in_time(self, addr: str, command: tuple[Any, ...]) -> Any:
         try:

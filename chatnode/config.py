@@ -51,6 +51,9 @@ MAX_DEDUPE_WINDOW_S = 600
 # single Redis; a WAIT that times out answers unavailable.
 REPLICA_ACKS_AUTO = -1
 DEFAULT_REPLICA_WAIT_MS = 1000
+# Two pipelines may be in flight, each ending in a WAIT: both must answer within the
+# connection's reply timeout (redisio.COMMAND_TIMEOUT_S, 5 s) or the link is dropped.
+MAX_REPLICA_WAIT_MS = 2000
 MIN_JWT_SECRET_BYTES = 32
 # Secrets seen in examples and earlier compose files: never accepted by `serve`.
 KNOWN_PLACEHOLDER_SECRETS = frozenset(
@@ -159,10 +162,13 @@ class Settings:
             raise ConfigError(
                 f"CHATNODE_DEDUPE_WINDOW_S must be between 1 and {MAX_DEDUPE_WINDOW_S} seconds"
             )
-        if self.replica_acks < REPLICA_ACKS_AUTO or not 0 < self.replica_wait_ms <= 60_000:
+        if (
+            self.replica_acks < REPLICA_ACKS_AUTO
+            or not 0 < self.replica_wait_ms <= MAX_REPLICA_WAIT_MS
+        ):
             raise ConfigError(
                 "CHATNODE_REPLICA_ACKS must be -1 (auto) or a count of replicas, and "
-                "CHATNODE_REPLICA_WAIT_MS between 1 and 60000"
+                f"CHATNODE_REPLICA_WAIT_MS between 1 and {MAX_REPLICA_WAIT_MS}"
             )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("CHATNODE_METRICS_PORT must be a port number (0: the HTTP port)")

@@ -23,6 +23,9 @@ class Script:
     """A Lua script loaded once per connection and called by SHA."""
 
     source: str
+    # With replica acks on, its reply waits for a replica (redisio.WAITED); False for a
+    # script whose loss in a failover breaks nothing (NUDGE, ACKED)
+    waits: bool = True
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -30,13 +33,13 @@ class Script:
         SCRIPTS.append(self)
 
 
-def _script(source: str) -> Script:
+def _script(source: str, waits: bool = True) -> Script:
     """A Script with the group and consumer names of keys.py in place of $GROUP and
     $CONSUMER."""
     names = {"$GROUP": keys.GROUP, "$CONSUMER": keys.CONSUMER}
     for name, value in names.items():
         source = source.replace(name, value)
-    return Script(source)
+    return Script(source, waits)
 
 
 # KEYS: account, blocks, inbox, dedupe, route of the recipient.
@@ -85,7 +88,8 @@ NUDGE = _script(
     + """
 push(KEYS[1], redis.call('GET', KEYS[2]), ARGV[1], ARGV[2])
 return 1
-"""
+""",
+    waits=False,  # it pushes only what a WAIT confirmed; nobody reads its reply
 )
 
 # KEYS: the reader's inbox, the reader's unread counts (keys.unread), then the dedupe key
@@ -206,7 +210,8 @@ for _, s in ipairs(senders) do
 end
 if #senders > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return #senders
-"""
+""",
+    waits=False,  # losing it in a failover loses a count: one late read dropped
 )
 
 # KEYS: account, blocks, inbox, route of the receipt's owner (the original sender).

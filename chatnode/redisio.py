@@ -45,6 +45,7 @@ DEFER_S = 0.005
 # wait for a replica"). XACK, XDEL and EXPIRE do not: losing one redelivers a message
 # with the same msgId, or keeps a dedupe key a little longer.
 WAITED = frozenset({"EVALSHA", "SET", "DEL", "SADD", "SREM"})
+UNWAITED_SCRIPTS = frozenset(s.sha for s in SCRIPTS if not s.waits)  # lua.Script.waits
 
 
 async def check(url: str) -> None:
@@ -252,7 +253,7 @@ class Batcher:
         held: list[list[Any]] = []  # [callback, reply] of each waited command
         out: list[tuple[tuple[Any, ...], Callback]] = []
         for args, callback in batch:
-            if args[0] in WAITED:
+            if args[0] in WAITED and not (args[0] == "EVALSHA" and args[1] in UNWAITED_SCRIPTS):
                 slot: list[Any] = [callback, None]
                 held.append(slot)
                 out.append((args, _keeper(slot)))

@@ -13,11 +13,12 @@ from redis.cluster import key_slot as redis_py_key_slot
 from redis.exceptions import ResponseError
 
 from chatnode import cluster as cluster_mod
-from chatnode import keys
-from chatnode.cluster import Cluster, key_slot
+from chatnode import keys, lua
+from chatnode.cluster import Cluster
 from chatnode.errors import Unavailable
-from chatnode.redisio import Batcher
+from chatnode.redisio import UNWAITED_SCRIPTS, Batcher
 from chatnode.resp import Redirect, Wire
+from chatnode.slotmap import key_slot, online_replicas
 from tests.unit.transport import Transport
 
 A, B, C = "127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"
@@ -349,12 +350,19 @@ async def test_a_paused_node_holds_a_map_read_for_map_ask_s_only(
 async def test_replicas_are_counted_on_a_connection_of_their_own(mapped: Mapped) -> None:
     """INFO replication is asked beside the shard's connection (whose pipelines may all
     be blocked in a WAIT for the replica that died): each primary then waits for as many
-    replicas as it has, at most the configured number."""
+    replicas as it has in sync, at most the configured number."""
     mapped.replies[A] = slots_reply((0, 8191, A), (8192, keys.SLOTS - 1, B))
     await mapped.cluster.refresh()
     mapped.cluster.set_replicas(1, 500)
-    mapped.replies[A] = "# Replication\r\nrole:master\r\nconnected_slaves:0\r\n"
-    mapped.replies[B] = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n"
+    mapped.replies[A] = (  # one replica attached, still in its first sync: no use to WAIT
+        "# Replication\r\nrole:master\r\nconnected_slaves:1\r\n"
+        "slave0:ip=127.0.0.1,port=7004,state=wait_bgsave,offset=0,lag=0\r\n"
+    )
+    mapped.replies[B] = (
+        "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n"
+        "slave0:ip=127.0.0.1,port=7005,state=online,offset=99,lag=0\r\n"
+        "slave1:ip=127.0.0.1,port=7006,state=online,offset=99,lag=1\r\n"
+    )
     await mapped.cluster._count_replicas()
     assert mapped.shards[A].replicas == 0 and mapped.shards[B].replicas == 1
     assert mapped.shards[A].sent == [] and mapped.shards[B].sent == []
@@ -532,3 +540,18 @@ async def test_closing_a_batcher_is_not_a_lost_connection() -> None:
     w2.connection_lost(ConnectionResetError())
     await turn()
     assert lost == [2]
+
+
+def test_online_replicas_counts_only_those_in_sync() -> None:
+    info = (
+        "role:master\r\nconnected_slaves:3\r\n"
+        "slave0:ip=a,port=1,state=online,offset=5,lag=0\r\n"
+        "slave1:ip=b,port=2,state=send_bulk,offset=0,lag=0\r\n"
+        "slave2:ip=c,port=3,state=online,offset=5,lag=1\r\n"
+    )
+    assert online_replicas(info) == 2
+    assert online_replicas("role:master\r\nconnected_slaves:0\r\n") == 0
+
+
+def test_scripts_whose_loss_breaks_nothing_do_not_wait_for_a_replica() -> None:
+    assert UNWAITED_SCRIPTS == {lua.NUDGE.sha, lua.ACKED.sha}
