@@ -155,7 +155,7 @@ class Gateway:
                     if script is not None:
                         if not action.defer:
                             batcher.submit_script(callback, script, action.args, action.argv)
-                        else:  # (an ack's lua.ACKED) by SHA, as submit_script calls it
+                        else:  # (an ack's lua.ACK) by SHA, as submit_script calls it
                             args = action.args
                             batcher.defer(
                                 callback, "EVALSHA", script.sha, len(args), *args, *action.argv

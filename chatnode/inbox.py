@@ -1,7 +1,7 @@
 """The Redis Streams inbox: enqueue (the send script), receipts, read, ack.
 
 Each user's inbox is one stream with one consumer group. An entry stays until the
-user's device acks it (XACK + XDEL). Scripts touch only the owner's hash-tagged keys.
+user's device acks it (lua.ACK: XDEL + XACK). Scripts touch only the owner's hash-tagged keys.
 
 Delivery has two phases. A session that connects catches up: it reads its pending
 entries (`0`), then new ones (`>`); the read that finds nothing new also turns its route
@@ -116,13 +116,14 @@ class Receipt:
 
 
 def read_call(
-    reader: str, sender: str, ids: list[str], held: set[str]
-) -> tuple[list[str], list[str]]:
+    reader: str, sender: str, ids: list[str], held: set[str], window_s: int
+) -> tuple[list[str], list[Any]]:
     """READ's keys and arguments: which of `ids` (client ids `sender` gave messages to
-    `reader`; `held` those out on the reader's socket) may be receipted as read."""
+    `reader`; `held` those out on the reader's socket) may be receipted as read.
+    `window_s`, the dedupe window, tells an acked message's key (ack_call)."""
     flags = ["1" if i in held else "0" for i in ids]
     dedupe = [keys.dedupe(reader, sender, i) for i in ids]
-    return [keys.inbox(reader), keys.unread(reader), *dedupe], [sender, *flags]
+    return [keys.inbox(reader), keys.unread(reader), *dedupe], [sender, window_s, *flags]
 
 
 def read_result(ids: list[str], reply: Any) -> tuple[int, int, list[str], int]:
@@ -134,29 +135,32 @@ def read_result(ids: list[str], reply: Any) -> tuple[int, int, list[str], int]:
 
 
 def unread_call(
-    reader: str, sender: str, ids: list[str], trusted: int
+    reader: str, sender: str, ids: list[str], trusted: int, window_s: int
 ) -> tuple[list[str], list[Any]]:
     """UNREAD: unmark ids whose read receipt could not be stored, and give the reader's
     count of `sender`'s unread messages back what READ took for them."""
     dedupe = [keys.dedupe(reader, sender, i) for i in ids]
-    return [keys.unread(reader), *dedupe], [sender, trusted, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX]
+    argv = [sender, trusted, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX, window_s]
+    return [keys.unread(reader), *dedupe], argv
 
 
 def acked_messages(entries: Iterable[Entry]) -> list[tuple[str, str]]:
-    """(sender, client id) of the messages among acked `entries`: what `acked_call`
+    """(sender, client id) of the messages among acked `entries`: what `ack_call`
     shortens and counts. Receipts have no dedupe key, nor have entries deleted while
     pending (nothing is known of them)."""
     return [(e.sender, e.client_id) for e in entries if e.kind == "m"]
 
 
-def acked_call(
-    owner: str, messages: list[tuple[str, str]], window_s: int
+def ack_call(
+    owner: str, ids: list[str], messages: list[tuple[str, str]], window_s: int
 ) -> tuple[list[str], list[Any]]:
-    """ACKED, after an ack's XDEL and XACK: the acked messages' dedupe keys shortened to
-    the window, and those not read yet counted in the owner's unread counts."""
+    """ACK: XDEL and XACK the entries `ids` of the owner's inbox; the acked `messages`
+    ((sender, client id), from acked_messages) have their dedupe keys shortened to the
+    window, and each acked for the first time counts in the owner's unread counts."""
     dedupe = [keys.dedupe(owner, sender, client_id) for sender, client_id in messages]
-    argv = [window_s, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX, *(s for s, _ in messages)]
-    return [keys.unread(owner), *dedupe], argv
+    argv = [window_s, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX, len(ids), *ids]
+    argv += [s for s, _ in messages]
+    return [keys.inbox(owner), keys.unread(owner), *dedupe], argv
 
 
 # -- delivery: the owner's node reads pending entries, then goes live (pushes)

@@ -1,7 +1,7 @@
 """Lua scripts: the Script type, and the scripts of the socket path with their calls.
 
 Each script here touches only the keys of one user (one hash tag, so one cluster slot):
-the recipient's for SEND, READ, UNREAD, ACKED and TYPING, the owner's for RECEIPT,
+the recipient's for SEND, READ, UNREAD, ACK and TYPING, the owner's for RECEIPT,
 GO_LIVE, UNLIVE and the route scripts (CLAIM, REFRESH, RELEASE). Group and consumer
 names come from keys.py. Every Script made anywhere is loaded on every Redis connection
 (redisio.py) and called by SHA.
@@ -24,7 +24,7 @@ class Script:
 
     source: str
     # With replica acks on, its reply waits for a replica (redisio.WAITED); False for a
-    # script whose loss in a failover breaks nothing (NUDGE, ACKED)
+    # script whose loss in a failover breaks nothing (NUDGE, ACK)
     waits: bool = True
     sha: str = field(init=False)
 
@@ -94,18 +94,19 @@ return 1
 
 # KEYS: the reader's inbox, the reader's unread counts (keys.unread), then the dedupe key
 # of each client id the read frame names (sender = the frame's `to`, recipient = the
-# reader). ARGV: the sender, then per id 1 if it is out on the reader's socket now, else
-# 0. An id may get a read receipt if its message was stored for the reader and was
-# delivered: out on the socket, pending in the group (read for delivery, e.g. on a socket
-# before a reconnect), or acked (gone from the stream); and if it had no read receipt
-# yet. Those are marked read; one the ack counted (`|a`) leaves the sender's count too.
-# Ids of sends a block dropped, and ids read already, are passed over in silence, like
-# receipts across a block. An id with no record (its key expired: acked more than the
-# dedupe window ago, or never sent) is taken on trust while the sender's count of
-# messages acked and unread lasts, one each: the server cannot tell which message it
-# names any more, only that there is one. Returns {ids with no record and nothing left
-# to count them against, ids stored but never delivered, indexes of the ids to receipt
-# (1-based, in frame order), how many of them the count vouched for}.
+# reader). ARGV: the sender, the dedupe window, then per id 1 if it is out on the
+# reader's socket now, else 0. An id may get a read receipt if its message was stored
+# for the reader and was delivered: out on the socket, pending in the group (read for
+# delivery, e.g. on a socket before a reconnect), or acked (gone from the stream); and if
+# it had no read receipt yet. Those are marked read; one the ack counted (its key's TTL
+# at most the window: ACK shortened it) leaves the sender's count too. Ids of sends a
+# block dropped, and ids read already, are passed over in silence, like receipts across
+# a block. An id with no record (its key expired: acked more than the dedupe window ago,
+# or never sent) is taken on trust while the sender's count of messages acked and unread
+# lasts, one each: the server cannot tell which message it names any more, only that
+# there is one. Returns {ids with no record and nothing left to count them against, ids
+# stored but never delivered, indexes of the ids to receipt (1-based, in frame order),
+# how many of them the count vouched for}.
 READ = _script(
     """
 local fresh, gone, undelivered = {}, {}, 0
@@ -118,7 +119,7 @@ for i = 3, #KEYS do
   if not id then
     gone[#gone + 1] = i - 2
   elseif not string.find(rest, '|[br]') then
-    local out = ARGV[i - 1] == '1'
+    local out = ARGV[i] == '1'
     if not out then
       local held = redis.pcall('XPENDING', KEYS[1], '$GROUP', id, id, 1)
       out = type(held) == 'table' and held[1] ~= nil
@@ -126,7 +127,10 @@ for i = 3, #KEYS do
     if out or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
       redis.call('SET', KEYS[i], v .. '|r', 'KEEPTTL')
       fresh[#fresh + 1] = i - 2
-      if string.find(rest, '|a', 1, true) and took < left then took = took + 1 end
+      if took < left then
+        local ttl = redis.call('TTL', KEYS[i])
+        if ttl > 0 and ttl <= tonumber(ARGV[2]) then took = took + 1 end
+      end
     else
       undelivered = undelivered + 1
     end
@@ -154,8 +158,9 @@ return {missing, undelivered, fresh, trusted}
 
 # KEYS: the reader's unread counts, then the dedupe keys of the ids READ gave a read
 # receipt that could not be stored. ARGV: the sender, how many of them the count vouched
-# for, the counts' TTL, their cap. Unmark them and give the count back what READ took, so
-# the client's next read frame for them counts.
+# for, the counts' TTL, their cap, the dedupe window. Unmark them and give the count back
+# what READ took (an acked one: its key's TTL at most the window), so the client's next
+# read frame for them counts.
 UNREAD = _script(
     """
 local back = tonumber(ARGV[2])
@@ -163,7 +168,8 @@ for i = 2, #KEYS do
   local v = redis.call('GET', KEYS[i])
   if v and string.find(v, '|r', 1, true) then
     redis.call('SET', KEYS[i], (string.gsub(v, '|r', '')), 'KEEPTTL')
-    if string.find(v, '|a', 1, true) then back = back + 1 end
+    local ttl = redis.call('TTL', KEYS[i])
+    if ttl > 0 and ttl <= tonumber(ARGV[5]) then back = back + 1 end
   end
 end
 if back > 0 then
@@ -176,42 +182,44 @@ return back
 """
 )
 
-# KEYS: the acker's unread counts (keys.unread), then the dedupe key of each message
-# acked. ARGV: the dedupe window, the counts' TTL, their cap, then each message's sender.
-# The end of an ack, after its XDEL and XACK: each key not acked before is marked `|a`
-# and shortened to the window (EXPIRE ... LT: never lengthened), and each such message
-# not read yet counts one for its sender, so that a read receipt may still name it once
-# its key is gone. The mark makes this idempotent: a message acked twice (an ack repeated
-# from another socket) counts once. A key already gone (unacked for 30 days) counts
-# nothing. The cap bounds what a reader who never sends reads (read receipts off) can
-# claim later; the TTL, refreshed at each count, an abandoned account's counts.
-ACKED = _script(
+# KEYS: the acker's inbox, the acker's unread counts (keys.unread), then the dedupe key
+# of each acked message (receipts have none). ARGV: the dedupe window, the counts' TTL,
+# their cap, the number n of stream ids, the n ids, then each dedupe key's sender.
+# The whole ack in one call: XDEL, then XACK (the order of the two plain commands it
+# replaces), then each dedupe key shortened to the window (EXPIRE ... LT: never
+# lengthened). That EXPIRE answers 1 only the first time a stored message is acked: its
+# key had the safety TTL; a repeated ack (from another socket) finds the window already,
+# a key gone (unacked for 30 days) is not there; so each message counts once for its
+# sender, and a read receipt may still name it once its key is gone. The key is not read:
+# a message read before its ack counts too (one trusted read too many, under the cap).
+# The cap bounds what a reader who never sends reads (read receipts off) can claim
+# later; the TTL, refreshed at each count, an abandoned account's counts. Returns how
+# many entries XDEL deleted.
+ACK = _script(
     """
+local n = tonumber(ARGV[4])
+local deleted = redis.call('XDEL', KEYS[1], unpack(ARGV, 5, 4 + n))
+redis.call('XACK', KEYS[1], '$GROUP', unpack(ARGV, 5, 4 + n))
 local senders, counts = {}, {}
-for i = 2, #KEYS do
-  local v = redis.call('GET', KEYS[i])
-  if v and not string.find(v, '|a', 1, true) then
-    redis.call('SET', KEYS[i], v .. '|a', 'KEEPTTL')
-    redis.call('EXPIRE', KEYS[i], ARGV[1], 'LT')
-    if not string.find(v, '|[br]') then
-      local s = ARGV[i + 2]
-      if not counts[s] then
-        counts[s] = 0
-        senders[#senders + 1] = s
-      end
-      counts[s] = counts[s] + 1
+for i = 3, #KEYS do
+  if redis.call('EXPIRE', KEYS[i], ARGV[1], 'LT') == 1 then
+    local s = ARGV[i + 2 + n]
+    if not counts[s] then
+      counts[s] = 0
+      senders[#senders + 1] = s
     end
+    counts[s] = counts[s] + 1
   end
 end
 for _, s in ipairs(senders) do
-  if redis.call('HINCRBY', KEYS[1], s, counts[s]) > tonumber(ARGV[3]) then
-    redis.call('HSET', KEYS[1], s, ARGV[3])
+  if redis.call('HINCRBY', KEYS[2], s, counts[s]) > tonumber(ARGV[3]) then
+    redis.call('HSET', KEYS[2], s, ARGV[3])
   end
 end
-if #senders > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return #senders
+if #senders > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+return deleted
 """,
-    waits=False,  # losing it in a failover loses a count: one late read dropped
+    waits=False,  # like the XDEL and XACK it replaces: a lost one redelivers, same msgId
 )
 
 # KEYS: account, blocks, inbox, route of the receipt's owner (the original sender).

@@ -21,7 +21,7 @@ from chatnode.core.actions import (
     StoreReceipts,
 )
 from chatnode.errors import InboxFull, UnknownRecipient
-from chatnode.lua import ACKED, RECEIPT, SEND, Script
+from chatnode.lua import ACK, RECEIPT, SEND, Script
 from chatnode.recipients import Recipients
 from chatnode.redisio import Redis
 
@@ -130,18 +130,6 @@ async def ack(
     messages: list[tuple[str, str]],
     window_s: int,
 ) -> None:
-    """XDEL, then XACK, then lua.ACKED for the acked `messages` ((sender, client id)):
-    their dedupe keys shortened to the window, those unread counted; in one pipeline
-    (core/acks.py says why in this order). A failed ACKED fails nothing: its keys keep
-    their safety TTL."""
-    box = keys.inbox(mobile)
-    calls = [
-        batcher.call("XDEL", box, *msg_ids),
-        batcher.call("XACK", box, keys.GROUP, *msg_ids),
-    ]
-    if messages:
-        calls.append(batcher.script(ACKED, *inbox.acked_call(mobile, messages, window_s)))
-    replies = await asyncio.gather(*calls, return_exceptions=True)
-    for reply in replies[:2]:
-        if isinstance(reply, BaseException):
-            raise reply
+    """One lua.ACK: XDEL and XACK `msg_ids`, the acked `messages` ((sender, client id))
+    with their dedupe keys shortened to the window and counted once (core/acks.py)."""
+    await batcher.script(ACK, *inbox.ack_call(mobile, msg_ids, messages, window_s))

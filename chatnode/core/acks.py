@@ -1,12 +1,12 @@
 """Acks and read receipts on one socket.
 
-An ack stores the delivered receipts first, then removes the entries (XDEL, XACK): an
-entry leaves the inbox only once its receipt is stored, so a receipt that cannot be
-stored leaves the entry to be delivered, and acked, again. Then lua.ACKED shortens the
-acked messages' dedupe keys and counts them as delivered and unread. A read receipt
-names only messages its sender delivered to this user, each once (lua.READ; past the
-dedupe window, as many as that count vouches for), then goes to the sender's inbox like
-any receipt.
+An ack stores the delivered receipts first, then removes the entries (lua.ACK: XDEL,
+XACK): an entry leaves the inbox only once its receipt is stored, so a receipt that
+cannot be stored leaves the entry to be delivered, and acked, again. The same call
+shortens the acked messages' dedupe keys and counts them as delivered and unread. A read
+receipt names only messages its sender delivered to this user, each once (lua.READ; past
+the dedupe window, as many as that count vouches for), then goes to the sender's inbox
+like any receipt.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from chatnode import frames, inbox, keys, logs, lua
+from chatnode import frames, inbox, logs, lua
 from chatnode.core.actions import (
     Call,
     CheckKnown,
@@ -99,24 +99,16 @@ class Acks:
             core.emit(Call(args, functools.partial(stored, receipt), lua.RECEIPT, argv))
 
     def _remove(self, done: list[Acked], ids: list[str], answer: Answer) -> None:
-        """XDEL, then XACK, entries whose receipts are stored. Two plain commands cost
-        Redis less than a script; in this order a connection lost between them leaves
-        at worst a pending id whose entry is gone, which a pending read finds empty and
-        acks away. Then one lua.ACKED for the acked messages, in the owner's slot:
-        their dedupe keys shortened to the dedupe window, and those not read yet
-        counted (keys.unread). Its reply is not needed: keys it missed keep their safety
-        TTL (keys.DEDUPE_SAFETY_TTL_S) and vouch for a read meanwhile. Nobody waits for
-        these (no answer unless the XDEL or XACK fails): they ride with other work."""
+        """One lua.ACK, in the owner's slot, for entries whose receipts are stored: XDEL
+        and XACK them, shorten the acked messages' dedupe keys to the dedupe window and
+        count each acked for the first time (keys.unread): one call, where XDEL, XACK
+        and a script for the keys were three. Nobody waits for it (no answer unless it
+        fails): it rides with other work."""
         core = self.core
-        failed: list[Exception] = []
-
-        def deleted(reply: Any) -> None:
-            if isinstance(reply, Exception):
-                failed.append(reply)
 
         def acked(reply: Any) -> None:
             core.ledger.acked(ids)
-            if failed or isinstance(reply, Exception):
+            if isinstance(reply, Exception):
                 self._unacked_again(done)
                 core.refuse(Code.UNAVAILABLE, ACK_FAILED, None, answer)
             else:
@@ -124,13 +116,9 @@ class Acks:
                 core.node.metrics.acked += len(done)
                 core.answers.give(answer, None)
 
-        box = keys.inbox(core.mobile)
-        core.emit(Call(("XDEL", box, *ids), deleted, None, (), True))
-        core.emit(Call(("XACK", box, keys.GROUP, *ids), acked, None, (), True))
         messages = inbox.acked_messages(e for e, _ in done)
-        if messages:
-            args, argv = inbox.acked_call(core.mobile, messages, core.settings.dedupe_window_s)
-            core.emit(Call(args, None, lua.ACKED, argv, True))
+        args, argv = inbox.ack_call(core.mobile, ids, messages, core.settings.dedupe_window_s)
+        core.emit(Call(args, acked, lua.ACK, argv, True))
 
     def _fetched(self, done: list[Acked], ids: list[str], result: Any) -> Next:
         """Entries acked that this socket did not deliver: found in the inbox, they are
@@ -220,7 +208,8 @@ class Acks:
                 core.answers.give(answer, None)  # all receipted already
 
         held = core.ledger.holds(frame.to)
-        args, argv = inbox.read_call(core.mobile, frame.to, ids, held)
+        window = core.settings.dedupe_window_s
+        args, argv = inbox.read_call(core.mobile, frame.to, ids, held, window)
         core.emit(Call(args, checked, lua.READ, argv))
 
     def _store_read(self, receipt: inbox.Receipt, trusted: int, bad: bool, answer: Answer) -> None:
@@ -230,7 +219,8 @@ class Acks:
         after = frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None) if bad else None
 
         def unread() -> None:
-            args, argv = inbox.unread_call(core.mobile, receipt.owner, receipt.ids, trusted)
+            window = core.settings.dedupe_window_s
+            args, argv = inbox.unread_call(core.mobile, receipt.owner, receipt.ids, trusted, window)
             core.emit(Call(args, None, lua.UNREAD, argv))
 
         def reloaded(result: Any) -> bytes | None:  # Redis lacked the owner: PostgreSQL

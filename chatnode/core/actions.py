@@ -97,9 +97,9 @@ class FetchEntries:
 
 @dataclass(frozen=True, slots=True)
 class StoreReceipts:
-    """Store receipts (loading owners; an unknown owner is skipped), then XDEL and XACK
-    `ack_ids` from the acker's inbox, and lua.ACKED for `messages` ((sender, client id)
-    of the acked messages): their dedupe keys shortened, those unread counted."""
+    """Store receipts (loading owners; an unknown owner is skipped), then one lua.ACK:
+    XDEL and XACK `ack_ids` from the acker's inbox, and `messages` ((sender, client id)
+    of the acked messages) with their dedupe keys shortened, counted once as unread."""
 
     acker: str
     receipts: list[inbox.Receipt]

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from chatnode import channel, frames, inbox, keys, lua, presence, slowpath
+from chatnode.errors import Unavailable
 from chatnode.redisio import Batcher
 from tests.integration.harness import Stack, new_mobile
 
@@ -201,8 +202,24 @@ async def test_an_ack_shortens_a_dedupe_key_never_lengthens_it(
     assert 0 < await redis.ttl(key) <= 5
     never = keys.dedupe(bob, alice, "never-sent")
     await slowpath.ack(batcher, bob, [stored.msg_id], [(alice, "never-sent")], 5)
-    assert await redis.exists(never) == 0  # ACKED makes no key
+    assert await redis.exists(never) == 0  # ACK makes no key
     assert await redis.hgetall(keys.unread(bob)) == {alice: "1"}  # counted once
+
+
+async def test_an_ack_whose_xdel_is_refused_fails_and_counts_nothing(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """A command inside ACK refused (here the inbox is no stream): the call fails as
+    the plain XDEL did, so the caller keeps the entry to deliver again; the script
+    stops there, and nothing is shortened or counted."""
+    alice, bob = await user(redis), await user(redis)
+    stored = await send(batcher, alice, bob, "c1")
+    await redis.delete(keys.inbox(bob))
+    await redis.set(keys.inbox(bob), "not a stream")
+    with pytest.raises(Unavailable):
+        await slowpath.ack(batcher, bob, [stored.msg_id], [(alice, "c1")], WINDOW_S)
+    assert await redis.exists(keys.unread(bob)) == 0
+    assert await redis.ttl(keys.dedupe(bob, alice, "c1")) > WINDOW_S
 
 
 # -- read receipts: the dedupe keys within the window, the unread counts past it
@@ -229,36 +246,39 @@ async def ack(
 async def read(
     batcher: Batcher, reader: str, sender: str, ids: list[str], held: set[str] | None = None
 ) -> tuple[int, int, list[str], int]:
-    reply = await batcher.script(lua.READ, *inbox.read_call(reader, sender, ids, held or set()))
+    call = inbox.read_call(reader, sender, ids, held or set(), WINDOW_S)
+    reply = await batcher.script(lua.READ, *call)
     return inbox.read_result(ids, reply)
 
 
 async def unread(batcher: Batcher, reader: str, sender: str, ids: list[str], trusted: int) -> Any:
-    return await batcher.script(lua.UNREAD, *inbox.unread_call(reader, sender, ids, trusted))
+    call = inbox.unread_call(reader, sender, ids, trusted, WINDOW_S)
+    return await batcher.script(lua.UNREAD, *call)
 
 
 async def count(redis: aioredis.Redis, reader: str, sender: str) -> int:
     return int(await redis.hget(keys.unread(reader), sender) or 0)
 
 
-async def test_an_ack_counts_each_unread_message_once(
-    batcher: Batcher, redis: aioredis.Redis
-) -> None:
-    """One count per message acked and not read, per sender, however often it is acked;
-    a message read before its ack is not counted; the counts live 30 days from the last."""
+async def test_an_ack_counts_each_message_once(batcher: Batcher, redis: aioredis.Redis) -> None:
+    """One count per message acked, per sender, however often it is acked (the EXPIRE
+    ... LT shortens its key once); the counts live 30 days from the last. The ack does
+    not read the key: a message read before its ack is counted too (the known cost)."""
     alice, carol, bob = await user(redis), await user(redis), await user(redis)
     from_alice = await delivered(batcher, redis, alice, bob, 3)
     from_carol = await delivered(batcher, redis, carol, bob, 1)
     assert await read(batcher, bob, alice, ["r2"], {"r2"}) == (0, 0, ["r2"], 0)  # while out
     await ack(batcher, bob, alice, from_alice, ["r0", "r1", "r2"])
     await ack(batcher, bob, carol, from_carol, ["r0"])
-    assert await redis.hgetall(keys.unread(bob)) == {alice: "2", carol: "1"}
+    assert await redis.xlen(keys.inbox(bob)) == 0
+    assert (await redis.xpending(keys.inbox(bob), keys.GROUP))["pending"] == 0
+    assert await redis.hgetall(keys.unread(bob)) == {alice: "3", carol: "1"}  # r2 too
     assert await redis.ttl(keys.unread(bob)) > keys.DEDUPE_SAFETY_TTL_S - 60
     await ack(batcher, bob, alice, from_alice, ["r0", "r1", "r2"])  # from another socket
-    assert await count(redis, bob, alice) == 2
-    for cid, flags in (("r0", "|a"), ("r1", "|a"), ("r2", "|r|a")):
+    assert await count(redis, bob, alice) == 3
+    for cid, read_flag in (("r0", False), ("r1", False), ("r2", True)):
         key = keys.dedupe(bob, alice, cid)
-        assert str(await redis.get(key)).endswith(flags)
+        assert str(await redis.get(key)).endswith("|r") == read_flag  # no other flag
         assert 0 < await redis.ttl(key) <= WINDOW_S
 
 
@@ -299,28 +319,32 @@ async def test_a_read_within_the_window_takes_its_message_from_the_count(
     assert await count(redis, bob, alice) == 1  # r1's
     assert await read(batcher, bob, alice, ["r0"]) == (0, 0, [], 0)  # read already
     await unread(batcher, bob, alice, ["r0"], 0)  # its receipt failed: r0 is unread again
-    assert await count(redis, bob, alice) == 2
-    assert str(await redis.get(keys.dedupe(bob, alice, "r0"))).endswith("|a")
+    assert await count(redis, bob, alice) == 2  # given back: its key is at the window
+    assert not str(await redis.get(keys.dedupe(bob, alice, "r0"))).endswith("|r")
+    assert 0 < await redis.ttl(keys.dedupe(bob, alice, "r0")) <= WINDOW_S
     assert await read(batcher, bob, alice, ["r0", "r1"]) == (0, 0, ["r0", "r1"], 0)
     assert await redis.exists(keys.unread(bob)) == 0
     await redis.delete(keys.dedupe(bob, alice, "r0"), keys.dedupe(bob, alice, "r1"))
     assert await read(batcher, bob, alice, ["r0"]) == (1, 0, [], 0)
 
 
-async def test_a_read_that_failed_before_its_ack_is_counted_when_given_back(
+async def test_a_read_before_its_ack_leaves_one_too_many_in_the_count(
     batcher: Batcher, redis: aioredis.Redis
 ) -> None:
-    """Read while out, acked while its receipt was being stored (not counted: read),
-    and the receipt failed: UNREAD counts it then, so a read past the window still works."""
+    """The known cost of an ack that does not read the keys: read while out (READ takes
+    nothing: not acked yet), then acked, the message is counted all the same. Its
+    receipt failed too: UNREAD gives one back (its key is at the window), so a read past
+    the window still works, and one count is left over for an id on trust."""
     alice, bob = await user(redis), await user(redis)
     msg_ids = await delivered(batcher, redis, alice, bob, 1)
     assert await read(batcher, bob, alice, ["r0"], {"r0"}) == (0, 0, ["r0"], 0)
     await ack(batcher, bob, alice, msg_ids, ["r0"])
-    assert await count(redis, bob, alice) == 0
+    assert await count(redis, bob, alice) == 1  # counted though read
     await unread(batcher, bob, alice, ["r0"], 0)
-    assert await count(redis, bob, alice) == 1
+    assert await count(redis, bob, alice) == 2
     await redis.delete(keys.dedupe(bob, alice, "r0"))
     assert await read(batcher, bob, alice, ["r0"]) == (0, 0, ["r0"], 1)
+    assert await count(redis, bob, alice) == 1  # the one too many: bounded by the cap
 
 
 async def test_the_count_stops_at_its_cap(batcher: Batcher, redis: aioredis.Redis) -> None:

@@ -121,7 +121,7 @@ class Inbox:
         self.sent: dict[str, str] = {}  # dedupe of the owner's sends: client id -> msgId
         self.peer_seq = 0
         self.unknown_once = False
-        self.windowed: list[str] = []  # dedupe keys ACKED shortened to the window
+        self.windowed: list[str] = []  # dedupe keys ACK shortened to the window
 
     # -- what other users do ------------------------------------------------------------
 
@@ -214,19 +214,20 @@ class Inbox:
             self.route = mine
         return 1
 
-    def _xdel(self, call: Call) -> Any:
-        for msg_id in call.args[2:]:
-            self.stream.pop(int(msg_id.partition("-")[0]), None)
-        return len(call.args) - 2
-
     def _xack(self, call: Call) -> Any:
         for msg_id in call.args[3:]:
             self.pending.discard(int(msg_id.partition("-")[0]))
         return len(call.args) - 3
 
-    def _acked(self, call: Call) -> Any:
-        self.windowed += call.args[1:]
-        return len(set(call.argv[3:]))
+    def _ack(self, call: Call) -> Any:
+        n = int(call.argv[3])
+        ids = call.argv[4 : 4 + n]
+        gone = [s for s in (int(m.partition("-")[0]) for m in ids) if s in self.stream]
+        for seq in gone:
+            del self.stream[seq]
+        self.pending.difference_update(int(m.partition("-")[0]) for m in ids)
+        self.windowed += call.args[2:]
+        return len(gone)
 
     def _send(self, call: Call) -> Any:
         if self.unknown_once:  # Redis lost the recipient's account: the slow way

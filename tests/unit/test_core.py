@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from chatnode import inbox, keys
+from chatnode.core.acks import ACK_FAILED
 from chatnode.core.actions import (
     CheckKnown,
     Close,
@@ -373,7 +374,7 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert calls[0].argv[2] == "p0,p1"
     feed(core, calls[0], ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "ACKED"]
+    assert [name_of(c) for c in calls] == ["ACK"]  # XDEL, XACK and the keys: one call
     assert all(c.defer for c in calls)
     for call in calls:
         feed(core, call, model.answer(call))
@@ -381,10 +382,10 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert written(core) == []  # an ack that goes through is not answered
 
 
-def test_an_ack_shortens_and_counts_its_messages_in_one_deferred_script() -> None:
-    """After the XDEL and XACK, in the same deferred pipeline: one ACKED for the acked
-    messages (their dedupe keys shortened to the window, counted as delivered and unread
-    per sender, in the acker's slot); a receipt has no part in it."""
+def test_an_ack_removes_shortens_and_counts_in_one_deferred_script() -> None:
+    """One deferred ACK, in the acker's slot: XDEL and XACK of every id, and the acked
+    messages' dedupe keys shortened to the window, counted as delivered and unread per
+    sender; a receipt has no dedupe key."""
     other = "+15550003333"
     core, model = opened(dedupe_window_s=42)
     ids = delivered(core, model, 2)
@@ -400,22 +401,23 @@ def test_an_ack_shortens_and_counts_its_messages_in_one_deferred_script() -> Non
     for call in calls:
         feed(core, call, ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "ACKED"]
-    assert all(c.defer for c in calls)
-    assert calls[2].then is None  # nobody waits for it
-    assert list(calls[2].args) == [
+    assert [name_of(c) for c in calls] == ["ACK"]
+    (call,) = calls
+    assert call.defer
+    assert list(call.args) == [
+        keys.inbox(ME),
         keys.unread(ME),
         keys.dedupe(ME, PEER, "p0"),
         keys.dedupe(ME, PEER, "p1"),
         keys.dedupe(ME, other, "o1"),
     ]
-    window, ttl, cap, *senders = calls[2].argv
+    window, ttl, cap, n, *rest = call.argv
     assert (window, ttl, cap) == (42, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX)
-    assert senders == [PEER, PEER, other]
-    for call in calls:
-        feed(core, call, model.answer(call))
+    assert n == 4 and sorted(rest[:n]) == sorted(acked)  # every id, receipts too
+    assert rest[n:] == [PEER, PEER, other]  # the sender of each dedupe key
+    feed(core, call, model.answer(call))
     assert model.entries() == [] and core.ledger.acking is None and written(core) == []
-    assert model.windowed == list(calls[2].args[1:])
+    assert model.windowed == list(call.args[2:])
 
 
 def test_an_ack_of_receipts_only_shortens_nothing() -> None:
@@ -425,7 +427,9 @@ def test_an_ack_of_receipts_only_shortens_nothing() -> None:
         core.pushed(*parse_push(model.pushes.popleft()))
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK"]  # no receipt, no ACKED
+    assert [name_of(c) for c in calls] == ["ACK"]  # no receipt
+    assert list(calls[0].args) == [keys.inbox(ME), keys.unread(ME)]  # no dedupe key
+    assert calls[0].argv[3:] == [2, *ids]
 
 
 def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
@@ -436,23 +440,26 @@ def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
     feed(core, calls[0], Unavailable())
     job = core.lane.next()
     assert isinstance(job, StoreReceipts) and job.ack_ids == ids
-    assert job.messages == [(PEER, "p0")]  # ACKED once the entries are gone
+    assert job.messages == [(PEER, "p0")]  # for the ACK once the receipts are stored
     core.lane.done(Unavailable())
     assert written(core)[0]["code"] == "unavailable"
     assert list(core.ledger.out) == ids and core.ledger.acking is None
 
 
-def test_a_failed_xack_answers_unavailable_and_keeps_redelivering() -> None:
+def test_a_failed_ack_call_answers_unavailable_and_keeps_redelivering() -> None:
+    """The ACK script fails (Redis away, or the XACK inside it refused): the ack is
+    refused, and the entry stays out on the socket to go again."""
     core, model = opened()
     ids = delivered(core, model, 1)
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
     feed(core, calls[0], ["ok"])
-    xdel, xack, _acked = take(core)[0]
-    feed(core, xdel, Unavailable())
-    feed(core, xack, 1)
-    assert written(core)[0]["code"] == "unavailable"
-    assert list(core.ledger.out) == ids
+    (ack,) = take(core)[0]
+    feed(core, ack, Unavailable())
+    error = written(core)[0]
+    assert error["code"] == "unavailable" and error["message"] == ACK_FAILED
+    assert list(core.ledger.out) == ids and core.ledger.acking is None
+    assert core.node.metrics.acked == 0
 
 
 def test_acking_what_an_earlier_socket_delivered_looks_it_up_first() -> None:
@@ -492,7 +499,7 @@ def test_a_read_names_only_messages_delivered_each_once() -> None:
     delivered(core, model, 1)
     core.receive(read(["p0", "zz"]))
     calls, _ = take(core)
-    assert name_of(calls[0]) == "READ" and calls[0].argv == [PEER, "1", "0"]  # p0 is out
+    assert name_of(calls[0]) == "READ" and calls[0].argv == [PEER, 600, "1", "0"]  # p0 out
     assert list(calls[0].args[:2]) == [keys.inbox(ME), keys.unread(ME)]
     feed(core, calls[0], [1, 0, [1], 0])
     calls, _ = take(core)
@@ -530,7 +537,7 @@ def test_a_full_inbox_unmarks_the_read() -> None:
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["UNREAD"]
     assert list(calls[0].args) == [keys.unread(ME), keys.dedupe(ME, PEER, "p0")]
-    assert calls[0].argv == [PEER, 0, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX]
+    assert calls[0].argv == [PEER, 0, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX, 600]
     assert written(core)[0]["code"] == "inbox_full"
 
 

@@ -89,9 +89,10 @@ def test_only_acked_messages_are_shortened_and_counted() -> None:
     ]
     messages = inbox.acked_messages(entries)
     assert messages == [(peer, "a-1")]
-    keys_, argv = inbox.acked_call(me, messages, 600)
-    assert keys_ == [keys.unread(me), keys.dedupe(me, peer, "a-1")]
-    assert argv == [600, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX, peer]
+    keys_, argv = inbox.ack_call(me, ["1-0", "2-0", "3-0"], messages, 600)
+    assert keys_ == [keys.inbox(me), keys.unread(me), keys.dedupe(me, peer, "a-1")]
+    ids = ["1-0", "2-0", "3-0"]  # every entry leaves the inbox
+    assert argv == [600, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX, 3, *ids, peer]
 
 
 def test_the_unread_counts_sit_in_the_readers_slot() -> None:
