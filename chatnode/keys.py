@@ -11,6 +11,7 @@ not one per user.
 from __future__ import annotations
 
 import binascii
+import functools
 import zlib
 
 from chatnode import channel
@@ -43,6 +44,7 @@ def part_tag(part: int) -> str:
     return "{p" + str(part) + "}"
 
 
+@functools.lru_cache(maxsize=65536)  # a send builds five keys of one user: one CRC-32
 def _tag(mobile: str) -> str:
     return part_tag(partition(mobile)) + ":u:" + mobile
 
