@@ -31,7 +31,7 @@ from typing import Any
 from chatnode import logs
 from chatnode.errors import Unavailable
 from chatnode.lua import Script
-from chatnode.redisio import COMMAND_TIMEOUT_S, Batcher, ignore, resolver
+from chatnode.redisio import COMMAND_TIMEOUT_S, Batcher, Commands, ignore
 from chatnode.resp import Callback, Redirect, Reply, options
 from chatnode.slotmap import ask, key_slot, online_replicas, parse_slots
 
@@ -80,7 +80,7 @@ class _Held:
         self.timer: asyncio.TimerHandle | None = None
 
 
-class Cluster:
+class Cluster(Commands):
     """The Batcher interface over every primary of a Redis Cluster."""
 
     def __init__(
@@ -438,24 +438,6 @@ class Cluster:
         # a deferred command's order matters as much as a submitted one's; what it saves
         # (a write of its own) a cluster's shards save with their own batching
         self.submit(callback, *args)
-
-    def call(self, *args: Any) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.submit(resolver(fut), *args)
-        return fut
-
-    def script(
-        self, script: Script, keys_: Sequence[str], args: Sequence[Any]
-    ) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.submit_script(resolver(fut), script, keys_, args)
-        return fut
-
-    def fire(self, *args: Any) -> None:
-        self.submit(ignore, *args)
-
-    async def run(self, *args: Any) -> Any:
-        return await self.call(*args)
 
     async def each(self, *args: Any) -> list[Any]:
         """Run a command with no key on every primary."""

@@ -41,12 +41,13 @@ def free_steady_port(taken: Collection[int] = ()) -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(500):
         port = random.randrange(10_000, low)
-        if port not in taken and _bindable(port):
+        if port not in taken and bindable(port):
             return port
     raise StackError("no free port below the ephemeral range")
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
+    """Whether 127.0.0.1:`port` can be bound now."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))

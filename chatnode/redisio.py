@@ -85,7 +85,41 @@ class Redis(Protocol):
     async def close(self) -> None: ...
 
 
-class Batcher:
+class Commands:
+    """`call`, `script`, `fire` and `run`, made of `submit` and `submit_script`: shared by
+    Batcher and cluster.Cluster."""
+
+    def submit(self, callback: Callback, *args: Any) -> None:
+        raise NotImplementedError
+
+    def submit_script(
+        self, callback: Callback, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> None:
+        raise NotImplementedError
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; the future resolves with its reply or its error."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit(resolver(fut), *args)
+        return fut
+
+    def script(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit_script(resolver(fut), script, keys, args)
+        return fut
+
+    def fire(self, *args: Any) -> None:
+        """Queue a command whose reply nobody waits for."""
+        self.submit(ignore, *args)
+
+    async def run(self, *args: Any) -> Any:
+        """Queue one command and wait for its reply."""
+        return await self.call(*args)
+
+
+class Batcher(Commands):
     """Sends every command submitted during one event-loop turn as one pipeline."""
 
     def __init__(
@@ -190,27 +224,6 @@ class Batcher:
         if self._queue and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-
-    def call(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command; the future resolves with its reply or its error."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.submit(resolver(fut), *args)
-        return fut
-
-    def script(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any]
-    ) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.submit_script(resolver(fut), script, keys, args)
-        return fut
-
-    def fire(self, *args: Any) -> None:
-        """Queue a command whose reply nobody waits for."""
-        self.submit(ignore, *args)
-
-    async def run(self, *args: Any) -> Any:
-        """Queue one command and wait for its reply."""
-        return await self.call(*args)
 
     async def each(self, *args: Any) -> list[Any]:
         """Run a command on every server: here, the one."""

@@ -33,6 +33,7 @@ from tests.integration.test_faults import (
     PER_SENDER,
     ROOMY,
     check_every_accepted_arrived_once_in_order,
+    connect_pairs,
     run_traffic,
 )
 
@@ -74,16 +75,8 @@ async def pairs_over(
 ) -> tuple[list[tuple[Resilient, Resilient]], list[Resilient]]:
     """One pair per `where`: both users in slots it accepts, the first on urls[0], the
     second on urls[1]; all connected."""
-    pairs = []
-    for where in wheres:
-        a = Resilient(await user_where(api, where), urls)
-        b = Resilient(await user_where(api, where), urls)
-        b.on_node(urls[1])
-        pairs.append((a, b))
-    clients = [c for pair in pairs for c in pair]
-    for c in clients:
-        await c.connect()
-    return pairs, clients
+    users = [(await user_where(api, w), await user_where(api, w)) for w in wheres]
+    return await connect_pairs(urls, users)
 
 
 def on_shard(owners: list[int | None], port: int) -> Callable[[int], bool]:

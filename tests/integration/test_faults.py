@@ -20,6 +20,7 @@ from tests.integration.harness import (
     NodeProc,
     Resilient,
     Stack,
+    User,
     new_user,
     report,
     settle,
@@ -70,9 +71,19 @@ async def connected_pairs(
     api: Api, urls: list[str], count: int
 ) -> tuple[list[tuple[Resilient, Resilient]], list[Resilient]]:
     """`count` pairs of fresh users, the first of each on urls[0], the second on urls[1]."""
+    return await connect_pairs(
+        urls, [(await new_user(api), await new_user(api)) for _ in range(count)]
+    )
+
+
+async def connect_pairs(
+    urls: list[str], users: list[tuple[User, User]]
+) -> tuple[list[tuple[Resilient, Resilient]], list[Resilient]]:
+    """Clients for pairs of users, the first of each on urls[0], the second on urls[1];
+    all connected."""
     pairs = []
-    for _ in range(count):
-        a, b = Resilient(await new_user(api), urls), Resilient(await new_user(api), urls)
+    for first, second in users:
+        a, b = Resilient(first, urls), Resilient(second, urls)
         b.on_node(urls[1])
         pairs.append((a, b))
     clients = [c for pair in pairs for c in pair]
