@@ -135,7 +135,8 @@ def dev(args: argparse.Namespace) -> int:
     started: list[Any] = []
     nodes: list[subprocess.Popen[bytes]] = []
     try:
-        _start_dev_services(data, args.redis_cluster, env, started)
+        ports = {p + i for p in (args.http_port, args.ws_port) for i in range(args.nodes)}
+        _start_dev_services(data, args.redis_cluster, env, started, frozenset(ports))
         env.setdefault("CHATNODE_JWT_SECRET", secrets.token_hex(32))
         env.setdefault("CHATNODE_LOG_FORMAT", "console")
         settings = Settings.from_env(env)
@@ -166,30 +167,38 @@ def dev(args: argparse.Namespace) -> int:
 
 
 def _start_dev_services(
-    data: Path, redis_cluster: bool, env: dict[str, str], started: list[Any]
+    data: Path,
+    redis_cluster: bool,
+    env: dict[str, str],
+    started: list[Any],
+    node_ports: frozenset[int] = frozenset(),
 ) -> None:
-    """Embedded Redis (or a Redis Cluster) and PostgreSQL where `env` names none."""
+    """Embedded Redis (or a Redis Cluster, on none of `node_ports`) and PostgreSQL where
+    `env` names none."""
     from chatnode import devstack
 
     if redis_cluster and env.get("CHATNODE_REDIS_URL"):
         raise ConfigError("--redis-cluster starts its own Redis; unset CHATNODE_REDIS_URL")
     if not env.get("CHATNODE_REDIS_URL"):
-        env["CHATNODE_REDIS_URL"] = _start_dev_redis(data, redis_cluster, started)
+        env["CHATNODE_REDIS_URL"] = _start_dev_redis(data, redis_cluster, started, node_ports)
     if not env.get("CHATNODE_DATABASE_URL"):
         pg = devstack.PostgresServer(data / "postgres").start()
         started.append(pg)
         env["CHATNODE_DATABASE_URL"] = pg.url
 
 
-def _start_dev_redis(data: Path, cluster: bool, started: list[Any]) -> str:
-    """One embedded Redis, or a local Redis Cluster; the URL the nodes are given."""
+def _start_dev_redis(
+    data: Path, cluster: bool, started: list[Any], node_ports: frozenset[int]
+) -> str:
+    """One embedded Redis, or a local Redis Cluster on ports the nodes will not want;
+    the URL the nodes are given."""
     from chatnode import devcluster, devstack
 
     if not cluster:
         redis = devstack.RedisServer(data / "redis").start()
         started.append(redis)
         return redis.url
-    rc = devcluster.RedisCluster(data / "redis-cluster")
+    rc = devcluster.RedisCluster(data / "redis-cluster", avoid=node_ports)
     started.append(rc)  # stopped by dev's `finally` even if it fails to form
     rc.start()
     primaries, replicas = rc.ports[: rc.shards], rc.ports[rc.shards :]

@@ -107,6 +107,7 @@ class RedisCluster:
     shards: int = 3
     replicas_per_shard: int = 1
     node_timeout_ms: int = 1500
+    avoid: frozenset[int] = frozenset()  # ports others will take (dev's nodes)
     nodes: dict[int, RedisServer] = field(default_factory=dict)  # by port, primaries first
     _ids: dict[int, str] = field(default_factory=dict)
     _bus: dict[int, int] = field(default_factory=dict)
@@ -141,8 +142,8 @@ class RedisCluster:
     def _add_node(self, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)  # a new cluster: no old nodes.conf
         for attempt in range(3):  # a random port may be taken between the check and the bind
-            port = free_steady_port(self.nodes.keys())
-            bus = free_steady_port({*self.nodes, *self._bus.values(), port})
+            port = free_steady_port({*self.nodes, *self._bus.values(), *self.avoid})
+            bus = free_steady_port({*self.nodes, *self._bus.values(), *self.avoid, port})
             options = (
                 *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
                 *("--cluster-port", str(bus)),

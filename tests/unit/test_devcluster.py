@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
+from pathlib import Path
 
 import pytest
 
+from chatnode import devcluster
 from chatnode.devcluster import SLOTS, parse_cluster_nodes, parse_info, split_slots
+from chatnode.devstack import StackError
 
 NODES = """\
 07c3 127.0.0.1:30004@31004 slave e7d1 0 1426238317239 4 connected
@@ -41,3 +45,22 @@ def test_parse_cluster_nodes_reads_roles_slots_and_links() -> None:
 def test_parse_info_reads_fields_and_skips_sections() -> None:
     text = "# Cluster\r\ncluster_state:ok\r\ncluster_slots_ok:16384\r\n\r\n"
     assert parse_info(text) == {"cluster_state": "ok", "cluster_slots_ok": "16384"}
+
+
+def test_a_cluster_never_takes_the_ports_it_is_told_to_avoid(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`chatnode dev --redis-cluster` picks its nodes' ports first: the cluster's nodes,
+    picked at random afterwards, must not land on them (one did, and a dev node could
+    not bind its port)."""
+    asked: list[set[int]] = []
+
+    def free(taken: Collection[int] = ()) -> int:
+        asked.append(set(taken))
+        raise StackError("stop here")
+
+    monkeypatch.setattr(devcluster, "free_steady_port", free)
+    rc = devcluster.RedisCluster(tmp_path, avoid=frozenset({18080, 18765}))
+    with pytest.raises(StackError):
+        rc._add_node(tmp_path / "n1")
+    assert asked and {18080, 18765} <= asked[0]
