@@ -401,12 +401,7 @@ class Cluster(Commands):
             return
         for p in queue:
             held.flying += 1
-            try:
-                self._send(p, True)
-            except KeyError:  # the map has no primary for it yet
-                held.flying -= 1
-                with contextlib.suppress(Exception):
-                    p.callback(Unavailable("Redis Cluster is unavailable"))
+            self._send(p, True)
 
     def _any(self) -> Batcher:
         shard = self._shards.get(self._seed)

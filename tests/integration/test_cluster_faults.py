@@ -90,8 +90,21 @@ async def traffic_through(
     scenario: str,
 ) -> float:
     """Run the fault threaded mid-traffic; check every accepted message arrived once, in
-    order. The unavailable window (from the fault to the last error or dropped socket)
-    is reported and returned."""
+    order; close the clients. The unavailable window (from the fault to the last error
+    or dropped socket) is reported and returned."""
+    try:
+        return await _traffic_through(clients, pairs, fault, scenario)
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def _traffic_through(
+    clients: list[Resilient],
+    pairs: list[tuple[Resilient, Resilient]],
+    fault: Callable[[], None],
+    scenario: str,
+) -> float:
     fault_at = [0.0]
 
     async def inject() -> None:
@@ -133,18 +146,14 @@ async def test_a_primary_sigkilled_mid_traffic_loses_nothing(
     owners = rc.slot_owners()
     shards = [on_shard(owners, p) for p in rc.primaries()]
     pairs, clients = await pairs_over(Api(http, b.http), [a.ws, b.ws], shards + shards)
-    try:
-        window = await traffic_through(
-            clients,
-            pairs,
-            lambda: rc.kill(victim),
-            f"SIGKILL a Redis Cluster primary ({which}) mid-traffic",
-        )
-        assert window < 15
-        assert victim not in rc.primaries()
-    finally:
-        for c in clients:
-            await c.close()
+    window = await traffic_through(
+        clients,
+        pairs,
+        lambda: rc.kill(victim),
+        f"SIGKILL a Redis Cluster primary ({which}) mid-traffic",
+    )
+    assert window < 15
+    assert victim not in rc.primaries()
 
 
 @pytest.mark.timeout(240)
@@ -170,17 +179,13 @@ async def test_a_thousand_slots_migrated_mid_traffic_lose_and_reorder_nothing(
     pairs, clients = await pairs_over(
         Api(http, b.http), [a.ws, b.ws], [in_moved] * (PAIRS - 1) + [elsewhere]
     )
-    try:
-        await traffic_through(
-            clients,
-            pairs,
-            lambda: rc.migrate_slots(1000, src, dst),
-            "1,000 Redis Cluster slots migrated mid-traffic",
-        )
-        assert all(o == dst for o in rc.slot_owners()[first : last + 1])
-    finally:
-        for c in clients:
-            await c.close()
+    await traffic_through(
+        clients,
+        pairs,
+        lambda: rc.migrate_slots(1000, src, dst),
+        "1,000 Redis Cluster slots migrated mid-traffic",
+    )
+    assert all(o == dst for o in rc.slot_owners()[first : last + 1])
 
 
 @pytest.mark.timeout(180)
