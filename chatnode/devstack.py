@@ -27,6 +27,9 @@ class StackError(RuntimeError):
     """An embedded service could not be found or started."""
 
 
+_ports = random.Random()  # its own state: picking a port never moves the global one
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -40,7 +43,7 @@ def free_steady_port(taken: Collection[int] = ()) -> int:
     with contextlib.suppress(OSError, ValueError, IndexError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(500):
-        port = random.randrange(10_000, low)
+        port = _ports.randrange(10_000, low)
         if port not in taken and bindable(port):
             return port
     raise StackError("no free port below the ephemeral range")

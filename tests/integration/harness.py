@@ -151,8 +151,9 @@ class NodeProc:
 
     def __init__(self, stack: Stack, node_id: str, log_dir: Path, **env: str) -> None:
         self.node_id = node_id
-        self.http_port = devstack.free_port()
-        self.ws_port = devstack.free_port()
+        # below the ephemeral range: an outgoing connection cannot take them meanwhile
+        self.http_port = devstack.free_steady_port()
+        self.ws_port = devstack.free_steady_port({self.http_port})
         self.env = {
             **os.environ,
             **NODE_ENV,
