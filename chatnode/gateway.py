@@ -151,15 +151,8 @@ class Gateway:
                 if type(action) is Call:  # (most of them)
                     then = action.then
                     callback = ignore if then is None else replied(s, then)
-                    script = action.script
-                    if script is not None:
-                        if not action.defer:
-                            batcher.submit_script(callback, script, action.args, action.argv)
-                        else:  # (an ack's lua.ACK) by SHA, as submit_script calls it
-                            args = action.args
-                            batcher.defer(
-                                callback, "EVALSHA", script.sha, len(args), *args, *action.argv
-                            )
+                    if action.script is not None:
+                        batcher.submit_script(callback, action.script, action.args, action.argv)
                     elif action.defer:
                         batcher.defer(callback, *action.args)
                     else:

@@ -1,7 +1,7 @@
 """The Redis Streams inbox: enqueue (the send script), receipts, read, ack.
 
 Each user's inbox is one stream with one consumer group. An entry stays until the
-user's device acks it (lua.ACK: XDEL + XACK). Scripts touch only the owner's hash-tagged keys.
+user's device acks it (XDEL + XACK). Scripts touch only the owner's hash-tagged keys.
 
 Delivery has two phases. A session that connects catches up: it reads its pending
 entries (`0`), then new ones (`>`); the read that finds nothing new also turns its route
@@ -24,7 +24,7 @@ from chatnode.errors import Blocked, ChatError, InboxFull, Unavailable
 log = logs.get(__name__)
 
 READ_COUNT = 200
-# The most a reader's count of one sender's messages acked and not read (keys.unread)
+# The most a reader's count of one sender's messages stored and not read (keys.unread)
 # holds. A reader that sends no reads (read receipts off) would bank one for every message
 # ever acked, and could later send as many read receipts naming ids nobody can check;
 # a full default inbox (CHATNODE_INBOX_LIMIT) of one sender's unread messages is more
@@ -65,9 +65,11 @@ def message_call(
         keys.inbox(to),
         keys.dedupe(to, sender, send.id),
         keys.route(to),
+        keys.unread(to),
     ]
     ttl = keys.DEDUPE_SAFETY_TTL_S
-    return keys_, [sender, send.id, send.body, ts, limit, ttl, to, window_s, "1" if push else "0"]
+    pushed = "1" if push else "0"
+    return keys_, [sender, send.id, send.body, ts, limit, ttl, to, window_s, pushed, UNREAD_MAX]
 
 
 def nudge_call(owner: str, msg_id: str) -> tuple[list[str], list[Any]]:
@@ -116,51 +118,58 @@ class Receipt:
 
 
 def read_call(
-    reader: str, sender: str, ids: list[str], held: set[str], window_s: int
+    reader: str, sender: str, ids: list[str], held: set[str]
 ) -> tuple[list[str], list[Any]]:
     """READ's keys and arguments: which of `ids` (client ids `sender` gave messages to
-    `reader`; `held` those out on the reader's socket) may be receipted as read.
-    `window_s`, the dedupe window, tells an acked message's key (ack_call)."""
+    `reader`; `held` those out on the reader's socket) may be receipted as read."""
     flags = ["1" if i in held else "0" for i in ids]
     dedupe = [keys.dedupe(reader, sender, i) for i in ids]
-    return [keys.inbox(reader), keys.unread(reader), *dedupe], [sender, window_s, *flags]
+    return [keys.inbox(reader), keys.unread(reader), *dedupe], [sender, *flags]
 
 
 def read_result(ids: list[str], reply: Any) -> tuple[int, int, list[str], int]:
     """READ's reply as (count with no record, count stored but not delivered, the ids
-    to receipt, now marked read, how many of those the reader's unread count vouched
-    for: UNREAD gives that back if the receipt cannot be stored)."""
-    missing, undelivered, fresh, trusted = reply
-    return int(missing), int(undelivered), [ids[int(i) - 1] for i in fresh or ()], int(trusted)
+    to receipt, now marked read, how many the reader's unread count gave for them:
+    UNREAD gives that back if the receipt cannot be stored)."""
+    missing, undelivered, fresh, took = reply
+    return int(missing), int(undelivered), [ids[int(i) - 1] for i in fresh or ()], int(took)
 
 
 def unread_call(
-    reader: str, sender: str, ids: list[str], trusted: int, window_s: int
+    reader: str, sender: str, ids: list[str], took: int
 ) -> tuple[list[str], list[Any]]:
     """UNREAD: unmark ids whose read receipt could not be stored, and give the reader's
-    count of `sender`'s unread messages back what READ took for them."""
+    count of `sender`'s unread messages back the `took` READ took for them."""
     dedupe = [keys.dedupe(reader, sender, i) for i in ids]
-    argv = [sender, trusted, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX, window_s]
+    argv = [sender, took, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX]
     return [keys.unread(reader), *dedupe], argv
 
 
 def acked_messages(entries: Iterable[Entry]) -> list[tuple[str, str]]:
-    """(sender, client id) of the messages among acked `entries`: what `ack_call`
-    shortens and counts. Receipts have no dedupe key, nor have entries deleted while
-    pending (nothing is known of them)."""
+    """(sender, client id) of the messages among acked `entries`: whose dedupe keys
+    `ack_commands` shortens. Receipts have none, nor have entries deleted while pending
+    (nothing is known of them)."""
     return [(e.sender, e.client_id) for e in entries if e.kind == "m"]
 
 
-def ack_call(
+def ack_commands(
     owner: str, ids: list[str], messages: list[tuple[str, str]], window_s: int
-) -> tuple[list[str], list[Any]]:
-    """ACK: XDEL and XACK the entries `ids` of the owner's inbox; the acked `messages`
-    ((sender, client id), from acked_messages) have their dedupe keys shortened to the
-    window, and each acked for the first time counts in the owner's unread counts."""
-    dedupe = [keys.dedupe(owner, sender, client_id) for sender, client_id in messages]
-    argv = [window_s, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX, len(ids), *ids]
-    argv += [s for s, _ in messages]
-    return [keys.inbox(owner), keys.unread(owner), *dedupe], argv
+) -> list[tuple[Any, ...]]:
+    """An ack as plain commands in the owner's slot, for one pipeline: XDEL, then XACK,
+    the entries `ids` of the owner's inbox (in this order a connection lost between
+    them leaves at worst a pending id whose entry is gone, which a pending read finds
+    empty and acks away); then each acked message's dedupe key ((sender, client id),
+    from acked_messages) shortened to the window, never lengthened: a repeated ack
+    changes nothing, and a key gone (unacked for 30 days) is not made again. Plain
+    commands cost Redis less than a script doing the same, and riding in the XDEL's
+    pipeline the EXPIREs cost no pipeline of their own. They do not wait for the XDEL's
+    answer: in one pipeline to one slot an XDEL that fails while the EXPIRE after it
+    succeeds would take a type error (the key is always a stream), which only a test
+    can make; its one harm would be a resend, after the window, of a message whose
+    ack failed, stored twice."""
+    box = keys.inbox(owner)
+    shorten = [("EXPIRE", keys.dedupe(owner, s, c), window_s, "LT") for s, c in messages]
+    return [("XDEL", box, *ids), ("XACK", box, keys.GROUP, *ids), *shorten]
 
 
 # -- delivery: the owner's node reads pending entries, then goes live (pushes)

@@ -19,13 +19,12 @@ from chatnode import channel
 GROUP = "g"
 CONSUMER = "c"  # one session per user, so one consumer per inbox
 # A dedupe key's TTL while its message is unacked; the ack drops it to the dedupe window
-# (CHATNODE_DEDUPE_WINDOW_S; lua.ACK from core.acks and slowpath.ack), and that drop is
-# what marks a message acked (ACK counts it once, READ and UNREAD tell it by a TTL at
-# most the window), so this must stay well above the window. A recipient may be offline
-# for days, so this is no window: it bounds the keys of messages never acked (their
-# entry lost with a stream Redis lost, or waiting for 30 days). A reader's unread
-# counts (`unread`) live as long from their last increment: they stand in for the keys of
-# messages acked and not read, and must not outlive an abandoned account.
+# (CHATNODE_DEDUPE_WINDOW_S; inbox.ack_commands from core.acks and slowpath.ack), so this
+# must stay well above the window. A recipient may be offline for days, so this is no
+# window: it bounds the keys of messages never acked (their entry lost with a stream
+# Redis lost, or waiting for 30 days). A reader's unread counts (`unread`) live as long
+# from the last message stored for the reader: they stand in for the keys of messages
+# acked and not read, and must not outlive an abandoned account.
 DEDUPE_SAFETY_TTL_S = 30 * 24 * 3600
 SEEN_TTL_S = 400 * 24 * 3600
 
@@ -87,10 +86,10 @@ def dedupe(recipient: str, sender: str, client_id: str) -> str:
 
 
 def unread(reader: str) -> str:
-    """Hash: per sender, how many of that sender's messages the reader acked (so
-    delivered) and has not read yet; it vouches for a read receipt once the messages'
-    dedupe keys are gone (lua.ACK counts, lua.READ takes, lua.UNREAD gives back). In
-    the reader's slot, like the dedupe keys it stands in for."""
+    """Hash: per sender, how many of that sender's messages were stored for the reader
+    and not read yet; it vouches for a read receipt once the messages' dedupe keys are
+    gone (lua.SEND counts, lua.READ takes, lua.UNREAD gives back). In the reader's slot,
+    like the dedupe keys it stands in for."""
     return _tag(reader) + ":unread"
 
 

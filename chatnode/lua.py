@@ -1,7 +1,7 @@
 """Lua scripts: the Script type, and the scripts of the socket path with their calls.
 
 Each script here touches only the keys of one user (one hash tag, so one cluster slot):
-the recipient's for SEND, READ, UNREAD, ACK and TYPING, the owner's for RECEIPT,
+the recipient's for SEND, READ, UNREAD and TYPING, the owner's for RECEIPT,
 GO_LIVE, UNLIVE and the route scripts (CLAIM, REFRESH, RELEASE). Group and consumer
 names come from keys.py. Every Script made anywhere is loaded on every Redis connection
 (redisio.py) and called by SHA.
@@ -24,7 +24,7 @@ class Script:
 
     source: str
     # With replica acks on, its reply waits for a replica (redisio.WAITED); False for a
-    # script whose loss in a failover breaks nothing (NUDGE, ACK)
+    # script whose loss in a failover breaks nothing (NUDGE)
     waits: bool = True
     sha: str = field(init=False)
 
@@ -42,15 +42,20 @@ def _script(source: str, waits: bool = True) -> Script:
     return Script(source, waits)
 
 
-# KEYS: account, blocks, inbox, dedupe, route of the recipient.
+# KEYS: account, blocks, inbox, dedupe, route, unread counts (keys.unread) of the
+# recipient.
 # ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient, dedupe window,
-# push ('1': push the entry now; '0': NUDGE does, once a replica has it).
+# push ('1': push the entry now; '0': NUDGE does, once a replica has it), the unread
+# counts' cap (their TTL is the dedupe ttl).
 # The dedupe value is `msgId|ts`, then flags: `|b` a blocked send (never stored), `|r` a
 # read receipt was sent for it (READ). A blocked send is added and deleted at once: its
 # id comes from the stream like every real one (and moves the stream's last id on), and
 # the inbox limit applies to it too, so nothing tells a blocked sender it is blocked.
-# A stored message's key lives until its ack shortens it to the window; a blocked send
-# is never acked, so its key gets the window at once.
+# A stored message's key lives until its ack shortens it to the window (EXPIRE ... LT,
+# inbox.ack_commands); a blocked send is never acked, so its key gets the window at
+# once. A stored message counts once in the recipient's unread count of the sender (a
+# resend is answered above, before it), capped, so that READ can vouch for it once its
+# key is gone.
 SEND = _script(
     keys.LUA_ROUTES
     + """
@@ -73,6 +78,10 @@ end
 local id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],
                       'b', ARGV[3], 't', ARGV[4])
 redis.call('SET', KEYS[4], id .. '|' .. ARGV[4], 'EX', ARGV[6])
+if redis.call('HINCRBY', KEYS[6], ARGV[1], 1) > tonumber(ARGV[10]) then
+  redis.call('HSET', KEYS[6], ARGV[1], ARGV[10])
+end
+redis.call('EXPIRE', KEYS[6], ARGV[6])
 if ARGV[9] == '1' then push(KEYS[3], seen[2], ARGV[7]) end
 return {'ok', id, ARGV[4]}
 """
@@ -94,19 +103,18 @@ return 1
 
 # KEYS: the reader's inbox, the reader's unread counts (keys.unread), then the dedupe key
 # of each client id the read frame names (sender = the frame's `to`, recipient = the
-# reader). ARGV: the sender, the dedupe window, then per id 1 if it is out on the
-# reader's socket now, else 0. An id may get a read receipt if its message was stored
-# for the reader and was delivered: out on the socket, pending in the group (read for
-# delivery, e.g. on a socket before a reconnect), or acked (gone from the stream); and if
-# it had no read receipt yet. Those are marked read; one the ack counted (its key's TTL
-# at most the window: ACK shortened it) leaves the sender's count too. Ids of sends a
-# block dropped, and ids read already, are passed over in silence, like receipts across
-# a block. An id with no record (its key expired: acked more than the dedupe window ago,
-# or never sent) is taken on trust while the sender's count of messages acked and unread
-# lasts, one each: the server cannot tell which message it names any more, only that
-# there is one. Returns {ids with no record and nothing left to count them against, ids
-# stored but never delivered, indexes of the ids to receipt (1-based, in frame order),
-# how many of them the count vouched for}.
+# reader). ARGV: the sender, then per id 1 if it is out on the reader's socket now, else
+# 0. An id may get a read receipt if its message was stored for the reader and was
+# delivered: out on the socket, pending in the group (read for delivery, e.g. on a
+# socket before a reconnect), or acked (gone from the stream); and if it had no read
+# receipt yet. Those are marked read, and each leaves the sender's count (SEND counted
+# it) while the count lasts. Ids of sends a block dropped, and ids read already, are
+# passed over in silence, like receipts across a block. An id with no record (its key
+# expired: acked more than the dedupe window ago, or never sent) is taken on trust while
+# the sender's count of messages stored and not read lasts, one each: the server cannot
+# tell which message it names any more, only that there is one. Returns {ids with no
+# record and nothing left to count them against, ids stored but never delivered,
+# indexes of the ids to receipt (1-based, in frame order), how many the count gave}.
 READ = _script(
     """
 local fresh, gone, undelivered = {}, {}, 0
@@ -127,20 +135,16 @@ for i = 3, #KEYS do
     if out or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
       redis.call('SET', KEYS[i], v .. '|r', 'KEEPTTL')
       fresh[#fresh + 1] = i - 2
-      if took < left then
-        local ttl = redis.call('TTL', KEYS[i])
-        if ttl > 0 and ttl <= tonumber(ARGV[2]) then took = took + 1 end
-      end
+      if took < left then took = took + 1 end
     else
       undelivered = undelivered + 1
     end
   end
 end
-local trusted, missing = 0, 0
+local missing = 0
 for _, k in ipairs(gone) do
   if took < left then
     took = took + 1
-    trusted = trusted + 1
     fresh[#fresh + 1] = k
   else
     missing = missing + 1
@@ -152,26 +156,23 @@ elseif took > 0 then
   redis.call('HINCRBY', KEYS[2], ARGV[1], -took)
 end
 table.sort(fresh)
-return {missing, undelivered, fresh, trusted}
+return {missing, undelivered, fresh, took}
 """
 )
 
 # KEYS: the reader's unread counts, then the dedupe keys of the ids READ gave a read
-# receipt that could not be stored. ARGV: the sender, how many of them the count vouched
-# for, the counts' TTL, their cap, the dedupe window. Unmark them and give the count back
-# what READ took (an acked one: its key's TTL at most the window), so the client's next
-# read frame for them counts.
+# receipt that could not be stored. ARGV: the sender, how many READ took from the count
+# for them, the counts' TTL, their cap. Unmark them and give the count back what READ
+# took, so the client's next read frame for them counts.
 UNREAD = _script(
     """
-local back = tonumber(ARGV[2])
 for i = 2, #KEYS do
   local v = redis.call('GET', KEYS[i])
   if v and string.find(v, '|r', 1, true) then
     redis.call('SET', KEYS[i], (string.gsub(v, '|r', '')), 'KEEPTTL')
-    local ttl = redis.call('TTL', KEYS[i])
-    if ttl > 0 and ttl <= tonumber(ARGV[5]) then back = back + 1 end
   end
 end
+local back = tonumber(ARGV[2])
 if back > 0 then
   if redis.call('HINCRBY', KEYS[1], ARGV[1], back) > tonumber(ARGV[4]) then
     redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
@@ -180,46 +181,6 @@ if back > 0 then
 end
 return back
 """
-)
-
-# KEYS: the acker's inbox, the acker's unread counts (keys.unread), then the dedupe key
-# of each acked message (receipts have none). ARGV: the dedupe window, the counts' TTL,
-# their cap, the number n of stream ids, the n ids, then each dedupe key's sender.
-# The whole ack in one call: XDEL, then XACK (the order of the two plain commands it
-# replaces), then each dedupe key shortened to the window (EXPIRE ... LT: never
-# lengthened). That EXPIRE answers 1 only the first time a stored message is acked: its
-# key had the safety TTL; a repeated ack (from another socket) finds the window already,
-# a key gone (unacked for 30 days) is not there; so each message counts once for its
-# sender, and a read receipt may still name it once its key is gone. The key is not read:
-# a message read before its ack counts too (one trusted read too many, under the cap).
-# The cap bounds what a reader who never sends reads (read receipts off) can claim
-# later; the TTL, refreshed at each count, an abandoned account's counts. Returns how
-# many entries XDEL deleted.
-ACK = _script(
-    """
-local n = tonumber(ARGV[4])
-local deleted = redis.call('XDEL', KEYS[1], unpack(ARGV, 5, 4 + n))
-redis.call('XACK', KEYS[1], '$GROUP', unpack(ARGV, 5, 4 + n))
-local senders, counts = {}, {}
-for i = 3, #KEYS do
-  if redis.call('EXPIRE', KEYS[i], ARGV[1], 'LT') == 1 then
-    local s = ARGV[i + 2 + n]
-    if not counts[s] then
-      counts[s] = 0
-      senders[#senders + 1] = s
-    end
-    counts[s] = counts[s] + 1
-  end
-end
-for _, s in ipairs(senders) do
-  if redis.call('HINCRBY', KEYS[2], s, counts[s]) > tonumber(ARGV[3]) then
-    redis.call('HSET', KEYS[2], s, ARGV[3])
-  end
-end
-if #senders > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-return deleted
-""",
-    waits=False,  # like the XDEL and XACK it replaces: a lost one redelivers, same msgId
 )
 
 # KEYS: account, blocks, inbox, route of the receipt's owner (the original sender).

@@ -21,7 +21,7 @@ from chatnode.core.actions import (
     StoreReceipts,
 )
 from chatnode.errors import InboxFull, UnknownRecipient
-from chatnode.lua import ACK, RECEIPT, SEND, Script
+from chatnode.lua import RECEIPT, SEND, Script
 from chatnode.recipients import Recipients
 from chatnode.redisio import Redis
 
@@ -130,6 +130,11 @@ async def ack(
     messages: list[tuple[str, str]],
     window_s: int,
 ) -> None:
-    """One lua.ACK: XDEL and XACK `msg_ids`, the acked `messages` ((sender, client id))
-    with their dedupe keys shortened to the window and counted once (core/acks.py)."""
-    await batcher.script(ACK, *inbox.ack_call(mobile, msg_ids, messages, window_s))
+    """XDEL and XACK `msg_ids`, and shorten the acked `messages`' ((sender, client id))
+    dedupe keys to the window (inbox.ack_commands), in one pipeline. An XDEL or XACK
+    that fails raises."""
+    xdel, xack, *shorten = inbox.ack_commands(mobile, msg_ids, messages, window_s)
+    removed = asyncio.gather(batcher.call(*xdel), batcher.call(*xack))
+    for command in shorten:
+        batcher.fire(*command)
+    await removed

@@ -318,6 +318,7 @@ def run_load(
         pipes.append(parent)
         workers.append(proc)
     time.sleep(args.warmup)
+    stats = RedisStats(cluster)
     scrape0 = [scrape(u) for u in cluster.http]
     pids = cluster.pids()
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -333,6 +334,7 @@ def run_load(
     for proc in workers:
         proc.join(timeout=10)
     summary = summarize(results, rate, cpu, args)
+    summary["redis_usec_per_msg"] = stats.per_message(summary["delivered"])
     summary["redis_io_per_s"] = {
         f"node{i + 1}": {k: round((b[k] - a[k]) / wall, 1) for k in ("pipelines", "commands")}
         for i, (a, b) in enumerate(zip(scrape0, scrape1, strict=True))
@@ -433,6 +435,11 @@ def print_table(r: dict[str, Any]) -> None:
         + "  ".join(f"{k} {v['pipelines']}/{v['commands']}" for k, v in r["redis_io_per_s"].items())
     )
     print("  cpu (cores): " + "  ".join(f"{k} {v}" for k, v in r["cpu_cores"].items()))
+    if r.get("redis_usec_per_msg"):
+        print(
+            "  redis µs per msg (commandstats): "
+            + "  ".join(f"{k} {v}" for k, v in r["redis_usec_per_msg"].items())
+        )
     if "ceiling" in r:
         print(
             f"  redis-benchmark XADD: {r['ceiling']}  chatnode delivered = "
@@ -643,6 +650,31 @@ def run_idle(cluster: Cluster, args: argparse.Namespace) -> list:
 
 
 # -- Redis memory: per queued message, per connected user --------------------------------
+
+
+class RedisStats:
+    """Redis time per command over one run (INFO commandstats on a single Redis; a
+    command a script runs counts both in itself and in the script's EVALSHA)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.port = 0
+        if cluster.redis_url and cluster.redis_cluster is None:
+            self.port = urllib.parse.urlsplit(cluster.redis_url).port or 6379
+            with redis.Redis(port=self.port, socket_timeout=10) as client:
+                self.before = client.info("commandstats")
+
+    def per_message(self, delivered: int) -> dict[str, float]:
+        """Microseconds of Redis time per delivered message, by command, largest first."""
+        if not self.port or not delivered:
+            return {}
+        with redis.Redis(port=self.port, socket_timeout=10) as client:
+            after = client.info("commandstats")
+        out = {}
+        for name, v in after.items():
+            usec = v["usec"] - self.before.get(name, {}).get("usec", 0)
+            out[name.removeprefix("cmdstat_")] = round(usec / delivered, 2)
+        top = sorted(out.items(), key=lambda kv: -kv[1])
+        return {k: v for k, v in top if v >= 0.05}
 
 
 def redis_memory(cluster: Cluster) -> dict[str, int]:

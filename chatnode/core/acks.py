@@ -1,12 +1,12 @@
 """Acks and read receipts on one socket.
 
-An ack stores the delivered receipts first, then removes the entries (lua.ACK: XDEL,
-XACK): an entry leaves the inbox only once its receipt is stored, so a receipt that
-cannot be stored leaves the entry to be delivered, and acked, again. The same call
-shortens the acked messages' dedupe keys and counts them as delivered and unread. A read
-receipt names only messages its sender delivered to this user, each once (lua.READ; past
-the dedupe window, as many as that count vouches for), then goes to the sender's inbox
-like any receipt.
+An ack stores the delivered receipts first, then removes the entries (XDEL, XACK): an
+entry leaves the inbox only once its receipt is stored, so a receipt that cannot be
+stored leaves the entry to be delivered, and acked, again. The acked messages' dedupe
+keys are shortened to the dedupe window with them. A read receipt names only messages
+its sender delivered to this user, each once (lua.READ; past the dedupe window, as many
+as the reader's count of that sender's unread messages vouches for), then goes to the
+sender's inbox like any receipt.
 """
 
 from __future__ import annotations
@@ -99,16 +99,20 @@ class Acks:
             core.emit(Call(args, functools.partial(stored, receipt), lua.RECEIPT, argv))
 
     def _remove(self, done: list[Acked], ids: list[str], answer: Answer) -> None:
-        """One lua.ACK, in the owner's slot, for entries whose receipts are stored: XDEL
-        and XACK them, shorten the acked messages' dedupe keys to the dedupe window and
-        count each acked for the first time (keys.unread): one call, where XDEL, XACK
-        and a script for the keys were three. Nobody waits for it (no answer unless it
-        fails): it rides with other work."""
+        """XDEL, then XACK, entries whose receipts are stored, and shorten the acked
+        messages' dedupe keys (inbox.ack_commands): plain commands in the owner's slot.
+        Nobody waits for them (no answer unless XDEL or XACK fails): they ride with
+        other work."""
         core = self.core
+        failed: list[Exception] = []
+
+        def deleted(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                failed.append(reply)
 
         def acked(reply: Any) -> None:
             core.ledger.acked(ids)
-            if isinstance(reply, Exception):
+            if failed or isinstance(reply, Exception):
                 self._unacked_again(done)
                 core.refuse(Code.UNAVAILABLE, ACK_FAILED, None, answer)
             else:
@@ -117,8 +121,12 @@ class Acks:
                 core.answers.give(answer, None)
 
         messages = inbox.acked_messages(e for e, _ in done)
-        args, argv = inbox.ack_call(core.mobile, ids, messages, core.settings.dedupe_window_s)
-        core.emit(Call(args, acked, lua.ACK, argv, True))
+        window = core.settings.dedupe_window_s
+        xdel, xack, *shorten = inbox.ack_commands(core.mobile, ids, messages, window)
+        core.emit(Call(xdel, deleted, None, (), True))
+        core.emit(Call(xack, acked, None, (), True))
+        for command in shorten:
+            core.emit(Call(command, None, None, (), True))
 
     def _fetched(self, done: list[Acked], ids: list[str], result: Any) -> Next:
         """Entries acked that this socket did not deliver: found in the inbox, they are
@@ -193,12 +201,12 @@ class Acks:
             if isinstance(reply, Exception):
                 core.refuse(Code.UNAVAILABLE, UNAVAILABLE, None, answer)
                 return
-            missing, undelivered, fresh, trusted = inbox.read_result(ids, reply)
+            missing, undelivered, fresh, took = inbox.read_result(ids, reply)
             if undelivered and not core.invalid_frame():
                 return  # closed
             if fresh:
                 receipt = inbox.Receipt(frame.to, core.mobile, "read", fresh, core.now_ms())
-                self._store_read(receipt, trusted, bool(undelivered), answer)
+                self._store_read(receipt, took, bool(undelivered), answer)
             elif undelivered:
                 core.node.metrics.refuse(Code.INVALID_FRAME)
                 core.answers.give(answer, frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None))
@@ -208,19 +216,17 @@ class Acks:
                 core.answers.give(answer, None)  # all receipted already
 
         held = core.ledger.holds(frame.to)
-        window = core.settings.dedupe_window_s
-        args, argv = inbox.read_call(core.mobile, frame.to, ids, held, window)
+        args, argv = inbox.read_call(core.mobile, frame.to, ids, held)
         core.emit(Call(args, checked, lua.READ, argv))
 
-    def _store_read(self, receipt: inbox.Receipt, trusted: int, bad: bool, answer: Answer) -> None:
+    def _store_read(self, receipt: inbox.Receipt, took: int, bad: bool, answer: Answer) -> None:
         """Store a read receipt; if it cannot be, UNREAD unmarks its ids and gives back
-        the `trusted` of them the unread count vouched for."""
+        the `took` READ took from the unread count for them."""
         core = self.core
         after = frames.error(Code.INVALID_FRAME, NOT_DELIVERED, None) if bad else None
 
         def unread() -> None:
-            window = core.settings.dedupe_window_s
-            args, argv = inbox.unread_call(core.mobile, receipt.owner, receipt.ids, trusted, window)
+            args, argv = inbox.unread_call(core.mobile, receipt.owner, receipt.ids, took)
             core.emit(Call(args, None, lua.UNREAD, argv))
 
         def reloaded(result: Any) -> bytes | None:  # Redis lacked the owner: PostgreSQL

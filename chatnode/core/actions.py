@@ -97,9 +97,9 @@ class FetchEntries:
 
 @dataclass(frozen=True, slots=True)
 class StoreReceipts:
-    """Store receipts (loading owners; an unknown owner is skipped), then one lua.ACK:
-    XDEL and XACK `ack_ids` from the acker's inbox, and `messages` ((sender, client id)
-    of the acked messages) with their dedupe keys shortened, counted once as unread."""
+    """Store receipts (loading owners; an unknown owner is skipped), then XDEL and XACK
+    `ack_ids` from the acker's inbox, and shorten the dedupe keys of `messages`
+    ((sender, client id) of the acked messages) to the window."""
 
     acker: str
     receipts: list[inbox.Receipt]

@@ -121,7 +121,6 @@ class Inbox:
         self.sent: dict[str, str] = {}  # dedupe of the owner's sends: client id -> msgId
         self.peer_seq = 0
         self.unknown_once = False
-        self.windowed: list[str] = []  # dedupe keys ACK shortened to the window
 
     # -- what other users do ------------------------------------------------------------
 
@@ -219,15 +218,15 @@ class Inbox:
             self.pending.discard(int(msg_id.partition("-")[0]))
         return len(call.args) - 3
 
-    def _ack(self, call: Call) -> Any:
-        n = int(call.argv[3])
-        ids = call.argv[4 : 4 + n]
-        gone = [s for s in (int(m.partition("-")[0]) for m in ids) if s in self.stream]
+    def _xdel(self, call: Call) -> Any:
+        gone = [s for s in (int(m.partition("-")[0]) for m in call.args[2:]) if s in self.stream]
         for seq in gone:
             del self.stream[seq]
-        self.pending.difference_update(int(m.partition("-")[0]) for m in ids)
-        self.windowed += call.args[2:]
         return len(gone)
+
+    def _expire(self, call: Call) -> Any:
+        assert call.args[3] == "LT"  # an ack shortens a dedupe key, never lengthens it
+        return 1
 
     def _send(self, call: Call) -> Any:
         if self.unknown_once:  # Redis lost the recipient's account: the slow way

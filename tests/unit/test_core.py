@@ -374,7 +374,7 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert calls[0].argv[2] == "p0,p1"
     feed(core, calls[0], ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["ACK"]  # XDEL, XACK and the keys: one call
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "EXPIRE", "EXPIRE"]
     assert all(c.defer for c in calls)
     for call in calls:
         feed(core, call, model.answer(call))
@@ -382,10 +382,10 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert written(core) == []  # an ack that goes through is not answered
 
 
-def test_an_ack_removes_shortens_and_counts_in_one_deferred_script() -> None:
-    """One deferred ACK, in the acker's slot: XDEL and XACK of every id, and the acked
-    messages' dedupe keys shortened to the window, counted as delivered and unread per
-    sender; a receipt has no dedupe key."""
+def test_an_ack_removes_and_shortens_with_plain_deferred_commands() -> None:
+    """Deferred plain commands in the acker's slot: XDEL, then XACK, of every id, then
+    each acked message's dedupe key shortened to the window (EXPIRE ... LT); a receipt
+    has no dedupe key."""
     other = "+15550003333"
     core, model = opened(dedupe_window_s=42)
     ids = delivered(core, model, 2)
@@ -401,23 +401,20 @@ def test_an_ack_removes_shortens_and_counts_in_one_deferred_script() -> None:
     for call in calls:
         feed(core, call, ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["ACK"]
-    (call,) = calls
-    assert call.defer
-    assert list(call.args) == [
-        keys.inbox(ME),
-        keys.unread(ME),
-        keys.dedupe(ME, PEER, "p0"),
-        keys.dedupe(ME, PEER, "p1"),
-        keys.dedupe(ME, other, "o1"),
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "EXPIRE", "EXPIRE", "EXPIRE"]
+    assert all(c.defer and c.script is None for c in calls)  # one pipeline, with others
+    xdel, xack, *shorten = calls
+    assert xdel.args[:2] == ("XDEL", keys.inbox(ME)) and sorted(xdel.args[2:]) == sorted(acked)
+    assert xack.args[:3] == ("XACK", keys.inbox(ME), keys.GROUP)
+    assert sorted(xack.args[3:]) == sorted(acked)  # every id, receipts too
+    assert [c.args for c in shorten] == [
+        ("EXPIRE", keys.dedupe(ME, PEER, "p0"), 42, "LT"),
+        ("EXPIRE", keys.dedupe(ME, PEER, "p1"), 42, "LT"),
+        ("EXPIRE", keys.dedupe(ME, other, "o1"), 42, "LT"),
     ]
-    window, ttl, cap, n, *rest = call.argv
-    assert (window, ttl, cap) == (42, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX)
-    assert n == 4 and sorted(rest[:n]) == sorted(acked)  # every id, receipts too
-    assert rest[n:] == [PEER, PEER, other]  # the sender of each dedupe key
-    feed(core, call, model.answer(call))
+    for call in calls:
+        feed(core, call, model.answer(call))
     assert model.entries() == [] and core.ledger.acking is None and written(core) == []
-    assert model.windowed == list(call.args[2:])
 
 
 def test_an_ack_of_receipts_only_shortens_nothing() -> None:
@@ -427,9 +424,8 @@ def test_an_ack_of_receipts_only_shortens_nothing() -> None:
         core.pushed(*parse_push(model.pushes.popleft()))
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["ACK"]  # no receipt
-    assert list(calls[0].args) == [keys.inbox(ME), keys.unread(ME)]  # no dedupe key
-    assert calls[0].argv[3:] == [2, *ids]
+    assert [name_of(c) for c in calls] == ["XDEL", "XACK"]  # no receipt, no dedupe key
+    assert list(calls[0].args[2:]) == ids
 
 
 def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
@@ -440,22 +436,24 @@ def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
     feed(core, calls[0], Unavailable())
     job = core.lane.next()
     assert isinstance(job, StoreReceipts) and job.ack_ids == ids
-    assert job.messages == [(PEER, "p0")]  # for the ACK once the receipts are stored
+    assert job.messages == [(PEER, "p0")]  # shortened once the receipts are stored
     core.lane.done(Unavailable())
     assert written(core)[0]["code"] == "unavailable"
     assert list(core.ledger.out) == ids and core.ledger.acking is None
 
 
-def test_a_failed_ack_call_answers_unavailable_and_keeps_redelivering() -> None:
-    """The ACK script fails (Redis away, or the XACK inside it refused): the ack is
-    refused, and the entry stays out on the socket to go again."""
+@pytest.mark.parametrize("fails", ["XDEL", "XACK"])
+def test_a_failed_xdel_or_xack_answers_unavailable_and_keeps_redelivering(fails: str) -> None:
+    """XDEL or XACK fails (Redis away, or refused): the ack is refused, and the entry
+    stays out on the socket to go again."""
     core, model = opened()
     ids = delivered(core, model, 1)
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
     feed(core, calls[0], ["ok"])
-    (ack,) = take(core)[0]
-    feed(core, ack, Unavailable())
+    calls = take(core)[0]
+    for call in calls:
+        feed(core, call, Unavailable() if name_of(call) == fails else 1)
     error = written(core)[0]
     assert error["code"] == "unavailable" and error["message"] == ACK_FAILED
     assert list(core.ledger.out) == ids and core.ledger.acking is None
@@ -499,7 +497,7 @@ def test_a_read_names_only_messages_delivered_each_once() -> None:
     delivered(core, model, 1)
     core.receive(read(["p0", "zz"]))
     calls, _ = take(core)
-    assert name_of(calls[0]) == "READ" and calls[0].argv == [PEER, 600, "1", "0"]  # p0 out
+    assert name_of(calls[0]) == "READ" and calls[0].argv == [PEER, "1", "0"]  # p0 out
     assert list(calls[0].args[:2]) == [keys.inbox(ME), keys.unread(ME)]
     feed(core, calls[0], [1, 0, [1], 0])
     calls, _ = take(core)
@@ -537,7 +535,7 @@ def test_a_full_inbox_unmarks_the_read() -> None:
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["UNREAD"]
     assert list(calls[0].args) == [keys.unread(ME), keys.dedupe(ME, PEER, "p0")]
-    assert calls[0].argv == [PEER, 0, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX, 600]
+    assert calls[0].argv == [PEER, 0, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX]
     assert written(core)[0]["code"] == "inbox_full"
 
 
@@ -556,7 +554,7 @@ def test_a_read_past_the_window_rests_on_the_unread_count() -> None:
 
 def test_a_read_that_cannot_be_stored_gives_the_count_back() -> None:
     """The receipt fails: UNREAD unmarks the ids and gives back what READ took from the
-    count for ids with no record, so the client's next read of them counts."""
+    count for them, so the client's next read of them counts."""
     core, _ = opened()
     core.receive(read(["p1", "p7", "p8"]))
     calls, _ = take(core)

@@ -80,7 +80,13 @@ def test_a_send_keeps_its_dedupe_key_until_the_ack_a_blocked_one_the_window() ->
     assert argv[5] == keys.DEDUPE_SAFETY_TTL_S and argv[7] == 42  # lua.SEND's ARGV[6], [8]
 
 
-def test_only_acked_messages_are_shortened_and_counted() -> None:
+def test_a_send_counts_in_the_recipients_unread_counts() -> None:
+    send = frames.Send("c-1", "+15550000002", "hi")
+    keys_, argv = inbox.message_call("+15550000001", send, 7, 100, 42)
+    assert keys_[5] == keys.unread("+15550000002") and argv[9] == inbox.UNREAD_MAX
+
+
+def test_only_acked_messages_are_shortened() -> None:
     me, peer = "+15550000002", "+15550000001"
     entries = [
         inbox.decode("1-0", ["k", "m", "f", peer, "i", "a-1", "b", "hi", "t", "1"]),
@@ -89,10 +95,12 @@ def test_only_acked_messages_are_shortened_and_counted() -> None:
     ]
     messages = inbox.acked_messages(entries)
     assert messages == [(peer, "a-1")]
-    keys_, argv = inbox.ack_call(me, ["1-0", "2-0", "3-0"], messages, 600)
-    assert keys_ == [keys.inbox(me), keys.unread(me), keys.dedupe(me, peer, "a-1")]
     ids = ["1-0", "2-0", "3-0"]  # every entry leaves the inbox
-    assert argv == [600, keys.DEDUPE_SAFETY_TTL_S, inbox.UNREAD_MAX, 3, *ids, peer]
+    assert inbox.ack_commands(me, ids, messages, 600) == [
+        ("XDEL", keys.inbox(me), *ids),
+        ("XACK", keys.inbox(me), keys.GROUP, *ids),
+        ("EXPIRE", keys.dedupe(me, peer, "a-1"), 600, "LT"),
+    ]
 
 
 def test_the_unread_counts_sit_in_the_readers_slot() -> None:
