@@ -26,7 +26,7 @@ log = logs.get(__name__)
 READ_COUNT = 200
 # The most a reader's count of one sender's messages stored and not read (keys.unread)
 # holds. A reader that sends no reads (read receipts off) would bank one for every message
-# ever acked, and could later send as many read receipts naming ids nobody can check;
+# ever stored, and could later send as many read receipts naming ids nobody can check;
 # a full default inbox (CHATNODE_INBOX_LIMIT) of one sender's unread messages is more
 # than a person reads back through.
 UNREAD_MAX = 10_000
@@ -135,9 +135,7 @@ def read_result(ids: list[str], reply: Any) -> tuple[int, int, list[str], int]:
     return int(missing), int(undelivered), [ids[int(i) - 1] for i in fresh or ()], int(took)
 
 
-def unread_call(
-    reader: str, sender: str, ids: list[str], took: int
-) -> tuple[list[str], list[Any]]:
+def unread_call(reader: str, sender: str, ids: list[str], took: int) -> tuple[list[str], list[Any]]:
     """UNREAD: unmark ids whose read receipt could not be stored, and give the reader's
     count of `sender`'s unread messages back the `took` READ took for them."""
     dedupe = [keys.dedupe(reader, sender, i) for i in ids]
@@ -163,10 +161,10 @@ def ack_commands(
     changes nothing, and a key gone (unacked for 30 days) is not made again. Plain
     commands cost Redis less than a script doing the same, and riding in the XDEL's
     pipeline the EXPIREs cost no pipeline of their own. They do not wait for the XDEL's
-    answer: in one pipeline to one slot an XDEL that fails while the EXPIRE after it
-    succeeds would take a type error (the key is always a stream), which only a test
-    can make; its one harm would be a resend, after the window, of a message whose
-    ack failed, stored twice."""
+    answer, so an ack can fail while its keys are shortened: an XDEL refused, a
+    connection lost after Redis ran them, or on a cluster a redirect of the XDEL that
+    gives up. The entries are then delivered and acked again (same msgIds); the one
+    harm is a resend of such a message after the window, stored twice."""
     box = keys.inbox(owner)
     shorten = [("EXPIRE", keys.dedupe(owner, s, c), window_s, "LT") for s, c in messages]
     return [("XDEL", box, *ids), ("XACK", box, keys.GROUP, *ids), *shorten]

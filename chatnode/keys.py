@@ -23,8 +23,8 @@ CONSUMER = "c"  # one session per user, so one consumer per inbox
 # must stay well above the window. A recipient may be offline for days, so this is no
 # window: it bounds the keys of messages never acked (their entry lost with a stream
 # Redis lost, or waiting for 30 days). A reader's unread counts (`unread`) live as long
-# from the last message stored for the reader: they stand in for the keys of messages
-# acked and not read, and must not outlive an abandoned account.
+# from the last message stored for the reader: past the dedupe window they stand in for
+# the keys of messages stored and not read, and must not outlive an abandoned account.
 DEDUPE_SAFETY_TTL_S = 30 * 24 * 3600
 SEEN_TTL_S = 400 * 24 * 3600
 
@@ -164,7 +164,27 @@ def parse_route(value: str | None) -> tuple[str, str] | None:
 # the consumer group (so Redis records it as delivered and unacked) and publish it to
 # the node holding the owner, tagged with the live token. Never raises: it runs after
 # the XADD, and a script that fails after its XADD would make a retry store twice.
-LUA_ROUTES = f"""
+# Lua for scripts that read an inbox's group: the id of the last entry its consumer
+# read (an entry after it was never delivered), or nil when the group is missing.
+LUA_DELIVERED = f"""
+local function delivered_upto(inbox)
+  local groups = redis.pcall('XINFO', 'GROUPS', inbox)
+  if type(groups) ~= 'table' or groups.err then return nil end
+  for _, g in ipairs(groups) do
+    local name, id = nil, nil
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] end
+      if g[i] == 'last-delivered-id' then id = g[i + 1] end
+    end
+    if name == '{GROUP}' then return id end
+  end
+  return nil
+end
+"""
+
+LUA_ROUTES = (
+    LUA_DELIVERED
+    + f"""
 local function channel(node, key)  -- keys.node_channel: the node's channel in key's slot
   return '{NODE_CHANNEL_PREFIX}' .. node .. ':' .. string.match(key, '^{{[^}}]*}}')
 end
@@ -178,17 +198,7 @@ local function push(inbox, route, owner, upto)
   if not node then return end
   local count = 100
   if upto then  -- only entries up to `upto`: those after may not be on a replica yet
-    local last = nil
-    local groups = redis.pcall('XINFO', 'GROUPS', inbox)
-    if type(groups) ~= 'table' or groups.err then return end
-    for _, g in ipairs(groups) do
-      local name, id = nil, nil
-      for i = 1, #g, 2 do
-        if g[i] == 'name' then name = g[i + 1] end
-        if g[i] == 'last-delivered-id' then id = g[i + 1] end
-      end
-      if name == '{GROUP}' then last = id end
-    end
+    local last = delivered_upto(inbox)
     if not last then return end
     count = #redis.call('XRANGE', inbox, '(' .. last, upto, 'COUNT', 100)
     if count == 0 then return end
@@ -201,3 +211,4 @@ local function push(inbox, route, owner, upto)
   end
 end
 """
+)

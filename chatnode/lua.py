@@ -16,6 +16,7 @@ from typing import Any
 from chatnode import channel, keys
 
 SCRIPTS: list[Script] = []  # every script made, loaded by each connection
+TRUST_SCAN = 200  # entries READ looks through for undelivered ones, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,7 @@ class Script:
 def _script(source: str, waits: bool = True) -> Script:
     """A Script with the group and consumer names of keys.py in place of $GROUP and
     $CONSUMER."""
-    names = {"$GROUP": keys.GROUP, "$CONSUMER": keys.CONSUMER}
+    names = {"$GROUP": keys.GROUP, "$CONSUMER": keys.CONSUMER, "$SCAN": str(TRUST_SCAN)}
     for name, value in names.items():
         source = source.replace(name, value)
     return Script(source, waits)
@@ -111,12 +112,16 @@ return 1
 # it) while the count lasts. Ids of sends a block dropped, and ids read already, are
 # passed over in silence, like receipts across a block. An id with no record (its key
 # expired: acked more than the dedupe window ago, or never sent) is taken on trust while
-# the sender's count of messages stored and not read lasts, one each: the server cannot
-# tell which message it names any more, only that there is one. Returns {ids with no
-# record and nothing left to count them against, ids stored but never delivered,
-# indexes of the ids to receipt (1-based, in frame order), how many the count gave}.
+# the sender's count of messages stored and not read lasts, one each, less the sender's
+# messages not delivered yet (after the group's last-delivered id: the count holds them
+# too, and a read must not stand for one of them); with more than TRUST_SCAN entries
+# waiting, or no group, nothing is taken on trust. The server cannot tell which message
+# such an id names any more, only that there is one. Returns {ids with no record and
+# nothing left to count them against, ids stored but never delivered, indexes of the
+# ids to receipt (1-based, in frame order), how many the count gave}.
 READ = _script(
-    """
+    keys.LUA_DELIVERED
+    + """
 local fresh, gone, undelivered = {}, {}, 0
 local left = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local took = 0
@@ -127,7 +132,7 @@ for i = 3, #KEYS do
   if not id then
     gone[#gone + 1] = i - 2
   elseif not string.find(rest, '|[br]') then
-    local out = ARGV[i] == '1'
+    local out = ARGV[i - 1] == '1'
     if not out then
       local held = redis.pcall('XPENDING', KEYS[1], '$GROUP', id, id, 1)
       out = type(held) == 'table' and held[1] ~= nil
@@ -141,9 +146,21 @@ for i = 3, #KEYS do
     end
   end
 end
-local missing = 0
+local missing, room = 0, 0
+if #gone > 0 and took < left then
+  local last = delivered_upto(KEYS[1])
+  if last then
+    local ahead = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', $SCAN + 1)
+    if #ahead <= $SCAN then
+      room = left
+      for _, e in ipairs(ahead) do
+        if e[2][2] == 'm' and e[2][4] == ARGV[1] then room = room - 1 end
+      end
+    end
+  end
+end
 for _, k in ipairs(gone) do
-  if took < left then
+  if took < room then
     took = took + 1
     fresh[#fresh + 1] = k
   else

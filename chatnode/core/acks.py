@@ -102,17 +102,16 @@ class Acks:
         """XDEL, then XACK, entries whose receipts are stored, and shorten the acked
         messages' dedupe keys (inbox.ack_commands): plain commands in the owner's slot.
         Nobody waits for them (no answer unless XDEL or XACK fails): they ride with
-        other work."""
+        other work. The ack is settled once both XDEL and XACK have answered."""
         core = self.core
-        failed: list[Exception] = []
+        replies: list[Any] = []
 
-        def deleted(reply: Any) -> None:
-            if isinstance(reply, Exception):
-                failed.append(reply)
-
-        def acked(reply: Any) -> None:
+        def removed(reply: Any) -> None:  # the XDEL's and the XACK's, in either order
+            replies.append(reply)  # (on a cluster a redirect can answer one later)
+            if len(replies) < 2:
+                return
             core.ledger.acked(ids)
-            if failed or isinstance(reply, Exception):
+            if any(isinstance(r, Exception) for r in replies):
                 self._unacked_again(done)
                 core.refuse(Code.UNAVAILABLE, ACK_FAILED, None, answer)
             else:
@@ -123,8 +122,8 @@ class Acks:
         messages = inbox.acked_messages(e for e, _ in done)
         window = core.settings.dedupe_window_s
         xdel, xack, *shorten = inbox.ack_commands(core.mobile, ids, messages, window)
-        core.emit(Call(xdel, deleted, None, (), True))
-        core.emit(Call(xack, acked, None, (), True))
+        core.emit(Call(xdel, removed, None, (), True))
+        core.emit(Call(xack, removed, None, (), True))
         for command in shorten:
             core.emit(Call(command, None, None, (), True))
 

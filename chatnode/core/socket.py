@@ -104,10 +104,9 @@ class SocketCore:
     # -- opening and ending ----------------------------------------------------------
 
     def start(self) -> None:
-        """The socket is open: hello, the send tokens an earlier socket left, the claim."""
+        """The socket is open: the send tokens an earlier socket left, the claim; hello
+        once the claim is through (_claimed)."""
         cfg = self.settings
-        # hello first: nothing else is queued for this session before it
-        self.answers.push(frames.hello(self.mobile, cfg.node_id, cfg.heartbeat_s))
         # answered before the claim, so before any frame is handled: reconnecting does
         # not refill them
         self.emit(Call(("GET", keys.send_tokens(self.mobile)), self._restore_send_tokens))
@@ -126,6 +125,11 @@ class SocketCore:
         if self.closed:
             return
         log.info("socket_open", user=self.mobile, session=self.sid)
+        # hello only now, and first: nothing is queued for this session before it (its
+        # frames wait for `ready`), and a peer that saw it finds the route pointing here
+        # (typing goes only where a route is)
+        cfg = self.settings
+        self.answers.push(frames.hello(self.mobile, cfg.node_id, cfg.heartbeat_s))
         self.ready = True
         self.delivery.step()
         self.release_held()

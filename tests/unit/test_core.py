@@ -54,8 +54,9 @@ def opened(**settings: object) -> tuple[SocketCore, Inbox]:
     core = make(**settings)  # type: ignore[arg-type]
     model = Inbox()
     core.start()
-    assert written(core)[0]["type"] == "hello"
+    assert written(core) == []  # hello waits for the claim
     assert run(core, model) == ["GET", "CLAIM", "XREADGROUP", "GO_LIVE"]
+    assert written(core)[0]["type"] == "hello"
     assert core.ready and not core.delivery.catching
     return core, model
 
@@ -84,6 +85,24 @@ def test_frames_before_the_claim_wait_and_go_in_order() -> None:
     assert [c.argv[1] for c in calls[1:]] == ["s1", "s2"]
 
 
+def test_hello_comes_once_the_route_is_claimed_and_before_anything_else() -> None:
+    """A peer that saw this socket's hello finds the route pointing at it: typing sent
+    right after the hello arrives (it goes only where a route is, to a ready socket)."""
+    core = make()
+    model = Inbox()
+    core.start()
+    core.receive(send(1))  # held until the claim
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["GET", "CLAIM"] and written(core) == []
+    core.typing_from(PEER, "start")  # before the claim: no route here yet, dropped
+    for call in calls:
+        feed(core, call, model.answer(call))
+    core.typing_from(PEER, "start")
+    take(core)
+    out = written(core)
+    assert [f["type"] for f in out] == ["hello", "typing"]
+
+
 def test_a_claim_that_fails_closes_with_1011() -> None:
     core = make()
     core.start()
@@ -91,6 +110,7 @@ def test_a_claim_that_fails_closes_with_1011() -> None:
     feed(core, calls[1], Unavailable())
     _, other = take(core)
     assert isinstance(other[0], Close) and other[0].code == CloseCode.INTERNAL
+    assert other[0].last == []  # no hello
 
 
 def test_a_claim_over_a_session_on_another_node_kicks_it() -> None:
@@ -213,6 +233,7 @@ def test_pushes_before_go_live_is_answered_wait_for_it() -> None:
             feed(core, call, model.answer(call))
         if go:
             break
+    assert [f["type"] for f in written(core)] == ["hello"]  # the claim is through
     reply = model.answer(go[0])  # the route is live now; the reply is on its way
     model.message_from_peer(1)
     token, entries = parse_push(model.pushes.popleft())
@@ -442,18 +463,24 @@ def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
     assert list(core.ledger.out) == ids and core.ledger.acking is None
 
 
+@pytest.mark.parametrize("order", ["in order", "XACK first"])
 @pytest.mark.parametrize("fails", ["XDEL", "XACK"])
-def test_a_failed_xdel_or_xack_answers_unavailable_and_keeps_redelivering(fails: str) -> None:
+def test_a_failed_xdel_or_xack_answers_unavailable_and_keeps_redelivering(
+    fails: str, order: str
+) -> None:
     """XDEL or XACK fails (Redis away, or refused): the ack is refused, and the entry
-    stays out on the socket to go again."""
+    stays out on the socket to go again. Nothing is settled before both have answered,
+    in whichever order (on a cluster a redirected XDEL can answer after the XACK)."""
     core, model = opened()
     ids = delivered(core, model, 1)
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
     feed(core, calls[0], ["ok"])
-    calls = take(core)[0]
-    for call in calls:
-        feed(core, call, Unavailable() if name_of(call) == fails else 1)
+    xdel, xack, _shorten = take(core)[0]
+    first, second = (xdel, xack) if order == "in order" else (xack, xdel)
+    feed(core, first, Unavailable() if name_of(first) == fails else 1)
+    assert written(core) == [] and core.ledger.acking is not None  # not settled yet
+    feed(core, second, Unavailable() if name_of(second) == fails else 1)
     error = written(core)[0]
     assert error["code"] == "unavailable" and error["message"] == ACK_FAILED
     assert list(core.ledger.out) == ids and core.ledger.acking is None
