@@ -335,6 +335,8 @@ def run_load(
         proc.join(timeout=10)
     summary = summarize(results, rate, cpu, args)
     summary["redis_usec_per_msg"] = stats.per_message(summary["delivered"])
+    if stats.aof:
+        summary["redis_aof"] = stats.aof
     summary["redis_io_per_s"] = {
         f"node{i + 1}": {k: round((b[k] - a[k]) / wall, 1) for k in ("pipelines", "commands")}
         for i, (a, b) in enumerate(zip(scrape0, scrape1, strict=True))
@@ -439,6 +441,12 @@ def print_table(r: dict[str, Any]) -> None:
         print(
             "  redis µs per msg (commandstats): "
             + "  ".join(f"{k} {v}" for k, v in r["redis_usec_per_msg"].items())
+        )
+    if r.get("redis_aof"):
+        a = r["redis_aof"]
+        print(
+            f"  redis append-only file: {a['bytes_per_msg']} B per msg (less across a "
+            f"rewrite), {a['rewrites']} rewrites, {a['children_cpu_s']} s CPU in children"
         )
     if "ceiling" in r:
         print(
@@ -654,7 +662,8 @@ def run_idle(cluster: Cluster, args: argparse.Namespace) -> list:
 
 class RedisStats:
     """Redis time per command over one run (INFO commandstats on a single Redis; a
-    command a script runs counts both in itself and in the script's EVALSHA)."""
+    command a script runs counts both in itself and in the script's EVALSHA), and what
+    the append-only file grew by, its rewrites and their CPU (INFO persistence, cpu)."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.port = 0
@@ -662,6 +671,9 @@ class RedisStats:
             self.port = urllib.parse.urlsplit(cluster.redis_url).port or 6379
             with redis.Redis(port=self.port, socket_timeout=10) as client:
                 self.before = client.info("commandstats")
+                self.cpu0 = client.info("cpu")
+                self.aof0 = client.info("persistence")
+        self.aof: dict[str, float] = {}
 
     def per_message(self, delivered: int) -> dict[str, float]:
         """Microseconds of Redis time per delivered message, by command, largest first."""
@@ -669,6 +681,15 @@ class RedisStats:
             return {}
         with redis.Redis(port=self.port, socket_timeout=10) as client:
             after = client.info("commandstats")
+            cpu1, aof1 = client.info("cpu"), client.info("persistence")
+        kids = ("used_cpu_user_children", "used_cpu_sys_children")
+        self.aof = {
+            "children_cpu_s": round(sum(cpu1[k] - self.cpu0[k] for k in kids), 2),
+            "rewrites": aof1.get("aof_rewrites", 0) - self.aof0.get("aof_rewrites", 0),
+            "bytes_per_msg": round(
+                (aof1.get("aof_current_size", 0) - self.aof0.get("aof_current_size", 0)) / delivered
+            ),
+        }
         out = {}
         for name, v in after.items():
             usec = v["usec"] - self.before.get(name, {}).get("usec", 0)
