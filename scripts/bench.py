@@ -334,9 +334,9 @@ def run_load(
     for proc in workers:
         proc.join(timeout=10)
     summary = summarize(results, rate, cpu, args)
-    summary["redis_usec_per_msg"] = stats.per_message(summary["delivered"])
-    if stats.aof:
-        summary["redis_aof"] = stats.aof
+    summary["redis_usec_per_msg"], aof = stats.per_message(summary["delivered"])
+    if aof:
+        summary["redis_aof"] = aof
     summary["redis_io_per_s"] = {
         f"node{i + 1}": {k: round((b[k] - a[k]) / wall, 1) for k in ("pipelines", "commands")}
         for i, (a, b) in enumerate(zip(scrape0, scrape1, strict=True))
@@ -673,17 +673,18 @@ class RedisStats:
                 self.before = client.info("commandstats")
                 self.cpu0 = client.info("cpu")
                 self.aof0 = client.info("persistence")
-        self.aof: dict[str, float] = {}
 
-    def per_message(self, delivered: int) -> dict[str, float]:
-        """Microseconds of Redis time per delivered message, by command, largest first."""
+    def per_message(self, delivered: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Microseconds of Redis time per delivered message, by command, largest first;
+        and the append-only file's bytes per message, rewrites and their CPU. Both empty
+        on a cluster."""
         if not self.port or not delivered:
-            return {}
+            return {}, {}
         with redis.Redis(port=self.port, socket_timeout=10) as client:
             after = client.info("commandstats")
             cpu1, aof1 = client.info("cpu"), client.info("persistence")
         kids = ("used_cpu_user_children", "used_cpu_sys_children")
-        self.aof = {
+        aof = {
             "children_cpu_s": round(sum(cpu1[k] - self.cpu0[k] for k in kids), 2),
             "rewrites": aof1.get("aof_rewrites", 0) - self.aof0.get("aof_rewrites", 0),
             "bytes_per_msg": round(
@@ -695,7 +696,7 @@ class RedisStats:
             usec = v["usec"] - self.before.get(name, {}).get("usec", 0)
             out[name.removeprefix("cmdstat_")] = round(usec / delivered, 2)
         top = sorted(out.items(), key=lambda kv: -kv[1])
-        return {k: v for k, v in top if v >= 0.05}
+        return {k: v for k, v in top if v >= 0.05}, aof
 
 
 def redis_memory(cluster: Cluster) -> dict[str, int]:

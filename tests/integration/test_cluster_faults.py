@@ -93,43 +93,34 @@ async def traffic_through(
     order; close the clients. The unavailable window (from the fault to the last error
     or dropped socket) is reported and returned."""
     try:
-        return await _traffic_through(clients, pairs, fault, scenario)
+        fault_at = [0.0]
+
+        async def inject() -> None:
+            fault_at[0] = time.monotonic()
+            await asyncio.to_thread(fault)
+
+        await run_traffic(clients, pairs, asyncio.ensure_future(inject()), at=PER_SENDER // 3)
+        sent = sum(len(c.sent) for c in clients)
+
+        def settled() -> bool:
+            if any(len(c.accepted) < len(c.sent) for c in clients):
+                return False
+            return sum(len(c.messages()) for c in clients) >= sent
+
+        await settle(clients, settled, timeout=90)
+        troubles = [t for c in clients for t in c.troubles if t >= fault_at[0]]
+        window = round(max(troubles) - fault_at[0], 2) if troubles else 0.0
+        assert (
+            check_every_accepted_arrived_once_in_order(
+                clients, scenario, fault_at[0], unavailable_s=window
+            )
+            == sent
+        )
+        assert sent == 2 * len(pairs) * PER_SENDER
+        return window
     finally:
         for c in clients:
             await c.close()
-
-
-async def _traffic_through(
-    clients: list[Resilient],
-    pairs: list[tuple[Resilient, Resilient]],
-    fault: Callable[[], None],
-    scenario: str,
-) -> float:
-    fault_at = [0.0]
-
-    async def inject() -> None:
-        fault_at[0] = time.monotonic()
-        await asyncio.to_thread(fault)
-
-    await run_traffic(clients, pairs, asyncio.ensure_future(inject()), at=PER_SENDER // 3)
-    sent = sum(len(c.sent) for c in clients)
-
-    def settled() -> bool:
-        if any(len(c.accepted) < len(c.sent) for c in clients):
-            return False
-        return sum(len(c.messages()) for c in clients) >= sent
-
-    await settle(clients, settled, timeout=90)
-    troubles = [t for c in clients for t in c.troubles if t >= fault_at[0]]
-    window = round(max(troubles) - fault_at[0], 2) if troubles else 0.0
-    assert (
-        check_every_accepted_arrived_once_in_order(
-            clients, scenario, fault_at[0], unavailable_s=window
-        )
-        == sent
-    )
-    assert sent == 2 * len(pairs) * PER_SENDER
-    return window
 
 
 @pytest.mark.timeout(240)
