@@ -104,8 +104,7 @@ class Delivery:
             reply = []
         reply = inbox.pending_entries(reply)
         if gen != self.gen:  # the catch-up restarted meanwhile
-            if not self.failed:  # (after a failure the sweep retries: no loop while
-                self.step()  # Redis is away)
+            self._stale_reply(reply)
             return
         if isinstance(reply, Exception):
             self._stall(reply)
@@ -121,8 +120,7 @@ class Delivery:
     def _on_go_live(self, gen: int, token: str, reply: Any) -> None:
         self.reading = False
         if gen != self.gen:
-            if not self.failed:
-                self.step()
+            self._stale_reply(reply)
             return
         if isinstance(reply, Exception):
             self._stall(reply)
@@ -167,6 +165,15 @@ class Delivery:
         core = self.core
         args, argv = inbox.unlive_call(core.mobile, core.route)
         core.emit(Call(args, done, lua.UNLIVE, argv))
+
+    def _stale_reply(self, reply: Any) -> None:
+        """The reply of a read the catch-up restarted past: the new catch-up goes on from
+        here, unless the read failed or one failed since. After a failure only the sweep
+        retries: no loop at event-loop speed while Redis is away."""
+        if isinstance(reply, Exception):
+            self.stalled = self.failed = True
+        elif not self.failed:
+            self.step()
 
     def _stall(self, error: Exception) -> None:
         """A read failed (Redis away): the sweep restarts the catch-up from the start,

@@ -277,6 +277,30 @@ def test_a_failed_unlive_starts_the_catch_up_over() -> None:
     assert [name_of(c) for c in take(core)[0]] == ["UNLIVE", "XREADGROUP"]
 
 
+def test_a_failed_read_the_catch_up_restarted_past_waits_for_the_sweep() -> None:
+    """GO_LIVE in flight, the catch-up restarts (the node's channel came back), then
+    GO_LIVE fails: the new catch-up does not read at once on the back of that failure
+    (Redis is likely away), only at the next sweep."""
+    core = make()
+    model = Inbox()
+    core.start()
+    while True:
+        calls, _ = take(core)
+        go = [c for c in calls if name_of(c) == "GO_LIVE"]
+        for call in calls:
+            if call not in go:
+                feed(core, call, model.answer(call))
+        if go:
+            break
+    core.delivery.restart()
+    assert [name_of(c) for c in take(core)[0]] == ["UNLIVE"]  # GO_LIVE is still reading
+    feed(core, go[0], Unavailable())
+    assert take(core) == ([], [])
+    assert core.delivery.stalled and core.delivery.failed
+    core.tick(core.node.clock.monotonic())
+    assert [name_of(c) for c in take(core)[0]] == ["UNLIVE", "XREADGROUP"]
+
+
 def test_while_redis_is_away_a_catch_up_retries_only_at_the_sweep() -> None:
     """The catch-up's UNLIVE and read both fail (Redis away): no new read comes of the
     failures themselves (that was a loop at event-loop speed), one per sweep tick."""
