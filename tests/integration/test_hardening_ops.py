@@ -202,6 +202,8 @@ async def test_an_incomplete_request_is_closed(web_node: NodeProc, sent: bytes) 
         assert took <= 15
     finally:
         writer.close()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 async def test_headers_trickled_byte_by_byte_are_closed(web_node: NodeProc) -> None:
@@ -224,6 +226,8 @@ async def test_headers_trickled_byte_by_byte_are_closed(web_node: NodeProc) -> N
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await feeder
         writer.close()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 async def test_an_idle_keepalive_connection_is_closed(web_node: NodeProc) -> None:
@@ -237,6 +241,8 @@ async def test_an_idle_keepalive_connection_is_closed(web_node: NodeProc) -> Non
         assert took <= 12
     finally:
         writer.close()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 async def test_a_trickled_body_gets_408_and_is_closed(web_node: NodeProc) -> None:
@@ -252,6 +258,8 @@ async def test_a_trickled_body_gets_408_and_is_closed(web_node: NodeProc) -> Non
         assert got.startswith(b"HTTP/1.1 408"), got[:200]
     finally:
         writer.close()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 async def test_honest_requests_on_one_connection_still_work(
@@ -339,4 +347,6 @@ async def test_readyz_answers_503_while_draining(
     finally:
         if writer is not None:
             writer.close()
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 5)
         node.stop()
