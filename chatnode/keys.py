@@ -23,8 +23,10 @@ CONSUMER = "c"  # one session per user, so one consumer per inbox
 # must stay well above the window. A recipient may be offline for days, so this is no
 # window: it bounds the keys of messages never acked (their entry lost with a stream
 # Redis lost, or waiting for 30 days). A reader's unread counts (`unread`) live as long
-# from the last message stored for the reader: past the dedupe window they stand in for
-# the keys of messages stored and not read, and must not outlive an abandoned account.
+# from the last time one of them started (a sender's count went from nothing to 1) or
+# was given back: past the dedupe window they stand in for the keys of messages stored
+# and not read, and must not outlive an abandoned account. (Not set again at every
+# message: that EXPIRE cost Redis a command per message.)
 DEDUPE_SAFETY_TTL_S = 30 * 24 * 3600
 SEEN_TTL_S = 400 * 24 * 3600
 

@@ -56,13 +56,14 @@ def _script(source: str, waits: bool = True) -> Script:
 # inbox.ack_commands); a blocked send is never acked, so its key gets the window at
 # once. A stored message counts once in the recipient's unread count of the sender (a
 # resend is answered above, before it), capped, so that READ can vouch for it once its
-# key is gone.
+# key is gone; the counts get their TTL when a sender's count starts (not at every
+# message: one command less).
 SEND = _script(
     keys.LUA_ROUTES
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
-local seen = redis.call('MGET', KEYS[4], KEYS[5])
-local prior = seen[1]
+local seen = redis.call('MGET', KEYS[1], KEYS[4], KEYS[5])
+if not seen[1] then return {'unknown'} end
+local prior = seen[2]
 if prior then
   local id, ts = string.match(prior, '^([^|]+)|([^|]+)')
   return {'ok', id, ts}
@@ -79,11 +80,13 @@ end
 local id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],
                       'b', ARGV[3], 't', ARGV[4])
 redis.call('SET', KEYS[4], id .. '|' .. ARGV[4], 'EX', ARGV[6])
-if redis.call('HINCRBY', KEYS[6], ARGV[1], 1) > tonumber(ARGV[10]) then
+local count = redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+if count == 1 then
+  redis.call('EXPIRE', KEYS[6], ARGV[6])
+elseif count > tonumber(ARGV[10]) then
   redis.call('HSET', KEYS[6], ARGV[1], ARGV[10])
 end
-redis.call('EXPIRE', KEYS[6], ARGV[6])
-if ARGV[9] == '1' then push(KEYS[3], seen[2], ARGV[7]) end
+if ARGV[9] == '1' then push(KEYS[3], seen[3], ARGV[7]) end
 return {'ok', id, ARGV[4]}
 """
 )
@@ -206,13 +209,14 @@ return back
 RECEIPT = _script(
     keys.LUA_ROUTES
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+local known = redis.call('MGET', KEYS[1], KEYS[4])
+if not known[1] then return {'unknown'} end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[1] == 1 or hit[2] == 1 then return {'dropped'} end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then return {ARGV[7]} end
 redis.call('XADD', KEYS[3], '*', 'k', 'r', 's', ARGV[2], 'f', ARGV[1], 'i', ARGV[3],
            't', ARGV[4])
-push(KEYS[3], redis.call('GET', KEYS[4]), ARGV[5])
+push(KEYS[3], known[2], ARGV[5])
 return {'ok'}
 """
 )
@@ -320,11 +324,11 @@ def release_call(mobile: str, route: str, ms: int) -> tuple[list[str], list[Any]
 TYPING = _script(
     keys.LUA_ROUTES
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local known = redis.call('MGET', KEYS[1], KEYS[3])
+local route = known[2]
+if not known[1] or not route then return 0 end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[1] == 1 or hit[2] == 1 then return 0 end
-local route = redis.call('GET', KEYS[3])
-if not route then return 0 end
 redis.call('SPUBLISH', channel(string.match(route, '^[^|]+'), KEYS[3]), ARGV[2])
 return 1
 """
