@@ -26,6 +26,27 @@ CREATE TABLE IF NOT EXISTS auth_events (
 );
 CREATE INDEX IF NOT EXISTS auth_events_user_idx ON auth_events (user_id, at);
 
+-- A user's devices (POST /auth/login's `device`, `default` when absent): at most
+-- CHATNODE_MAX_DEVICES each; removed by DELETE /devices/{id} or after
+-- CHATNODE_DEVICE_IDLE_DAYS unseen.
+CREATE TABLE IF NOT EXISTS devices (
+    id         BIGSERIAL PRIMARY KEY,
+    user_id    BIGINT      NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    name       TEXT        NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_seen  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    UNIQUE (user_id, name)
+);
+CREATE INDEX IF NOT EXISTS devices_last_seen_idx ON devices (last_seen);
+
+-- The unexpired tokens of each device: removing the device revokes them.
+CREATE TABLE IF NOT EXISTS device_tokens (
+    jti        TEXT        PRIMARY KEY,
+    device_id  BIGINT      NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_tokens_device_idx ON device_tokens (device_id);
+
 -- Logged-out tokens until they expire; Redis holds a copy for the hot check.
 CREATE TABLE IF NOT EXISTS revoked_tokens (
     jti        TEXT        PRIMARY KEY,

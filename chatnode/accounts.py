@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from chatnode.errors import Conflict, Unavailable
+from chatnode.errors import Conflict, TooManyDevices, Unavailable
 
 QUERY_TIMEOUT_S = 5.0
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
@@ -170,6 +170,121 @@ async def store_last_seen(pool: Any, seen: Iterable[tuple[str, int]]) -> None:
             "UPDATE users u SET last_seen = v.ts FROM unnest($1::text[], $2::timestamptz[])"
             " AS v(m, ts) WHERE u.mobile_no = v.m AND (u.last_seen IS NULL OR u.last_seen < v.ts)",
             mobiles,
+            times,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: int
+    name: str
+    created_at: datetime
+    last_seen: datetime
+
+
+async def login_device(
+    pool: Any, user_id: int, name: str, most: int, jti: str, expires_at: datetime
+) -> int:
+    """The id of `user_id`'s device `name`, made if new (TooManyDevices past `most`); the
+    token `jti` is recorded as the device's, and the device is seen now. One transaction
+    holding the user's row, so two logins cannot both pass the limit."""
+    async with connection(pool) as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+        device_id = await conn.fetchval(
+            "UPDATE devices SET last_seen = now() WHERE user_id = $1 AND name = $2 RETURNING id",
+            user_id,
+            name,
+        )
+        if device_id is None:
+            count = await conn.fetchval("SELECT count(*) FROM devices WHERE user_id = $1", user_id)
+            if count >= most:
+                raise TooManyDevices()
+            device_id = await conn.fetchval(
+                "INSERT INTO devices (user_id, name) VALUES ($1, $2) RETURNING id", user_id, name
+            )
+        await conn.execute(
+            "INSERT INTO device_tokens (jti, device_id, expires_at) VALUES ($1, $2, $3)",
+            jti,
+            device_id,
+            expires_at,
+        )
+    return int(device_id)
+
+
+async def list_devices(pool: Any, user_id: int) -> list[Device]:
+    async with connection(pool) as conn:
+        rows = await conn.fetch(
+            "SELECT id, name, created_at, last_seen FROM devices WHERE user_id = $1 ORDER BY id",
+            user_id,
+        )
+    return [Device(r["id"], r["name"], r["created_at"], r["last_seen"]) for r in rows]
+
+
+async def device_exists(pool: Any, user_id: int, device_id: int) -> bool:
+    async with connection(pool) as conn:
+        return bool(
+            await conn.fetchval(
+                "SELECT 1 FROM devices WHERE id = $1 AND user_id = $2", device_id, user_id
+            )
+        )
+
+
+async def remove_device(
+    pool: Any, user_id: int, device_id: int, node: str
+) -> list[tuple[str, int]] | None:
+    """Remove one of `user_id`'s devices: its unexpired tokens are revoked in the same
+    transaction. Their (jti, expiry as a Unix time), for Redis and the open sockets;
+    None if the user has no such device."""
+    async with connection(pool) as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT t.jti, extract(epoch FROM t.expires_at)::bigint AS exp, t.expires_at"
+            " FROM device_tokens t JOIN devices d ON d.id = t.device_id"
+            " WHERE d.id = $1 AND d.user_id = $2 AND t.expires_at > now() FOR UPDATE OF d",
+            device_id,
+            user_id,
+        )
+        gone = await conn.fetchval(
+            "DELETE FROM devices WHERE id = $1 AND user_id = $2 RETURNING id", device_id, user_id
+        )
+        if gone is None:
+            return None
+        await conn.executemany(
+            "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(r["jti"], r["expires_at"]) for r in rows],
+        )
+        await conn.execute(
+            "INSERT INTO auth_events (user_id, kind, node) VALUES ($1, 'device_removed', $2)",
+            user_id,
+            node,
+        )
+        await conn.execute("DELETE FROM device_tokens WHERE expires_at < now()")
+    return [(r["jti"], int(r["exp"])) for r in rows]
+
+
+async def idle_devices(pool: Any, idle_days: float, most: int) -> list[tuple[int, str, int]]:
+    """(user id, number, device id) of up to `most` devices unseen for `idle_days`."""
+    async with connection(pool) as conn:
+        rows = await conn.fetch(
+            "SELECT d.user_id, u.mobile_no, d.id FROM devices d JOIN users u ON u.id = d.user_id"
+            " WHERE d.last_seen < now() - make_interval(secs => $1) ORDER BY d.last_seen LIMIT $2",
+            idle_days * 86400.0,
+            most,
+        )
+    return [(r["user_id"], r["mobile_no"], r["id"]) for r in rows]
+
+
+async def store_device_seen(pool: Any, seen: Iterable[tuple[int, int]]) -> None:
+    """Write devices' last-seen times (device id, ms since epoch) in one statement."""
+    pairs = list(seen)
+    if not pairs:
+        return
+    ids = [d for d, _ in pairs]
+    times = [datetime.fromtimestamp(ms / 1000, UTC) for _, ms in pairs]
+    async with connection(pool) as conn:
+        await conn.execute(
+            "UPDATE devices d SET last_seen = v.ts FROM unnest($1::bigint[], $2::timestamptz[])"
+            " AS v(i, ts) WHERE d.id = v.i AND d.last_seen < v.ts",
+            ids,
             times,
         )
 

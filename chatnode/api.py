@@ -144,6 +144,8 @@ def build(services: Services, *, with_metrics: bool = True) -> web.Application:
     app.router.add_post("/auth/signin", apiauth.signup)
     app.router.add_post("/auth/login", apiauth.login)
     app.router.add_post("/auth/logout", apiauth.logout)
+    app.router.add_get("/devices", apiauth.list_devices)
+    app.router.add_delete("/devices/{deviceId}", apiauth.delete_device)
     app.router.add_post("/block-action/block", block)
     app.router.add_delete("/block-action/unblock", unblock)
     app.router.add_get("/block-action/list", block_list)

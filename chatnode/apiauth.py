@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import unicodedata
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from chatnode import accounts, auth, blocks, channel, keys, logs, ratelimit
+from chatnode import accounts, auth, blocks, channel, devices, keys, logs, ratelimit
 from chatnode.apibase import (
     SERVICES,
     Services,
@@ -21,7 +22,14 @@ from chatnode.apibase import (
     string_field,
 )
 from chatnode.config import Settings
-from chatnode.errors import ChatError, Conflict, InvalidCredentials, InvalidRequest, RateLimited
+from chatnode.errors import (
+    ChatError,
+    Conflict,
+    InvalidCredentials,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+)
 from chatnode.frames import is_mobile
 from chatnode.redisio import Redis
 
@@ -43,12 +51,13 @@ INVISIBLE = frozenset(
 UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
-def name_field(body: dict[str, Any]) -> str:
-    name = string_field(body, "name")
+def name_field(body: dict[str, Any], field: str = "name") -> str:
+    """A name people read (an account's, a device's): 1-64 printable characters."""
+    name = string_field(body, field)
     if not 1 <= len(name) <= 64 or not name.strip():
-        raise InvalidRequest("name must be 1-64 characters")
+        raise InvalidRequest(f"{field} must be 1-64 characters")
     if any(ch in INVISIBLE or unicodedata.category(ch) in UNPRINTABLE_CATEGORIES for ch in name):
-        raise InvalidRequest("name must not contain control, format or invisible characters")
+        raise InvalidRequest(f"{field} must not contain control, format or invisible characters")
     return name
 
 
@@ -105,6 +114,8 @@ async def login(request: web.Request) -> web.Response:
     password = string_field(body, "password")
     if not isinstance(mobile, str):
         raise InvalidRequest("mobileNo must be a string")
+    named = "device" in body  # a v2 login: the answer and `hello` name the device
+    device = name_field(body, "device") if named else devices.DEFAULT_NAME
     cfg = svc.settings
     address = client_address(request)
     limits = login_limits(cfg, mobile if is_mobile(mobile) else "malformed", address)
@@ -124,11 +135,20 @@ async def login(request: web.Request) -> web.Response:
             await record_failed_login(svc, user)
         raise InvalidCredentials()
     await ratelimit.release(svc.batcher, limits)
-    token, claims = svc.tokens.issue(user.mobile, user.id)
+    claims = svc.tokens.claims(user.mobile, user.id)
+    expires = datetime.fromtimestamp(claims.expires_at, UTC)
+    device_id = await accounts.login_device(
+        svc.pool, user.id, device, cfg.max_devices, claims.jti, expires
+    )
+    claims = dataclasses.replace(claims, device=device_id, named=named)
+    token = svc.tokens.encode(claims)
     svc.tokens.known.remember(user.id, user.mobile)
     await accounts.record_event(svc.pool, user.id, "login", cfg.node_id)
-    log.info("login", user=user.mobile)
-    return ok(message="logged in", token=token, expiresIn=claims.expires_at - _now())
+    log.info("login", user=user.mobile, device=device_id)
+    answer: dict[str, Any] = {"token": token, "expiresIn": claims.expires_at - _now()}
+    if named:  # a v1 login (no `device`) gets the v1 answer, field for field
+        answer["deviceId"] = str(device_id)
+    return ok(message="logged in", **answer)
 
 
 async def record_failed_login(svc: Services, user: accounts.User) -> None:
@@ -154,7 +174,7 @@ async def logout(request: web.Request) -> web.Response:
     except ChatError:
         # PostgreSQL holds the revocation and Redis does not: no node may trust Redis
         # alone until it holds them all again (they are then copied back)
-        _distrust_redis_revocations(svc.batcher, keys.partition(claims.jti))
+        distrust_redis_revocations(svc.batcher, keys.partition(claims.jti))
         raise
     try:
         route = await svc.batcher.run("GET", keys.route(claims.mobile))
@@ -165,10 +185,38 @@ async def logout(request: web.Request) -> web.Response:
     return ok(message="logged out")
 
 
+async def list_devices(request: web.Request) -> web.Response:
+    """The caller's devices, oldest first."""
+    svc = request.app[SERVICES]
+    claims = await current_user(request)
+    return ok(data=devices.listing(await accounts.list_devices(svc.pool, claims.uid)))
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    """Remove one of the caller's devices (404 for any other id): its tokens stop working
+    and its socket closes with 4003. The caller may remove the device it calls from."""
+    svc = request.app[SERVICES]
+    claims = await current_user(request)
+    raw = request.match_info["deviceId"]
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= auth.MAX_UID:
+        raise NotFound("no such device")
+    await devices.remove(
+        svc.pool,
+        svc.batcher,
+        svc.router,
+        claims.uid,
+        claims.mobile,
+        int(raw),
+        svc.settings.node_id,
+        distrust_redis_revocations,
+    )
+    return ok(message="device removed")
+
+
 _distrusting: set[asyncio.Task[None]] = set()
 
 
-def _distrust_redis_revocations(batcher: Redis, part: int) -> None:
+def distrust_redis_revocations(batcher: Redis, part: int) -> None:
     """Delete the marker saying Redis holds every revocation of the token's partition,
     retried for a while in the background (Redis may be away right now)."""
 

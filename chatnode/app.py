@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import re
 import signal
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,20 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from chatnode import accounts, api, apibase, auth, keys, logs, redisio, slotmap, wsserver
+from chatnode import (
+    accounts,
+    api,
+    apiauth,
+    apibase,
+    auth,
+    devices,
+    keys,
+    logs,
+    presence,
+    redisio,
+    slotmap,
+    wsserver,
+)
 from chatnode.cluster import Cluster
 from chatnode.config import REPLICA_ACKS_AUTO, Settings
 from chatnode.core.answers import OUT_BUFFER_LOW
@@ -174,6 +188,13 @@ class Node:
             ),
             asyncio.create_task(self._every(SEEN_FLUSH_S, self._flush_seen), name="seen"),
             asyncio.create_task(
+                self._every(
+                    devices.sweep_period(s.device_idle_days) * random.uniform(0.9, 1.1),
+                    self._remove_idle_devices,
+                ),
+                name="idle-devices",
+            ),
+            asyncio.create_task(
                 self._every(EVICTION_CHECK_S, self._check_eviction), name="eviction"
             ),
         ]
@@ -322,14 +343,38 @@ class Node:
                     log.warning("sweep_failed", sweep=name, error=type(exc).__name__)
 
     async def _flush_seen(self) -> None:
-        assert self.gateway is not None
-        pending, self.gateway.seen_to_store = self.gateway.seen_to_store, {}
+        """Last seen of users and of devices, to PostgreSQL."""
+        gateway = self.gateway
+        assert gateway is not None
+        pending, gateway.seen_to_store = gateway.seen_to_store, {}
+        by_device, gateway.device_seen_to_store = gateway.device_seen_to_store, {}
         try:
             await accounts.store_last_seen(self.pool, pending.items())
+            await accounts.store_device_seen(self.pool, by_device.items())
         except Exception:
             for mobile, ms in pending.items():  # keep them for the next flush
-                self.gateway.seen_to_store.setdefault(mobile, ms)
+                gateway.seen_to_store.setdefault(mobile, ms)
+            for device, ms in by_device.items():
+                gateway.device_seen_to_store.setdefault(device, ms)
             raise
+
+    async def _remove_idle_devices(self) -> None:
+        """Devices unseen for CHATNODE_DEVICE_IDLE_DAYS go, like DELETE /devices/{id}. The
+        devices with a socket open here are seen now first: every node does so each
+        period, a small part of the idle time, so no connected device is ever idle."""
+        assert self.gateway is not None and self.batcher is not None
+        now = presence.now_ms()
+        for s in list(self.gateway.sessions.values()):
+            self.gateway.device_seen_to_store[s.core.device] = now
+        await self._flush_seen()
+        await devices.remove_idle(
+            self.pool,
+            self.batcher,
+            self.gateway.router,
+            self.settings.device_idle_days,
+            self.settings.node_id,
+            apiauth.distrust_redis_revocations,
+        )
 
     async def stop(self) -> None:
         """Drain sockets with 1012, then close servers and pools in reverse order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import threading
@@ -11,7 +12,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import bcrypt
 import jwt
@@ -159,6 +160,8 @@ class Claims:
     jti: str
     expires_at: int
     uid: int  # users.id of the account the token was issued to
+    device: int = 0  # devices.id of the device it was issued to (0 until it is made)
+    named: bool = False  # the login named the device (v2); v1 logins get `default`
 
 
 class KnownAccounts:
@@ -223,36 +226,52 @@ class Tokens:
             self._reload = asyncio.get_running_loop().create_task(load_revocations(batcher, pool))
             self._reload.add_done_callback(_log_failure)
 
-    def issue(self, mobile: str, uid: int) -> tuple[str, Claims]:
-        now = int(time.time())
-        claims = Claims(mobile, secrets.token_urlsafe(16), now + self.ttl_s, uid)
+    def claims(self, mobile: str, uid: int) -> Claims:
+        """New claims (a fresh jti, the expiry) for a token not issued yet: the device
+        is made with the jti, then the token (`encode`)."""
+        return Claims(mobile, secrets.token_urlsafe(16), int(time.time()) + self.ttl_s, uid)
+
+    def encode(self, claims: Claims) -> str:
         payload = {
-            "sub": mobile,
-            "uid": uid,
+            "sub": claims.mobile,
+            "uid": claims.uid,
+            "did": claims.device,
             "jti": claims.jti,
-            "iat": now,
+            "iat": claims.expires_at - self.ttl_s,
             "exp": claims.expires_at,
         }
-        return jwt.encode(payload, self._secret, algorithm="HS256"), claims
+        if claims.named:
+            payload["dnm"] = 1
+        return jwt.encode(payload, self._secret, algorithm="HS256")
+
+    def issue(self, mobile: str, uid: int, device: int, named: bool = False) -> tuple[str, Claims]:
+        claims = dataclasses.replace(self.claims(mobile, uid), device=device, named=named)
+        return self.encode(claims), claims
 
     def decode(self, token: str) -> Claims:
         """The claims of a well-signed, unexpired token; a token without the account id
-        (issued before it was added) is refused: its owner logs in again."""
+        or the device id (issued before they were added) is refused: its owner logs in
+        again."""
         try:
             payload = jwt.decode(
                 token,
                 self._secret,
                 algorithms=["HS256"],
-                options={"require": ["sub", "uid", "jti", "exp"]},
+                options={"require": ["sub", "uid", "did", "jti", "exp"]},
             )
         except jwt.PyJWTError:
             raise Unauthorized() from None
-        sub, uid, jti, exp = (payload.get(k) for k in ("sub", "uid", "jti", "exp"))
+        sub, uid, did, jti, exp = (payload.get(k) for k in ("sub", "uid", "did", "jti", "exp"))
         if not isinstance(sub, str) or not isinstance(jti, str) or not isinstance(exp, int):
             raise Unauthorized()
-        if not isinstance(uid, int) or isinstance(uid, bool) or not 0 < uid <= MAX_UID:
+        if not _an_id(uid) or not _an_id(did):
             raise Unauthorized()
-        return Claims(sub, jti, exp, uid)
+        return Claims(sub, jti, exp, uid, did, payload.get("dnm") == 1)
+
+
+def _an_id(value: Any) -> TypeGuard[int]:
+    """A BIGSERIAL id as a token may carry it: a positive JSON integer."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_UID
 
 
 async def authenticate(tokens: Tokens, batcher: Redis, pool: Any, token: str | None) -> Claims:

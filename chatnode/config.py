@@ -45,6 +45,11 @@ DEFAULT_UNACKED_MAX_BYTES = 1024 * 1024
 # How long a send's client id is remembered once its message is acked (docs/PROTOCOL.md,
 # guarantee 2): what Redis keeps per message after the ack is this much traffic at most.
 DEFAULT_DEDUPE_WINDOW_S = 600
+# Devices a user may have at once (POST /auth/login with a new `device` name past it: 409),
+# and the days a device may go unseen before it is removed with its tokens.
+DEFAULT_MAX_DEVICES = 5
+MAX_MAX_DEVICES = 20
+DEFAULT_DEVICE_IDLE_DAYS = 30
 MAX_DEDUPE_WINDOW_S = 600
 # Replicas that must hold a write before it counts (docs/ARCHITECTURE.md, "Writes that
 # wait for a replica"): AUTO is 1 on a cluster whose shards all have a replica, 0 on a
@@ -108,6 +113,8 @@ class Settings:
     unacked_max_entries: int = DEFAULT_UNACKED_MAX_ENTRIES
     unacked_max_bytes: int = DEFAULT_UNACKED_MAX_BYTES
     dedupe_window_s: int = DEFAULT_DEDUPE_WINDOW_S
+    max_devices: int = DEFAULT_MAX_DEVICES
+    device_idle_days: float = DEFAULT_DEVICE_IDLE_DAYS
     replica_acks: int = REPLICA_ACKS_AUTO
     replica_wait_ms: int = DEFAULT_REPLICA_WAIT_MS
     # 0: /metrics on the HTTP port; else only on this port (keep it off the proxy)
@@ -162,6 +169,10 @@ class Settings:
             raise ConfigError(
                 f"CHATNODE_DEDUPE_WINDOW_S must be between 1 and {MAX_DEDUPE_WINDOW_S} seconds"
             )
+        if not 1 <= self.max_devices <= MAX_MAX_DEVICES:
+            raise ConfigError(f"CHATNODE_MAX_DEVICES must be between 1 and {MAX_MAX_DEVICES}")
+        if not 0 < self.device_idle_days < math.inf:
+            raise ConfigError("CHATNODE_DEVICE_IDLE_DAYS must be a positive number of days")
         if (
             self.replica_acks < REPLICA_ACKS_AUTO
             or not 0 < self.replica_wait_ms <= MAX_REPLICA_WAIT_MS

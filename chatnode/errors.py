@@ -21,6 +21,7 @@ class Code(StrEnum):
     TOO_LARGE = "too_large"
     BLOCKED = "blocked"
     INBOX_FULL = "inbox_full"
+    TOO_MANY_DEVICES = "too_many_devices"
 
 
 HTTP_STATUS: dict[Code, int] = {
@@ -29,6 +30,7 @@ HTTP_STATUS: dict[Code, int] = {
     Code.INVALID_CREDENTIALS: 401,
     Code.NOT_FOUND: 404,
     Code.CONFLICT: 409,
+    Code.TOO_MANY_DEVICES: 409,
     Code.PAYLOAD_TOO_LARGE: 413,
     Code.RATE_LIMITED: 429,
     Code.UNAVAILABLE: 503,
@@ -87,6 +89,11 @@ class NotFound(ChatError):
 class Conflict(ChatError):
     code = Code.CONFLICT
     default_message = "already exists"
+
+
+class TooManyDevices(ChatError):
+    code = Code.TOO_MANY_DEVICES
+    default_message = "this account has as many devices as it may; remove one first"
 
 
 class Unavailable(ChatError):

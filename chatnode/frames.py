@@ -155,9 +155,14 @@ def _dump(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj)
 
 
-def hello(mobile: str, node: str, heartbeat: float) -> bytes:
+def hello(mobile: str, node: str, heartbeat: float, device: str | None = None) -> bytes:
+    """`device`: the device's id for a session whose login named its device (v2); a v1
+    login's hello is v1's, field for field."""
     beat: float | int = int(heartbeat) if float(heartbeat).is_integer() else heartbeat
-    return _dump({"type": "hello", "mobileNo": mobile, "node": node, "heartbeat": beat})
+    frame: dict[str, Any] = {"type": "hello", "mobileNo": mobile, "node": node, "heartbeat": beat}
+    if device is not None:
+        frame["deviceId"] = device
+    return _dump(frame)
 
 
 def accepted(client_id: str, msg_id: str, ts: int) -> bytes:

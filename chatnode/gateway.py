@@ -69,6 +69,7 @@ class Gateway:
         self.node = Node(settings, metrics, channel_up=lambda: router.connected.is_set())
         self.sessions: dict[str, Session] = {}
         self.seen_to_store: dict[str, int] = {}
+        self.device_seen_to_store: dict[int, int] = {}  # devices.id -> ms
         self.slowpath = SlowPath(
             batcher,
             Recipients(pool, batcher),
@@ -89,13 +90,22 @@ class Gateway:
         return await handshake.authorize(self, conn, request)
 
     def on_open(self, conn: Conn, claims: auth.Claims) -> Session:
-        core = SocketCore(self.node, conn, claims.mobile, claims.jti, claims.expires_at)
+        core = SocketCore(
+            self.node,
+            conn,
+            claims.mobile,
+            claims.jti,
+            claims.expires_at,
+            claims.device,
+            claims.named,
+        )
         s = Session(conn, core)
         previous = self.sessions.get(core.mobile)
         self.sessions[core.mobile] = s
         if previous is not None:
             self.close(previous, CloseCode.REPLACED, "replaced by a newer connection")
         self.metrics.sockets += 1
+        self.device_seen_to_store[core.device] = core.now_ms()
         core.start()
         self.act(s)
         return s
@@ -277,7 +287,7 @@ class Gateway:
         if self.sessions.get(core.mobile) is s:
             del self.sessions[core.mobile]
         self.metrics.sockets -= 1
-        self.seen_to_store[core.mobile] = core.now_ms()
+        self.seen_to_store[core.mobile] = self.device_seen_to_store[core.device] = core.now_ms()
         code, reason = s.conn.close_reason
         log.info("socket_closed", user=core.mobile, session=core.sid, code=code, reason=reason)
         core.ended()

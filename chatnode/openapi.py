@@ -76,9 +76,18 @@ def document() -> dict[str, Any]:
                     "summary": "Log in: a token for the WebSocket and the auth endpoints",
                     "requestBody": _body(
                         ["mobileNo", "password"],
-                        {"mobileNo": MOBILE, "password": {"type": "string"}},
+                        {
+                            "mobileNo": MOBILE,
+                            "password": {"type": "string"},
+                            "device": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 64,
+                                "description": "the device's name (v2); `default` if absent",
+                            },
+                        },
                     ),
-                    "responses": _responses("200", "400", "401"),
+                    "responses": _responses("200", "400", "401", "409"),
                 }
             },
             "/auth/logout": {
@@ -86,6 +95,28 @@ def document() -> dict[str, Any]:
                     "summary": "Revoke this token on every node",
                     "security": auth,
                     "responses": _responses("200", "401"),
+                }
+            },
+            "/devices": {
+                "get": {
+                    "summary": "The caller's devices (v2)",
+                    "security": auth,
+                    "responses": _responses("200", "401"),
+                }
+            },
+            "/devices/{deviceId}": {
+                "delete": {
+                    "summary": "Remove one of the caller's devices: its tokens stop working (v2)",
+                    "security": auth,
+                    "parameters": [
+                        {
+                            "name": "deviceId",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                        }
+                    ],
+                    "responses": _responses("200", "401", "404"),
                 }
             },
             "/block-action/block": {

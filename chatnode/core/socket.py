@@ -47,6 +47,7 @@ class SocketCore:
         "answers",
         "closed",
         "delivery",
+        "device",
         "expires_at",
         "held",
         "jti",
@@ -54,6 +55,7 @@ class SocketCore:
         "ledger",
         "meter",
         "mobile",
+        "named",
         "node",
         "ready",
         "route",
@@ -63,12 +65,21 @@ class SocketCore:
     )
 
     def __init__(
-        self, node: Node, wire: WriteBuffer, mobile: str, jti: str, expires_at: int = 0
+        self,
+        node: Node,
+        wire: WriteBuffer,
+        mobile: str,
+        jti: str,
+        expires_at: int = 0,
+        device: int = 0,
+        named: bool = False,
     ) -> None:
         self.node = node
         self.settings = node.settings
         self.wire = wire  # read only: how far behind the socket's writes are
         self.mobile = mobile
+        self.device = device  # devices.id of the token's device
+        self.named = named  # its login named it (v2): hello says which
         self.jti = jti
         self.expires_at = expires_at  # the token's exp: the socket closes with 4003 after it
         self.sid = secrets.token_hex(6)
@@ -129,7 +140,8 @@ class SocketCore:
         # frames wait for `ready`), and a peer that saw it finds the route pointing here
         # (typing goes only where a route is)
         cfg = self.settings
-        self.answers.push(frames.hello(self.mobile, cfg.node_id, cfg.heartbeat_s))
+        device = str(self.device) if self.named else None  # v1 logins: the v1 hello
+        self.answers.push(frames.hello(self.mobile, cfg.node_id, cfg.heartbeat_s, device))
         self.ready = True
         self.delivery.step()
         self.release_held()

@@ -470,8 +470,12 @@ async def test_logout_succeeds_when_the_socket_cannot_be_found(
 
 def mint(**claims: Any) -> str:
     now = int(time.time())
-    payload = {"jti": f"minted-{random.randrange(10**9)}", "iat": now, "exp": now + 600}
-    return jwt.encode({**payload, **claims}, JWT_SECRET, algorithm="HS256")
+    payload = {"jti": f"minted-{random.randrange(10**9)}", "iat": now, "exp": now + 600, "did": 1}
+    return jwt.encode(
+        {k: v for k, v in {**payload, **claims}.items() if v is not None},
+        JWT_SECRET,
+        algorithm="HS256",
+    )
 
 
 async def handshake_status(url: str) -> int:
@@ -503,6 +507,7 @@ async def test_well_signed_tokens_of_no_account_are_refused(
         "wrong uid": mint(sub=user.mobile, uid=uid + 1),
         "no uid": mint(sub=user.mobile),
         "uid not a number": mint(sub=user.mobile, uid=str(uid)),
+        "no device": mint(sub=user.mobile, uid=uid, did=None),
     }
     for why, token in forged.items():
         status, body, _ = await api_a.call("GET", "/block-action/list", token=token)

@@ -98,17 +98,38 @@ async def test_one_client_may_queue_only_so_many() -> None:
 
 def test_tokens_carry_the_account_id() -> None:
     tokens = auth.Tokens(SECRET, 60)
-    token, claims = tokens.issue("+15551234567", 42)
-    assert claims.uid == 42
+    token, claims = tokens.issue("+15551234567", 42, 7)
+    assert (claims.uid, claims.device) == (42, 7)
     assert tokens.decode(token) == claims
-    assert jwt.decode(token, SECRET, algorithms=["HS256"])["uid"] == 42
+    payload = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert (payload["uid"], payload["did"]) == (42, 7)
 
 
 @pytest.mark.parametrize("uid", [None, "42", 42.0, True, 0, -1, 2**63])
 def test_tokens_without_a_valid_account_id_are_refused(uid: Any) -> None:
-    payload: dict[str, Any] = {"sub": "+15551234567", "jti": "j", "exp": int(time.time()) + 60}
+    payload: dict[str, Any] = {
+        "sub": "+15551234567",
+        "did": 7,
+        "jti": "j",
+        "exp": int(time.time()) + 60,
+    }
     if uid is not None:
         payload["uid"] = uid
+    with pytest.raises(Unauthorized):
+        auth.Tokens(SECRET, 60).decode(jwt.encode(payload, SECRET, algorithm="HS256"))
+
+
+@pytest.mark.parametrize("did", [None, "7", 7.0, True, 0, -1, 2**63])
+def test_tokens_without_a_valid_device_id_are_refused(did: Any) -> None:
+    """A token from before devices (no `did`) is refused like a forged one: log in again."""
+    payload: dict[str, Any] = {
+        "sub": "+15551234567",
+        "uid": 42,
+        "jti": "j",
+        "exp": int(time.time()) + 60,
+    }
+    if did is not None:
+        payload["did"] = did
     with pytest.raises(Unauthorized):
         auth.Tokens(SECRET, 60).decode(jwt.encode(payload, SECRET, algorithm="HS256"))
 

@@ -18,6 +18,7 @@ PROTOCOL_STATUS = {
     "rate_limited": 429,
     "unavailable": 503,
     "internal": 500,
+    "too_many_devices": 409,  # v2
 }
 
 # PROTOCOL.md, "Error codes on the socket"
@@ -57,6 +58,7 @@ SUBCLASSES = [
     (errors.Unauthorized, Code.UNAUTHORIZED, 401),
     (errors.InvalidCredentials, Code.INVALID_CREDENTIALS, 401),
     (errors.NotFound, Code.NOT_FOUND, 404),
+    (errors.TooManyDevices, Code.TOO_MANY_DEVICES, 409),
     (errors.Conflict, Code.CONFLICT, 409),
     (errors.Unavailable, Code.UNAVAILABLE, 503),
     (errors.UnknownRecipient, Code.UNKNOWN_RECIPIENT, None),

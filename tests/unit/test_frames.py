@@ -489,11 +489,22 @@ def test_hello_has_exactly_the_protocol_fields() -> None:
     assert obj == {"type": "hello", "mobileNo": ME, "node": "node-a", "heartbeat": 30}
 
 
+def test_hello_of_a_named_device_adds_its_id() -> None:
+    obj = decoded(frames.hello(ME, "node-a", 30, "7"))
+    assert obj == {
+        "type": "hello",
+        "mobileNo": ME,
+        "node": "node-a",
+        "heartbeat": 30,
+        "deviceId": "7",  # v2
+    }
+
+
 def test_hello_heartbeat_is_an_integer_when_whole_and_kept_when_not() -> None:
-    whole = decoded(frames.hello(ME, "n", 30.0))["heartbeat"]
+    whole = decoded(frames.hello(ME, "n", 30.0, "7"))["heartbeat"]
     assert whole == 30
     assert isinstance(whole, int)
-    assert decoded(frames.hello(ME, "n", 0.5))["heartbeat"] == 0.5
+    assert decoded(frames.hello(ME, "n", 0.5, "7"))["heartbeat"] == 0.5
 
 
 def test_accepted_has_exactly_the_protocol_fields() -> None:

@@ -4,9 +4,10 @@ Conventions the doc keeps so that this test can read it:
 - a fenced block with the info string `json client-frame` is one client frame, and
   `json server-frame` one server frame; every block whose info string starts with
   `json` is valid JSON;
-- endpoints and frames are `###` headings ending in `(v1)` or `(v1.1)`, e.g.
+- endpoints and frames are `###` headings ending in `(v1)`, `(v1.1)`, `(v1.2)` or
+  `(v2)`, e.g.
   ``### `POST /auth/login` (v1)`` and ``### `send` (v1)``;
-- tables with a `since` column say `v1` or `v1.1` in it; the first column of the
+- tables with a `since` column say one of those versions; the first column of the
   error-code and close-code tables is the code.
 """
 
@@ -30,12 +31,12 @@ from chatnode.errors import HTTP_STATUS, CloseCode, Code
 ROOT = Path(__file__).resolve().parents[2]
 DOC_PATH = ROOT / "docs" / "PROTOCOL.md"
 V1_PATH = ROOT.parent / "shared" / "PROTOCOL.md"  # v1 as first agreed, beside the repo
-VERSIONS = {"v1", "v1.1", "v1.2"}
+VERSIONS = {"v1", "v1.1", "v1.2", "v2"}
 ME = "tester"  # parse_client's user: a name no example frame sends to
 GATEWAY = ("GET", "/ws")  # the WebSocket handshake, not an aiohttp route
 ROUTE_RE = re.compile(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`?\s]*)")
 SETTING_RE = re.compile(r"CHATNODE_[A-Z0-9_]*[A-Z0-9]")
-VERSION_MARK_RE = re.compile(r"\((v1(?:\.[12])?)\)\s*$")
+VERSION_MARK_RE = re.compile(r"\((v1(?:\.[12])?|v2)\)\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,10 @@ SERVER_SAMPLES: dict[str, bytes] = {
     "error": frames.error(Code.INVALID_FRAME, "invalid frame", "c-1"),
 }
 NULLABLE = {("error", "ref")}  # fields a server frame may send as null
+# Other shapes a frame type has: a doc example matches its sample or one of these.
+SERVER_VARIANTS: dict[str, list[bytes]] = {
+    "hello": [frames.hello("+15550000001", "node-a", 30, "7")],  # a named device's (v2)
+}
 
 
 def app_routes() -> set[tuple[str, str]]:
@@ -222,7 +227,8 @@ def test_server_frame_examples_match_the_encoders() -> None:
         assert isinstance(obj, dict), where
         kind = obj.get("type")
         assert kind in SERVER_SAMPLES, f"{where}: unknown server frame type {kind!r}"
-        sample = json.loads(SERVER_SAMPLES[kind])
+        shapes = [json.loads(s) for s in [SERVER_SAMPLES[kind], *SERVER_VARIANTS.get(kind, [])]]
+        sample = next((s for s in shapes if list(s) == list(obj)), shapes[0])
         assert list(obj) == list(sample), f"{where}: fields differ from frames.{kind}()"
         for key, value in obj.items():
             if value is None and (kind, key) in NULLABLE:
@@ -239,7 +245,7 @@ def test_server_frame_examples_match_the_encoders() -> None:
 def test_every_frame_type_has_a_versioned_heading(title: str, kinds: Any) -> None:
     found = {}
     for heading in headings(section(doc(), title), 3):
-        m = re.fullmatch(r"`(\w+)` \((v1(?:\.[12])?)\)", heading)
+        m = re.fullmatch(r"`(\w+)` \((v1(?:\.[12])?|v2)\)", heading)
         assert m, f"frame heading {heading!r} is not like ### `name` (v1)"
         found[m.group(1)] = m.group(2)
     assert set(found) == kinds()
@@ -405,7 +411,7 @@ def test_v1_frames_are_marked_v1() -> None:
     text = doc()
     for title in ("Client frames", "Server frames"):
         for heading in headings(section(text, title), 3):
-            m = re.fullmatch(r"`(\w+)` \((v1(?:\.[12])?)\)", heading)
+            m = re.fullmatch(r"`(\w+)` \((v1(?:\.[12])?|v2)\)", heading)
             assert m
             assert (m.group(2) == "v1") == (m.group(1) in v1), heading
 

@@ -1,0 +1,197 @@
+"""Devices (PROTOCOL v2): login names a device, GET /devices lists them, DELETE removes
+one (its tokens stop working, its socket closes with 4003), the limit, idle expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from tests.integration.harness import (
+    Api,
+    NodeProc,
+    Stack,
+    User,
+    _migrate,
+    connected,
+    new_user,
+)
+from tests.pgutil import ensure_database
+
+
+async def login(api: Api, user: User, device: Any = None) -> tuple[int, dict[str, Any]]:
+    body: dict[str, Any] = {"mobileNo": user.mobile, "password": user.password}
+    if device is not None:
+        body["device"] = device
+    status, answer, _ = await api.call("POST", "/auth/login", body)
+    return status, answer
+
+
+async def device_token(api: Api, user: User, device: str) -> tuple[str, str]:
+    """(token, deviceId) of a login as `device`."""
+    status, body = await login(api, user, device)
+    assert status == 200, body
+    return body["token"], body["deviceId"]
+
+
+async def listed(api: Api, token: str) -> list[dict[str, Any]]:
+    status, body, _ = await api.call("GET", "/devices", token=token)
+    assert status == 200 and body["success"] is True, body
+    devices: list[dict[str, Any]] = body["data"]
+    return devices
+
+
+async def handshake_status(url: str, token: str) -> int:
+    try:
+        async with websockets.connect(f"{url}?token={token}", open_timeout=5):
+            return 101
+    except websockets.InvalidStatus as exc:
+        return exc.response.status_code
+
+
+async def test_a_login_without_a_device_is_the_default_device_and_answers_as_v1(
+    api_a: Api, api_b: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
+    user = await new_user(api_a)
+    status, first = await login(api_a, user)
+    assert status == 200 and set(first) == {"success", "message", "token", "expiresIn"}, first
+    _, again = await login(api_b, user)
+    devices = await listed(api_b, again["token"])
+    assert [d["name"] for d in devices] == ["default"]  # the same device, on any node
+    assert devices[0]["deviceId"].isdigit()
+    assert devices[0]["createdAt"].endswith("Z") and devices[0]["lastSeen"].endswith("Z")
+    _, named = await device_token(api_a, user, "default")  # naming it: the same device
+    assert named == devices[0]["deviceId"]
+    async with connected(cluster[0].ws, again["token"]) as client:
+        assert "deviceId" not in client.hello  # a v1 login's hello is v1's
+
+
+async def test_names_make_devices_and_a_name_again_is_the_same_device(api_a: Api) -> None:
+    user = await new_user(api_a)
+    _, phone = await device_token(api_a, user, "phone")
+    token, laptop = await device_token(api_a, user, "laptop")
+    _, phone_again = await device_token(api_a, user, "phone")
+    assert phone_again == phone and laptop != phone
+    names = {d["name"]: d["deviceId"] for d in await listed(api_a, token)}
+    assert names == {"default": names["default"], "phone": phone, "laptop": laptop}
+
+
+async def test_hello_and_token_name_the_device(api_a: Api, cluster: tuple[NodeProc, ...]) -> None:
+    user = await new_user(api_a)
+    token, device = await device_token(api_a, user, "tablet")
+    async with connected(cluster[1].ws, token) as client:
+        assert client.hello["deviceId"] == device
+        assert client.hello["mobileNo"] == user.mobile
+
+
+@pytest.mark.parametrize("device", ["", " ", "x" * 65, 7, None, ["a"], "a\u202eb", "a\x00b"])
+async def test_a_bad_device_name_is_400(api_a: Api, device: Any) -> None:
+    user = await new_user(api_a)
+    body = {"mobileNo": user.mobile, "password": user.password, "device": device}
+    status, answer, _ = await api_a.call("POST", "/auth/login", body)
+    assert status == 400 and answer["error"]["code"] == "invalid_request", answer
+
+
+async def test_one_device_past_the_limit_is_409_and_known_ones_still_log_in(api_a: Api) -> None:
+    user = await new_user(api_a)  # its login made `default`: 1 of 5
+    for i in range(4):
+        await device_token(api_a, user, f"d{i}")
+    status, body = await login(api_a, user, "one-too-many")
+    assert status == 409 and body["error"]["code"] == "too_many_devices", body
+    token, _ = await device_token(api_a, user, "d2")  # a known device logs in still
+    assert len(await listed(api_a, token)) == 5
+
+
+async def test_parallel_logins_of_new_devices_do_not_pass_the_limit(api_a: Api, api_b: Api) -> None:
+    user = await new_user(api_a)
+    answers = await asyncio.gather(
+        *(login(api_a if i % 2 else api_b, user, f"p{i}") for i in range(8))
+    )
+    assert sorted(status for status, _ in answers) == [200] * 4 + [409] * 4
+    token = next(body["token"] for status, body in answers if status == 200)
+    assert len(await listed(api_a, token)) == 5
+
+
+async def test_removing_a_device_revokes_its_tokens_and_closes_its_socket_with_4003(
+    api_a: Api, api_b: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
+    user = await new_user(api_a)
+    keep, _ = await device_token(api_a, user, "phone")
+    gone, gone_id = await device_token(api_a, user, "laptop")
+    gone_too, _ = await device_token(api_b, user, "laptop")  # a second token of it
+    async with connected(cluster[1].ws, gone_too) as client:
+        status, body, _ = await api_a.call("DELETE", f"/devices/{gone_id}", token=keep)
+        assert status == 200 and body["success"] is True, body
+        assert await client.closed() == 4003
+    for token in (gone, gone_too):
+        for api in (api_a, api_b):
+            status, body, _ = await api.call("GET", "/devices", token=token)
+            assert status == 401 and body["error"]["code"] == "unauthorized"
+        assert await handshake_status(cluster[0].ws, token) == 401
+    assert "laptop" not in {d["name"] for d in await listed(api_b, keep)}
+    _, again = await device_token(api_a, user, "laptop")  # the name may be used again
+    assert again != gone_id
+
+
+async def test_only_your_own_devices_can_be_removed(api_a: Api) -> None:
+    alice, bob = await new_user(api_a), await new_user(api_a)
+    _, bobs = await device_token(api_a, bob, "phone")
+    for device_id in (bobs, "999999999999", "abc", "-1", "1e3", "99999999999999999999"):
+        status, body, _ = await api_a.call(
+            "DELETE", f"/devices/{urllib.parse.quote(device_id)}", token=alice.token
+        )
+        assert status == 404 and body["error"]["code"] == "not_found", (device_id, body)
+    assert bobs in {d["deviceId"] for d in await listed(api_a, bob.token)}
+
+
+async def test_a_device_may_remove_itself(api_a: Api) -> None:
+    user = await new_user(api_a)
+    token, device = await device_token(api_a, user, "old-phone")
+    status, _, _ = await api_a.call("DELETE", f"/devices/{device}", token=token)
+    assert status == 200
+    status, _, _ = await api_a.call("GET", "/devices", token=token)
+    assert status == 401
+
+
+# -- idle expiry: a node of its own, on a database of its own (it removes every idle device)
+
+
+@pytest.fixture(scope="module")
+def idle_node(stack: Stack, workdir: Path) -> Iterator[NodeProc]:
+    url = urllib.parse.urlsplit(stack.database_url)
+    admin = url._replace(path="/postgres").geturl()
+    name = "chatnode_test_idle_devices"
+    assert asyncio.run(ensure_database(admin, name))
+    own = Stack(stack.redis_url, url._replace(path=f"/{name}").geturl())
+    migrated = _migrate(own.database_url)
+    assert migrated.returncode == 0, migrated.stderr
+    node = NodeProc(own, "test-idle", workdir, CHATNODE_DEVICE_IDLE_DAYS="0.00004").start()
+    yield node
+    node.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_a_device_unseen_for_the_idle_days_is_removed(http: Any, idle_node: NodeProc) -> None:
+    """0.00004 days is 3.5 s: a device that logs in and never connects goes, with its
+    token; a connected device stays however long it is connected."""
+    api = Api(http, idle_node.http)
+    user = await new_user(api)
+    live, _ = await device_token(api, user, "live")
+    idle, _ = await device_token(api, user, "idle")
+    async with connected(idle_node.ws, live):
+        deadline = time.monotonic() + 30
+        names: set[str] = {"idle"}
+        while "idle" in names and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            names = {d["name"] for d in await listed(api, live)}
+        assert names == {"live"}  # `default` (new_user's login) went too
+        status, _, _ = await api.call("GET", "/devices", token=idle)
+        assert status == 401
+        await asyncio.sleep(5)  # well past the idle time, still connected
+        assert {d["name"] for d in await listed(api, live)} == {"live"}
