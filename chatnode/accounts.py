@@ -28,11 +28,13 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class RedisCopy:
-    """What Redis holds for one user: name, whom they blocked, who blocked them."""
+    """What Redis holds for one user: name, whom they blocked, who blocked them, and
+    their devices (keys.device_key of each)."""
 
     name: str
     blocked: list[str]
     blocked_by: list[str]
+    devices: list[str]
 
 
 async def create_pool(dsn: str, *, max_size: int = 10) -> Any:
@@ -121,13 +123,16 @@ async def redis_copy(pool: Any, mobile: str) -> RedisCopy | None:
             " ARRAY(SELECT b.mobile_no FROM blocks k JOIN users b ON b.id = k.blocked_id"
             "       WHERE k.blocker_id = u.id) AS blocked,"
             " ARRAY(SELECT b.mobile_no FROM blocks k JOIN users b ON b.id = k.blocker_id"
-            "       WHERE k.blocked_id = u.id) AS blocked_by"
+            "       WHERE k.blocked_id = u.id) AS blocked_by,"
+            " ARRAY(SELECT CASE WHEN d.name = 'default' THEN '' ELSE d.id::text END"
+            "       FROM devices d WHERE d.user_id = u.id ORDER BY d.id) AS devices"
             " FROM users u WHERE u.mobile_no = $1",
             mobile,
         )
     if row is None:
         return None
-    return RedisCopy(row["name"], list(row["blocked"]), list(row["blocked_by"]))
+    blocked, blocked_by = list(row["blocked"]), list(row["blocked_by"])
+    return RedisCopy(row["name"], blocked, blocked_by, list(row["devices"]))
 
 
 async def revoke_token(pool: Any, user_id: int, jti: str, expires_at: datetime, node: str) -> None:
@@ -231,10 +236,10 @@ async def device_exists(pool: Any, user_id: int, device_id: int) -> bool:
 
 async def remove_device(
     pool: Any, user_id: int, device_id: int, node: str
-) -> list[tuple[str, int]] | None:
+) -> tuple[str, list[tuple[str, int]]] | None:
     """Remove one of `user_id`'s devices: its unexpired tokens are revoked in the same
-    transaction. Their (jti, expiry as a Unix time), for Redis and the open sockets;
-    None if the user has no such device."""
+    transaction. Its name and its tokens' (jti, expiry as a Unix time), for Redis and the
+    open sockets; None if the user has no such device."""
     async with connection(pool) as conn, conn.transaction():
         rows = await conn.fetch(
             "SELECT t.jti, extract(epoch FROM t.expires_at)::bigint AS exp, t.expires_at"
@@ -244,7 +249,7 @@ async def remove_device(
             user_id,
         )
         gone = await conn.fetchval(
-            "DELETE FROM devices WHERE id = $1 AND user_id = $2 RETURNING id", device_id, user_id
+            "DELETE FROM devices WHERE id = $1 AND user_id = $2 RETURNING name", device_id, user_id
         )
         if gone is None:
             return None
@@ -258,7 +263,7 @@ async def remove_device(
             node,
         )
         await conn.execute("DELETE FROM device_tokens WHERE expires_at < now()")
-    return [(r["jti"], int(r["exp"])) for r in rows]
+    return str(gone), [(r["jti"], int(r["exp"])) for r in rows]
 
 
 async def idle_devices(pool: Any, idle_days: float, most: int) -> list[tuple[int, str, int]]:

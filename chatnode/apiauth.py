@@ -140,7 +140,10 @@ async def login(request: web.Request) -> web.Response:
     device_id = await accounts.login_device(
         svc.pool, user.id, device, cfg.max_devices, claims.jti, expires
     )
-    claims = dataclasses.replace(claims, device=device_id, named=named)
+    claims = dataclasses.replace(
+        claims, device=device_id, named=named, default=device == devices.DEFAULT_NAME
+    )
+    await devices.joined(svc.batcher, user.mobile, claims.device_key)
     token = svc.tokens.encode(claims)
     svc.tokens.known.remember(user.id, user.mobile)
     await accounts.record_event(svc.pool, user.id, "login", cfg.node_id)
@@ -177,8 +180,9 @@ async def logout(request: web.Request) -> web.Response:
         distrust_redis_revocations(svc.batcher, keys.partition(claims.jti))
         raise
     try:
-        route = await svc.batcher.run("GET", keys.route(claims.mobile))
-        svc.router.to_route(route, claims.mobile, channel.logout(claims.mobile, claims.jti))
+        route = await svc.batcher.run("GET", keys.route(claims.mobile, claims.device_key))
+        session = keys.session(claims.mobile, claims.device_key)
+        svc.router.to_route(route, claims.mobile, channel.logout(session, claims.jti))
     except Exception as exc:
         log.warning("logout_close_failed", user=claims.mobile, error=type(exc).__name__)
     log.info("logout", user=claims.mobile)

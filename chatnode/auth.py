@@ -162,6 +162,12 @@ class Claims:
     uid: int  # users.id of the account the token was issued to
     device: int = 0  # devices.id of the device it was issued to (0 until it is made)
     named: bool = False  # the login named the device (v2); v1 logins get `default`
+    default: bool = False  # the device is the one named `default` (keys.device_key)
+
+    @property
+    def device_key(self) -> str:
+        """The device's key in Redis names: '' for `default`, else its id."""
+        return keys.DEFAULT_DEVICE if self.default else str(self.device)
 
 
 class KnownAccounts:
@@ -242,10 +248,15 @@ class Tokens:
         }
         if claims.named:
             payload["dnm"] = 1
+        if claims.default:
+            payload["dft"] = 1
         return jwt.encode(payload, self._secret, algorithm="HS256")
 
-    def issue(self, mobile: str, uid: int, device: int, named: bool = False) -> tuple[str, Claims]:
-        claims = dataclasses.replace(self.claims(mobile, uid), device=device, named=named)
+    def issue(
+        self, mobile: str, uid: int, device: int, named: bool = False, default: bool = False
+    ) -> tuple[str, Claims]:
+        claims = self.claims(mobile, uid)
+        claims = dataclasses.replace(claims, device=device, named=named, default=default)
         return self.encode(claims), claims
 
     def decode(self, token: str) -> Claims:
@@ -266,7 +277,7 @@ class Tokens:
             raise Unauthorized()
         if not _an_id(uid) or not _an_id(did):
             raise Unauthorized()
-        return Claims(sub, jti, exp, uid, did, payload.get("dnm") == 1)
+        return Claims(sub, jti, exp, uid, did, payload.get("dnm") == 1, payload.get("dft") == 1)
 
 
 def _an_id(value: Any) -> TypeGuard[int]:

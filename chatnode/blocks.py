@@ -28,20 +28,23 @@ LOAD_ATTEMPTS = 4
 LOADING_TTL_S = 30
 DROP_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
-# KEYS: account, blocks, inbox, loading. ARGV: nonce, name, first (1|0), last (1|0), then
-# up to LOAD_CHUNK set members. One chunk of a reload, which replaces the copy: the first
-# chunk clears it (and the account key), later chunks add, and only the last sets the
-# account key, which says the copy is whole, so a half-loaded set is never used. Every
-# chunk first checks that the reload is still current (0 if not: see load_into_redis).
+# KEYS: account, blocks, inbox, loading. ARGV: nonce, the account value (the user's
+# devices, keys.account_value), first (1|0), last (1|0), then up to LOAD_CHUNK set
+# members. One chunk of a reload, which replaces the copy: the first chunk clears it
+# (and the account key), later chunks add, and only the last sets the account key (and
+# makes each device's group if missing), which says the copy is whole, so a half-loaded
+# set is never used. Every chunk first checks that the reload is still current (0 if
+# not: see load_into_redis).
 LOAD = Script(
-    """
+    keys.LUA_DEVICES
+    + """
 if redis.call('GET', KEYS[4]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
 if #ARGV > 4 then redis.call('SADD', KEYS[2], unpack(ARGV, 5)) end
 if ARGV[4] == '1' then
-  redis.pcall('XGROUP', 'CREATE', KEYS[3], '"""
-    + keys.GROUP
-    + """', '0', 'MKSTREAM')
+  for _, k in ipairs(devices(ARGV[2])) do
+    redis.pcall('XGROUP', 'CREATE', KEYS[3], group_of(k), '0', 'MKSTREAM')
+  end
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('DEL', KEYS[4])
 end
@@ -92,7 +95,8 @@ async def _load(batcher: Redis, mobile: str, copy: accounts.RedisCopy, nonce: st
     keys_ = [keys.account(mobile), keys.blocks(mobile), keys.inbox(mobile), keys.loading(mobile)]
     for i, chunk in enumerate(chunks):
         first, last = int(i == 0), int(i == len(chunks) - 1)
-        if not await batcher.script(LOAD, keys_, [nonce, copy.name, first, last, *chunk]):
+        value = keys.account_value(copy.devices)
+        if not await batcher.script(LOAD, keys_, [nonce, value, first, last, *chunk]):
             return False
     return True
 

@@ -14,10 +14,13 @@ from chatnode import logs
 
 log = logs.get(__name__)
 
+# `owner`, `mobile` and `to` below name one device's session (keys.session: the number,
+# and `:` and the device's id for a device other than `default`).
 PUSH = "e"  # e|owner|token|entries: new inbox entries for a live session (JSON, by cjson)
-KICK = "k"  # k|mobile|session: a newer session claimed the user; close this one
+KICK = "k"  # k|mobile|session: a newer session claimed the device; close this one
 LOGOUT = "l"  # l|mobile|jti: the token was revoked; close the sessions it opened
-TYPING = "t"  # t|to|sender|state: a typing frame for `to`
+TYPING = "t"  # t|to|sender|state: a typing frame for `to` (written by lua.TYPING)
+DEVICES = "v"  # v|owner|count: the user has `count` devices now (lua.ADD_DEVICE, DROP_DEVICE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,13 @@ class Typing:
     state: str
 
 
-Message = Push | Kick | Logout | Typing
+@dataclass(frozen=True, slots=True)
+class Devices:
+    owner: str
+    count: int
+
+
+Message = Push | Kick | Logout | Typing | Devices
 
 
 def push(owner: str, token: str, entries: str) -> str:
@@ -83,5 +92,7 @@ def decode(payload: str) -> Message | None:
         return Logout(parts[0], parts[1])
     if kind == TYPING and len(parts) == 3:
         return Typing(parts[0], parts[1], parts[2])
+    if kind == DEVICES and len(parts) == 2 and parts[1].isdigit():
+        return Devices(parts[0], int(parts[1]))
     log.warning("channel_message_unknown", kind=kind)
     return None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from chatnode import accounts, channel, keys, logs, presence
+from chatnode import accounts, channel, keys, logs, lua, presence
 from chatnode.errors import ChatError, NotFound
 from chatnode.redisio import Redis
 from chatnode.routing import Router
@@ -26,6 +26,7 @@ log = logs.get(__name__)
 DEFAULT_NAME = "default"  # the device of a login that names none (PROTOCOL v1 clients)
 IDLE_SWEEP_S = 3600.0  # how often each node looks for idle devices, at most
 IDLE_BATCH = 100  # devices removed per look, at most
+PRUNE_STEP = 500  # inbox entries a PRUNE call looks at (an inbox holds at most twice the limit)
 
 
 def sweep_period(idle_days: float) -> float:
@@ -47,9 +48,11 @@ async def remove(
     """Remove one of the user's devices (NotFound if they have no such device): its tokens
     stop working on every node and its socket closes with 4003. `distrust`: what a
     revocation PostgreSQL holds and Redis could not take calls for (apiauth)."""
-    revoked = await accounts.remove_device(pool, user_id, device_id, node)
-    if revoked is None:
+    removed = await accounts.remove_device(pool, user_id, device_id, node)
+    if removed is None:
         raise NotFound("no such device")
+    name, revoked = removed
+    device = keys.device_key(device_id, name)
     now = int(time.time())
     results = await asyncio.gather(
         *(
@@ -64,12 +67,43 @@ async def remove(
     if any(isinstance(r, ChatError) for r in results):
         log.warning("device_revocations_not_in_redis", user=mobile, device=device_id)
     try:
-        route = await batcher.run("GET", keys.route(mobile))
+        route = await batcher.run("GET", keys.route(mobile, device))
         for jti, _ in revoked:
-            router.to_route(route, mobile, channel.logout(mobile, jti))
+            router.to_route(route, mobile, channel.logout(keys.session(mobile, device), jti))
     except Exception as exc:
         log.warning("device_close_failed", user=mobile, error=type(exc).__name__)
+    try:
+        await left(batcher, mobile, device)
+    except Exception as exc:  # a later removal's prune, or PRUNE_STEP of a reload, frees them
+        log.warning("device_entries_not_released", user=mobile, error=type(exc).__name__)
     log.info("device_removed", user=mobile, device=device_id, tokens=len(revoked))
+
+
+async def joined(batcher: Redis, mobile: str, device: str) -> None:
+    """A login's device joins the user's list in Redis, with its consumer group (from the
+    first entry still in the inbox); the user's connected devices hear how many there
+    are now. Redis being away does not stop the login: a reload lists it."""
+    args = [keys.account(mobile), keys.inbox(mobile), keys.loading(mobile)]
+    try:
+        await batcher.script(lua.ADD_DEVICE, args, [device, keys.group(device), mobile])
+    except ChatError as exc:
+        log.warning("device_not_in_redis", user=mobile, error=type(exc).__name__)
+
+
+async def left(batcher: Redis, mobile: str, device: str) -> int:
+    """A removed device leaves the list in Redis, its group and route go, and the entries
+    only it still held leave the inbox (PRUNE, PRUNE_STEP entries a call). How many
+    were looked at."""
+    box = keys.inbox(mobile)
+    args = [keys.account(mobile), box, keys.route(mobile, device), keys.loading(mobile)]
+    await batcher.script(lua.DROP_DEVICE, args, [device, keys.group(device), mobile])
+    start, seen = "-", 0
+    while True:
+        last = await batcher.script(lua.PRUNE, [box, keys.account(mobile)], [start, PRUNE_STEP])
+        seen += PRUNE_STEP
+        if not last:
+            return seen
+        start = "(" + str(last)
 
 
 def listing(devices: list[accounts.Device]) -> list[dict[str, str]]:

@@ -67,7 +67,7 @@ class Gateway:
         self.tokens = tokens
         self.metrics = metrics
         self.node = Node(settings, metrics, channel_up=lambda: router.connected.is_set())
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # by keys.session: one per device
         self.seen_to_store: dict[str, int] = {}
         self.device_seen_to_store: dict[int, int] = {}  # devices.id -> ms
         self.slowpath = SlowPath(
@@ -98,10 +98,11 @@ class Gateway:
             claims.expires_at,
             claims.device,
             claims.named,
+            claims.device_key,
         )
         s = Session(conn, core)
-        previous = self.sessions.get(core.mobile)
-        self.sessions[core.mobile] = s
+        previous = self.sessions.get(core.session)  # one session per device
+        self.sessions[core.session] = s
         if previous is not None:
             self.close(previous, CloseCode.REPLACED, "replaced by a newer connection")
         self.metrics.sockets += 1
@@ -284,8 +285,8 @@ class Gateway:
             return
         s.gone = True
         core = s.core
-        if self.sessions.get(core.mobile) is s:
-            del self.sessions[core.mobile]
+        if self.sessions.get(core.session) is s:
+            del self.sessions[core.session]
         self.metrics.sockets -= 1
         self.seen_to_store[core.mobile] = self.device_seen_to_store[core.device] = core.now_ms()
         code, reason = s.conn.close_reason
@@ -338,6 +339,11 @@ class Gateway:
         if s is not None:
             s.core.typing_from(sender, state)
             self.act(s)
+
+    def on_devices(self, owner: str, count: int) -> None:
+        s = self.sessions.get(owner)
+        if s is not None:
+            s.core.devices_now(count)
 
     def on_resync(self) -> None:
         """The channel went away or came back: pushes may be lost, so every session

@@ -73,8 +73,8 @@ def message_call(
 
 
 def nudge_call(owner: str, msg_id: str) -> tuple[list[str], list[Any]]:
-    """NUDGE: push what is new in `owner`'s inbox up to `msg_id` to their live session."""
-    return [keys.inbox(owner), keys.route(owner)], [owner, msg_id]
+    """NUDGE: push what is new in `owner`'s inbox up to `msg_id` to their live sessions."""
+    return [keys.inbox(owner), keys.account(owner)], [owner, msg_id]
 
 
 def stored(reply: Any) -> Stored | None:
@@ -118,13 +118,14 @@ class Receipt:
 
 
 def read_call(
-    reader: str, sender: str, ids: list[str], held: set[str]
+    reader: str, device: str, sender: str, ids: list[str], held: set[str]
 ) -> tuple[list[str], list[Any]]:
     """READ's keys and arguments: which of `ids` (client ids `sender` gave messages to
-    `reader`; `held` those out on the reader's socket) may be receipted as read."""
+    `reader`; `held` those out on the reading device's socket) may be receipted as read."""
     flags = ["1" if i in held else "0" for i in ids]
     dedupe = [keys.dedupe(reader, sender, i) for i in ids]
-    return [keys.inbox(reader), keys.unread(reader), *dedupe], [sender, *flags]
+    argv = [sender, keys.group(device), *flags]
+    return [keys.inbox(reader), keys.unread(reader), *dedupe], argv
 
 
 def read_result(ids: list[str], reply: Any) -> tuple[int, int, list[str], int]:
@@ -151,7 +152,7 @@ def acked_messages(entries: Iterable[Entry]) -> list[tuple[str, str]]:
 
 
 def ack_commands(
-    owner: str, ids: list[str], messages: list[tuple[str, str]], window_s: int
+    owner: str, device: str, ids: list[str], messages: list[tuple[str, str]], window_s: int
 ) -> list[tuple[Any, ...]]:
     """An ack as plain commands in the owner's slot, for one pipeline: XDEL, then XACK,
     the entries `ids` of the owner's inbox (in this order a connection lost between
@@ -164,22 +165,42 @@ def ack_commands(
     answer, so an ack can fail while its keys are shortened: an XDEL refused, a
     connection lost after Redis ran them, or on a cluster a redirect of the XDEL that
     gives up. The entries are then delivered and acked again (same msgIds); the one
-    harm is a resend of such a message after the window, stored twice."""
+    harm is a resend of such a message after the window, stored twice. For a user with
+    one device (`device`); with more, ack_device_call replaces XDEL and XACK."""
     box = keys.inbox(owner)
-    shorten = [("EXPIRE", keys.dedupe(owner, s, c), window_s, "LT") for s, c in messages]
-    return [("XDEL", box, *ids), ("XACK", box, keys.GROUP, *ids), *shorten]
+    return [
+        ("XDEL", box, *ids),
+        ("XACK", box, keys.group(device), *ids),
+        *shorten(owner, messages, window_s),
+    ]
+
+
+def shorten(owner: str, messages: list[tuple[str, str]], window_s: int) -> list[tuple[Any, ...]]:
+    """Each acked message's dedupe key ((sender, client id)) shortened to the window."""
+    return [("EXPIRE", keys.dedupe(owner, s, c), window_s, "LT") for s, c in messages]
+
+
+def ack_device_call(owner: str, device: str, ids: list[str]) -> tuple[list[str], list[Any]]:
+    """lua.ACK_DEVICE: the ack of a user with several devices (XACK for this one; XDEL
+    of what every device is done with)."""
+    return [keys.inbox(owner), keys.account(owner)], [keys.group(device), *ids]
+
+
+def first_acks_call(owner: str, device: str, ids: list[str]) -> tuple[list[str], list[Any]]:
+    """lua.FIRST_ACKS: which of `ids` no other device of the owner has acked yet."""
+    return [keys.inbox(owner), keys.account(owner)], [keys.group(device), *ids]
 
 
 # -- delivery: the owner's node reads pending entries, then goes live (pushes)
 
 
-def pending_call(mobile: str, cursor: str) -> tuple[Any, ...]:
-    """Pending entries (delivered, unacked) after `cursor`, oldest first."""
+def pending_call(mobile: str, device: str, cursor: str) -> tuple[Any, ...]:
+    """Pending entries (delivered to the device, unacked) after `cursor`, oldest first."""
     box = keys.inbox(mobile)
     return (
         "XREADGROUP",
         "GROUP",
-        keys.GROUP,
+        keys.group(device),
         keys.CONSUMER,
         "COUNT",
         READ_COUNT,
@@ -194,8 +215,8 @@ def lost_group(reply: Any) -> bool:
     return isinstance(reply, Exception) and str(reply).startswith("NOGROUP")
 
 
-def make_group_call(mobile: str) -> tuple[Any, ...]:
-    return ("XGROUP", "CREATE", keys.inbox(mobile), keys.GROUP, "0", "MKSTREAM")
+def make_group_call(mobile: str, device: str) -> tuple[Any, ...]:
+    return ("XGROUP", "CREATE", keys.inbox(mobile), keys.group(device), "0", "MKSTREAM")
 
 
 def pending_entries(reply: Any) -> list[Entry] | Exception:
@@ -205,9 +226,12 @@ def pending_entries(reply: Any) -> list[Entry] | Exception:
     return _decoded(lambda: [decode(i, f) for _, items in reply or () for i, f in items])
 
 
-def go_live_call(mobile: str, route: str, token: str, ttl_s: int) -> tuple[list[str], list[Any]]:
+def go_live_call(
+    mobile: str, device: str, route: str, token: str, ttl_s: int
+) -> tuple[list[str], list[Any]]:
     """GO_LIVE: read new entries; when there are none, turn the route live with `token`."""
-    return [keys.inbox(mobile), keys.route(mobile)], [route, token, READ_COUNT, ttl_s]
+    keys_ = [keys.inbox(mobile), keys.route(mobile, device)]
+    return keys_, [route, token, READ_COUNT, ttl_s, keys.group(device)]
 
 
 def go_live_result(reply: Any) -> list[Entry] | str | Exception:
@@ -230,9 +254,9 @@ def _decoded(make: Callable[[], list[Entry]]) -> list[Entry] | Exception:
         return Unavailable("the inbox reply could not be read")
 
 
-def unlive_call(mobile: str, route: str) -> tuple[list[str], list[Any]]:
+def unlive_call(mobile: str, device: str, route: str) -> tuple[list[str], list[Any]]:
     """UNLIVE: stop pushes to this session; entries wait in the inbox until it reads them."""
-    return [keys.route(mobile)], [route]
+    return [keys.route(mobile, device)], [route]
 
 
 def pushed_entries(data: str) -> list[Entry] | None:

@@ -16,8 +16,12 @@ import zlib
 
 from chatnode import channel
 
-GROUP = "g"
-CONSUMER = "c"  # one session per user, so one consumer per inbox
+GROUP = "g"  # the consumer group of the device named `default`; others add their id
+CONSUMER = "c"  # one session per device, so one consumer per group
+# A device's key in Redis names: '' for the device named `default` (the keys, group and
+# session name of PROTOCOL v1, so a v1 user's data is laid out as before devices), its
+# id for any other. The account's value lists them (`account_value`), `0` for ''.
+DEFAULT_DEVICE = ""
 # A dedupe key's TTL while its message is unacked; the ack drops it to the dedupe window
 # (CHATNODE_DEDUPE_WINDOW_S; inbox.ack_commands from core.acks and slowpath.ack), so this
 # must stay well above the window. A recipient may be offline for days, so this is no
@@ -61,8 +65,40 @@ def slot(key: str) -> int:
 
 
 def account(mobile: str) -> str:
-    """Present while Redis knows the user; its absence means 'ask PostgreSQL'."""
+    """Present while Redis knows the user; its absence means 'ask PostgreSQL'. Its value
+    lists the user's devices (account_value); a value without the `d:` mark (written
+    before devices) means the default device alone."""
     return _tag(mobile) + ":acct"
+
+
+def account_value(devices: list[str]) -> str:
+    """The account key's value: `d:` and the device keys, `0` for the default device."""
+    return "d:" + ",".join(d or "0" for d in devices)
+
+
+def device_keys(value: str | None) -> list[str] | None:
+    """The device keys an account value lists; None if Redis does not know the user."""
+    if value is None:
+        return None
+    if not value.startswith("d:"):
+        return [DEFAULT_DEVICE]
+    return ["" if d == "0" else d for d in value[2:].split(",") if d]
+
+
+def device_key(device_id: int, name: str) -> str:
+    """The key in Redis names of device `device_id` called `name`."""
+    return DEFAULT_DEVICE if name == "default" else str(device_id)
+
+
+def group(device: str = DEFAULT_DEVICE) -> str:
+    """The consumer group of one device on its user's inbox."""
+    return GROUP + device
+
+
+def session(mobile: str, device: str = DEFAULT_DEVICE) -> str:
+    """The name a node knows one device's session by: the owner of pushes, the subject
+    of kicks, logouts and typing on the node channels."""
+    return f"{mobile}:{device}" if device else mobile
 
 
 def blocks(mobile: str) -> str:
@@ -74,8 +110,9 @@ def inbox(mobile: str) -> str:
     return _tag(mobile) + ":inbox"
 
 
-def route(mobile: str) -> str:
-    return _tag(mobile) + ":route"
+def route(mobile: str, device: str = DEFAULT_DEVICE) -> str:
+    """Which node and session hold one device of the user."""
+    return _tag(mobile) + ":route" + (":" + device if device else "")
 
 
 def seen(mobile: str) -> str:
@@ -169,23 +206,48 @@ def parse_route(value: str | None) -> tuple[str, str] | None:
 # Lua for scripts that read an inbox's group: the id of the last entry its consumer
 # read (an entry after it was never delivered), or nil when the group is missing.
 LUA_DELIVERED = f"""
-local function delivered_upto(inbox)
+local function groups_of(inbox)  -- name -> last-delivered id of every group of the inbox
+  local out = {{}}
   local groups = redis.pcall('XINFO', 'GROUPS', inbox)
-  if type(groups) ~= 'table' or groups.err then return nil end
+  if type(groups) ~= 'table' or groups.err then return out end
   for _, g in ipairs(groups) do
     local name, id = nil, nil
     for i = 1, #g, 2 do
       if g[i] == 'name' then name = g[i + 1] end
       if g[i] == 'last-delivered-id' then id = g[i + 1] end
     end
-    if name == '{GROUP}' then return id end
+    if name then out[name] = id end
   end
-  return nil
+  return out
 end
+local function delivered_upto(inbox, group)
+  return groups_of(inbox)[group or '{GROUP}']
+end
+"""
+
+# Lua for the device keys of an account value (keys.device_keys) and the names made of
+# them: devices(value) -> list of keys ('' for the default device); a device's route key
+# from any key of its user, its group, its session name.
+LUA_DEVICES = f"""
+local function devices(acct)
+  local out = {{}}
+  if not acct then return out end
+  if string.sub(acct, 1, 2) ~= 'd:' then out[1] = ''; return out end
+  for k in string.gmatch(string.sub(acct, 3), '[^,]+') do
+    if k == '0' then out[#out + 1] = '' else out[#out + 1] = k end
+  end
+  return out
+end
+local function suffix(k) if k == '' then return '' end return ':' .. k end
+local function route_key(key, k)
+  return string.match(key, '^(.*):[^:]+$') .. ':route' .. suffix(k)
+end
+local function group_of(k) return '{GROUP}' .. k end
 """
 
 LUA_ROUTES = (
     LUA_DELIVERED
+    + LUA_DEVICES
     + f"""
 local function channel(node, key)  -- keys.node_channel: the node's channel in key's slot
   return '{NODE_CHANNEL_PREFIX}' .. node .. ':' .. string.match(key, '^{{[^}}]*}}')
@@ -194,22 +256,32 @@ local function ours(cur, mine)
   return cur ~= false and cur ~= nil
     and (cur == mine or string.sub(cur, 1, #mine + 1) == mine .. '|')
 end
-local function push(inbox, route, owner, upto)
+local function push(inbox, route, owner, upto, group)
   if not route then return end
   local node, token = string.match(route, '^([^|]+)|[^|]+|(.+)$')
   if not node then return end
+  group = group or '{GROUP}'
   local count = 100
   if upto then  -- only entries up to `upto`: those after may not be on a replica yet
-    local last = delivered_upto(inbox)
+    local last = delivered_upto(inbox, group)
     if not last then return end
     count = #redis.call('XRANGE', inbox, '(' .. last, upto, 'COUNT', 100)
     if count == 0 then return end
   end
-  local res = redis.pcall('XREADGROUP', 'GROUP', '{GROUP}', '{CONSUMER}', 'COUNT', count,
+  local res = redis.pcall('XREADGROUP', 'GROUP', group, '{CONSUMER}', 'COUNT', count,
                           'STREAMS', inbox, '>')
   if type(res) == 'table' and res[1] then
     redis.pcall('SPUBLISH', channel(node, inbox),
                 '{channel.PUSH}|' .. owner .. '|' .. token .. '|' .. cjson.encode(res[1][2]))
+  end
+end
+-- push to every device of the account value `acct`; `first` is the default device's
+-- route when the caller read it already (false: it has none)
+local function push_all(inbox, acct, owner, upto, first)
+  for _, k in ipairs(devices(acct)) do
+    local route = first
+    if k ~= '' or first == nil then route = redis.call('GET', route_key(inbox, k)) end
+    push(inbox, route, owner .. suffix(k), upto, group_of(k))
   end
 end
 """

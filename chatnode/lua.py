@@ -37,7 +37,13 @@ class Script:
 def _script(source: str, waits: bool = True) -> Script:
     """A Script with the group and consumer names of keys.py in place of $GROUP and
     $CONSUMER."""
-    names = {"$GROUP": keys.GROUP, "$CONSUMER": keys.CONSUMER, "$SCAN": str(TRUST_SCAN)}
+    names = {
+        "$GROUP": keys.GROUP,
+        "$CONSUMER": keys.CONSUMER,
+        "$SCAN": str(TRUST_SCAN),
+        "$TYPING": channel.TYPING,
+        "$DEVICES": channel.DEVICES,
+    }
     for name, value in names.items():
         source = source.replace(name, value)
     return Script(source, waits)
@@ -86,48 +92,51 @@ if count == 1 then
 elseif count > tonumber(ARGV[10]) then
   redis.call('HSET', KEYS[6], ARGV[1], ARGV[10])
 end
-if ARGV[9] == '1' then push(KEYS[3], seen[3], ARGV[7]) end
+if ARGV[9] == '1' then push_all(KEYS[3], seen[1], ARGV[7], nil, seen[3]) end
 return {'ok', id, ARGV[4]}
 """
 )
 
-# KEYS: inbox, route of the owner. ARGV: owner, a msgId. With replica acks, SEND stores
-# without pushing; once a WAIT says a replica has the entry, this pushes what is new in
-# the inbox up to that entry (entries after it may not be on a replica yet; their own
-# NUDGE pushes them). Stream ids grow with each XADD and a replica receives writes in
-# order, so a replica that has the entry has every one before it.
+# KEYS: inbox, account of the owner. ARGV: owner, a msgId. With replica acks, SEND
+# stores without pushing; once a WAIT says a replica has the entry, this pushes what is
+# new in the inbox up to that entry to each of the owner's devices (entries after it
+# may not be on a replica yet; their own NUDGE pushes them). Stream ids grow with each
+# XADD and a replica receives writes in order, so a replica that has the entry has
+# every one before it.
 NUDGE = _script(
     keys.LUA_ROUTES
     + """
-push(KEYS[1], redis.call('GET', KEYS[2]), ARGV[1], ARGV[2])
+push_all(KEYS[1], redis.call('GET', KEYS[2]), ARGV[1], ARGV[2])
 return 1
 """,
     waits=False,  # it pushes only what a WAIT confirmed; nobody reads its reply
 )
 
-# KEYS: the reader's inbox, the reader's unread counts (keys.unread), then the dedupe key
-# of each client id the read frame names (sender = the frame's `to`, recipient = the
-# reader). ARGV: the sender, then per id 1 if it is out on the reader's socket now, else
-# 0. An id may get a read receipt if its message was stored for the reader and was
-# delivered: out on the socket, pending in the group (read for delivery, e.g. on a
-# socket before a reconnect), or acked (gone from the stream); and if it had no read
-# receipt yet. Those are marked read, and each leaves the sender's count (SEND counted
-# it) while the count lasts. Ids of sends a block dropped, and ids read already, are
-# passed over in silence, like receipts across a block. An id with no record (its key
-# expired: acked more than the dedupe window ago, or never sent) is taken on trust while
-# the sender's count of messages stored and not read lasts, one each, less the sender's
-# messages not delivered yet (after the group's last-delivered id: the count holds them
-# too, and a read must not stand for one of them); with more than TRUST_SCAN entries
-# waiting, or no group, nothing is taken on trust. The server cannot tell which message
-# such an id names any more, only that there is one. Returns {ids with no record and
-# nothing left to count them against, ids stored but never delivered, indexes of the
-# ids to receipt (1-based, in frame order), how many the count gave}.
+# KEYS: the reader's inbox, the reader's unread counts (keys.unread), then the dedupe
+# key of each client id the read frame names (sender = the frame's `to`, recipient = the
+# reader). ARGV: the sender, the reading device's group, then per id 1 if it is out on
+# the reader's socket now, else 0. An id may get a read receipt if its message was
+# stored for the reader and was delivered: out on the socket, pending in the group (read
+# for delivery, e.g. on a socket before a reconnect), or acked (gone from the stream);
+# and if it had no read receipt yet. Those are marked read, and each leaves the sender's
+# count (SEND counted it) while the count lasts. Ids of sends a block dropped, and ids
+# read already, are passed over in silence, like receipts across a block. An id with no
+# record (its key expired: acked more than the dedupe window ago, or never sent) is
+# taken on trust while the sender's count of messages stored and not read lasts, one
+# each, less the sender's messages not delivered yet (after the group's last-delivered
+# id: the count holds them too, and a read must not stand for one of them); with more
+# than TRUST_SCAN entries waiting, or no group, nothing is taken on trust. The server
+# cannot tell which message such an id names any more, only that there is one. Returns
+# {ids with no record and nothing left to count them against, ids stored but never
+# delivered, indexes of the ids to receipt (1-based, in frame order), how many the count
+# gave}.
 READ = _script(
     keys.LUA_DELIVERED
     + """
 local fresh, gone, undelivered = {}, {}, 0
 local left = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local took = 0
+local group = ARGV[2]
 for i = 3, #KEYS do
   local v = redis.call('GET', KEYS[i])
   local id, rest = nil, nil
@@ -135,9 +144,9 @@ for i = 3, #KEYS do
   if not id then
     gone[#gone + 1] = i - 2
   elseif not string.find(rest, '|[br]') then
-    local out = ARGV[i - 1] == '1'
+    local out = ARGV[i] == '1'
     if not out then
-      local held = redis.pcall('XPENDING', KEYS[1], '$GROUP', id, id, 1)
+      local held = redis.pcall('XPENDING', KEYS[1], group, id, id, 1)
       out = type(held) == 'table' and held[1] ~= nil
     end
     if out or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
@@ -151,7 +160,7 @@ for i = 3, #KEYS do
 end
 local missing, room = 0, 0
 if #gone > 0 and took < left then
-  local last = delivered_upto(KEYS[1])
+  local last = delivered_upto(KEYS[1], group)
   if last then
     local ahead = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', $SCAN + 1)
     if #ahead <= $SCAN then
@@ -203,7 +212,8 @@ return back
 """
 )
 
-# KEYS: account, blocks, inbox, route of the receipt's owner (the original sender).
+# KEYS: account, blocks, inbox, default device's route of the receipt's owner (the
+# original sender); it goes to each of the owner's devices.
 # ARGV: by, status, comma-joined client ids, ts, owner, a bound on the inbox's length, and
 # the answer past it ('full', or 'dropped': not stored, and the caller goes on).
 RECEIPT = _script(
@@ -216,12 +226,13 @@ if hit[1] == 1 or hit[2] == 1 then return {'dropped'} end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then return {ARGV[7]} end
 redis.call('XADD', KEYS[3], '*', 'k', 'r', 's', ARGV[2], 'f', ARGV[1], 'i', ARGV[3],
            't', ARGV[4])
-push(KEYS[3], known[2], ARGV[5])
+push_all(KEYS[3], known[1], ARGV[5], nil, known[2])
 return {'ok'}
 """
 )
 
-# KEYS: inbox, route. ARGV: our route, the live token to take, count, route ttl.
+# KEYS: inbox, route (of this device). ARGV: our route, the live token to take, count,
+# route ttl, the device's group.
 # The last step of catching up: read what is new; when nothing is, turn the route live
 # in the same atomic step, so every later entry is pushed and none falls between.
 # 'gone' when another session holds the user; a route Redis lost is made again.
@@ -232,12 +243,12 @@ local cur = redis.call('GET', KEYS[2])
 if cur and not ours(cur, ARGV[1]) then return {'gone'} end
 if not cur then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[4]) end
 local function read()
-  return redis.pcall('XREADGROUP', 'GROUP', '$GROUP', '$CONSUMER', 'COUNT', ARGV[3],
+  return redis.pcall('XREADGROUP', 'GROUP', ARGV[5], '$CONSUMER', 'COUNT', ARGV[3],
                      'STREAMS', KEYS[1], '>')
 end
 local res = read()
 if type(res) == 'table' and res.err then  -- Redis lost the group: make it, read again
-  redis.pcall('XGROUP', 'CREATE', KEYS[1], '$GROUP', '0', 'MKSTREAM')
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[5], '0', 'MKSTREAM')
   res = read()
   if type(res) == 'table' and res.err then return redis.error_reply(res.err) end
 end
@@ -260,16 +271,18 @@ return 1
 
 # -- the route: who holds a user (presence.py reads it for last seen)
 
-# KEYS: route, seen, inbox. ARGV: our route, ttl, now ms, seen ttl.
-# Point the user's route at this session (catching up, not live); the previous holder's
-# route is the reply. The inbox's group is made here if Redis lacks it.
+# KEYS: route (of the device), seen, inbox, account. ARGV: our route, ttl, now ms, seen
+# ttl, the device's group. Point the device's route at this session (catching up, not
+# live); the reply is {the previous holder's route, the account value} (how many
+# devices the user has: with one, an ack needs no script). The device's group is made
+# here if Redis lacks it.
 CLAIM = _script(
     """
 local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-redis.pcall('XGROUP', 'CREATE', KEYS[3], '$GROUP', '0', 'MKSTREAM')
-return old
+redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[5], '0', 'MKSTREAM')
+return {old, redis.call('GET', KEYS[4])}
 """
 )
 
@@ -302,35 +315,43 @@ return 1
 )
 
 
-def claim_call(mobile: str, route: str, ttl_s: int, ms: int) -> tuple[list[str], list[Any]]:
-    """CLAIM: point the user's route at this session; the reply is the previous route or
-    None. Last seen is stamped too, so a node that dies before its first refresh still
-    leaves a plausible time behind."""
-    return [keys.route(mobile), keys.seen(mobile), keys.inbox(mobile)], [
-        route,
-        ttl_s,
-        ms,
-        keys.SEEN_TTL_S,
-    ]
+def claim_call(
+    mobile: str, device: str, route: str, ttl_s: int, ms: int
+) -> tuple[list[str], list[Any]]:
+    """CLAIM: point the device's route at this session; the reply is [the previous route
+    or None, the account value]. Last seen is stamped too, so a node that dies before its
+    first refresh still leaves a plausible time behind."""
+    box = keys.inbox(mobile)
+    keys_ = [keys.route(mobile, device), keys.seen(mobile), box, keys.account(mobile)]
+    return keys_, [route, ttl_s, ms, keys.SEEN_TTL_S, keys.group(device)]
 
 
-def release_call(mobile: str, route: str, ms: int) -> tuple[list[str], list[Any]]:
+def release_call(mobile: str, device: str, route: str, ms: int) -> tuple[list[str], list[Any]]:
     """RELEASE: the route goes if it is still this session's; last seen is stamped."""
-    return [keys.route(mobile), keys.seen(mobile)], [route, ms, keys.SEEN_TTL_S]
+    return [keys.route(mobile, device), keys.seen(mobile)], [route, ms, keys.SEEN_TTL_S]
 
 
-# KEYS: account, blocks, route of the recipient. ARGV: sender, payload for its node.
-# 1 if the typing frame went to the recipient's node, 0 if no block-free route exists.
+# KEYS: account, blocks, default device's route of the recipient. ARGV: sender, state,
+# recipient. To each connected device of the recipient's (channel.typing, written here
+# per device); 1 if it went to a node, 0 if no block-free route exists.
 TYPING = _script(
     keys.LUA_ROUTES
     + """
 local known = redis.call('MGET', KEYS[1], KEYS[3])
-local route = known[2]
-if not known[1] or not route then return 0 end
+if not known[1] then return 0 end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[1] == 1 or hit[2] == 1 then return 0 end
-redis.call('SPUBLISH', channel(string.match(route, '^[^|]+'), KEYS[3]), ARGV[2])
-return 1
+local sent = 0
+for _, k in ipairs(devices(known[1])) do
+  local route = known[2]
+  if k ~= '' then route = redis.call('GET', route_key(KEYS[3], k)) end
+  if route then
+    redis.call('SPUBLISH', channel(string.match(route, '^[^|]+'), KEYS[3]),
+               '$TYPING|' .. ARGV[3] .. suffix(k) .. '|' .. ARGV[1] .. '|' .. ARGV[2])
+    sent = 1
+  end
+end
+return sent
 """
 )
 
@@ -338,7 +359,167 @@ return 1
 def typing_call(sender: str, to: str, state: str) -> tuple[list[str], list[Any]]:
     """TYPING: forward a typing frame to the recipient's node unless a block stands
     between them."""
-    return [keys.account(to), keys.blocks(to), keys.route(to)], [
-        sender,
-        channel.typing(to, sender, state),
-    ]
+    return [keys.account(to), keys.blocks(to), keys.route(to)], [sender, state, to]
+
+
+# -- devices: which groups an entry waits for (docs/ARCHITECTURE.md, "Devices")
+
+# Lua comparing stream ids, and whether a group is done with an entry: it was delivered
+# to the group (at or before its last-delivered id) and is no longer pending in it.
+LUA_ACKED = """
+local function cmp(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  if am ~= bm then if am < bm then return -1 end return 1 end
+  if as ~= bs then if as < bs then return -1 end return 1 end
+  return 0
+end
+local function done_with(inbox, last, group, id)
+  local upto = last[group]
+  if not upto or cmp(id, upto) > 0 then return false end
+  return redis.call('XPENDING', inbox, group, id, id, 1)[1] == nil
+end
+local function groups_but(acct, own)  -- the groups of the listed devices but `own`
+  local out = {}
+  for _, k in ipairs(devices(acct)) do
+    if group_of(k) ~= own then out[#out + 1] = group_of(k) end
+  end
+  return out
+end
+"""
+
+# KEYS: inbox, account. ARGV: the acking device's group, then entry ids. The ack of a
+# user with more than one device: XACK for this device; XDEL of the entries every other
+# listed device is done with too. Without the account (Redis lost it) nothing is
+# deleted. Returns how many were deleted.
+ACK_DEVICE = _script(
+    keys.LUA_ROUTES
+    + LUA_ACKED
+    + """
+local own = ARGV[1]
+local ids = {}
+for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+redis.call('XACK', KEYS[1], own, unpack(ids))
+local acct = redis.call('GET', KEYS[2])
+if not acct then return 0 end
+local others, last = groups_but(acct, own), groups_of(KEYS[1])
+local gone = {}
+for _, id in ipairs(ids) do
+  local all = true
+  for _, g in ipairs(others) do
+    if not done_with(KEYS[1], last, g, id) then all = false; break end
+  end
+  if all then gone[#gone + 1] = id end
+end
+if #gone > 0 then redis.call('XDEL', KEYS[1], unpack(gone)) end
+return #gone
+"""
+)
+
+# KEYS: inbox, account. ARGV: the acking device's group, then entry ids. Read only:
+# the (1-based) indexes of the ids no other device of the user is done with yet: their
+# ack is the first, and only the first sends the `delivered` receipt.
+FIRST_ACKS = _script(
+    keys.LUA_ROUTES
+    + LUA_ACKED
+    + """
+local others, last = groups_but(redis.call('GET', KEYS[2]), ARGV[1]), groups_of(KEYS[1])
+local first = {}
+for i = 2, #ARGV do
+  local seen = false
+  for _, g in ipairs(others) do
+    if done_with(KEYS[1], last, g, ARGV[i]) then seen = true; break end
+  end
+  if not seen then first[#first + 1] = i - 1 end
+end
+return first
+""",
+    waits=False,  # reads only
+)
+
+# Lua writing an account value back from device keys, and telling the user's connected
+# devices how many devices there are now (channel.DEVICES): with one, acks are plain.
+LUA_DEVICE_LIST = """
+local function store_devices(acct_key, list)
+  local enc = {}
+  for _, d in ipairs(list) do if d == '' then enc[#enc + 1] = '0' else enc[#enc + 1] = d end end
+  redis.call('SET', acct_key, 'd:' .. table.concat(enc, ','))
+end
+local function tell_devices(acct_key, list, mobile)
+  for _, d in ipairs(list) do
+    local route = redis.call('GET', route_key(acct_key, d))
+    if route then
+      redis.call('SPUBLISH', channel(string.match(route, '^[^|]+'), acct_key),
+                 '$DEVICES|' .. mobile .. suffix(d) .. '|' .. #list)
+    end
+  end
+end
+"""
+
+# KEYS: account, inbox, loading. ARGV: the device key ('' for default), its group, the
+# user. A device made at login joins the account's list, with its group from the first
+# entry still in the inbox. Without the account (Redis does not know the user) a reload
+# in flight is stopped (it may have read PostgreSQL before the device was made); the
+# next one reads it. Returns how many devices are listed (-1: no account).
+ADD_DEVICE = _script(
+    keys.LUA_ROUTES
+    + LUA_DEVICE_LIST
+    + """
+local acct = redis.call('GET', KEYS[1])
+if not acct then redis.call('DEL', KEYS[3]); return -1 end
+local list = devices(acct)
+for _, d in ipairs(list) do if d == ARGV[1] then return #list end end
+list[#list + 1] = ARGV[1]
+store_devices(KEYS[1], list)
+redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
+tell_devices(KEYS[1], list, ARGV[3])
+return #list
+"""
+)
+
+# KEYS: account, inbox, the device's route, loading. ARGV: the device key, its group,
+# the user. A removed device leaves the list, its group and route go. Its entries are
+# released by PRUNE. Returns how many devices are left (-1: no account).
+DROP_DEVICE = _script(
+    keys.LUA_ROUTES
+    + LUA_DEVICE_LIST
+    + """
+redis.pcall('XGROUP', 'DESTROY', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[3])
+local acct = redis.call('GET', KEYS[1])
+if not acct then redis.call('DEL', KEYS[4]); return -1 end
+local list = {}
+for _, d in ipairs(devices(acct)) do if d ~= ARGV[1] then list[#list + 1] = d end end
+store_devices(KEYS[1], list)
+tell_devices(KEYS[1], list, ARGV[3])
+return #list
+"""
+)
+
+# KEYS: inbox, account. ARGV: where to start ('-', or '(' and the last id done), how
+# many entries to look at. XDEL the entries every listed device is done with (after a
+# device went); with no device listed, or no account, none. Returns the last id looked
+# at, or '' when the inbox is done.
+PRUNE = _script(
+    keys.LUA_ROUTES
+    + LUA_ACKED
+    + """
+local acct = redis.call('GET', KEYS[2])
+if not acct then return '' end
+local groups, last = groups_but(acct, nil), groups_of(KEYS[1])
+if #groups == 0 then return '' end
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+local gone = {}
+for _, e in ipairs(entries) do
+  local all = true
+  for _, g in ipairs(groups) do
+    if not done_with(KEYS[1], last, g, e[1]) then all = false; break end
+  end
+  if all then gone[#gone + 1] = e[1] end
+end
+if #gone > 0 then redis.call('XDEL', KEYS[1], unpack(gone)) end
+if #entries < tonumber(ARGV[2]) then return '' end
+return entries[#entries][1]
+"""
+)

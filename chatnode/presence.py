@@ -23,11 +23,11 @@ def iso(ms: int) -> str:
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def refresh(batcher: Redis, mobile: str, route: str, ttl_s: int, ms: int) -> Any:
-    """Queue one refresh; the batcher sends all refreshes of a sweep as one pipeline."""
-    return batcher.script(
-        lua.REFRESH, [keys.route(mobile), keys.seen(mobile)], [route, ttl_s, ms, keys.SEEN_TTL_S]
-    )
+def refresh(batcher: Redis, mobile: str, device: str, route: str, ttl_s: int, ms: int) -> Any:
+    """Queue one refresh of a device's route; the batcher sends all refreshes of a sweep
+    as one pipeline."""
+    args = [keys.route(mobile, device), keys.seen(mobile)]
+    return batcher.script(lua.REFRESH, args, [route, ttl_s, ms, keys.SEEN_TTL_S])
 
 
 async def last_seen(pool: Any, batcher: Redis, viewer: str, target: str) -> dict[str, Any]:
@@ -38,10 +38,13 @@ async def last_seen(pool: Any, batcher: Redis, viewer: str, target: str) -> dict
     data: dict[str, Any] = {"username": user.name, "mobileNo": user.mobile}
     if await blocks.has_blocked(pool, target, viewer):
         return data
-    try:
-        route, seen = await batcher.run("MGET", keys.route(target), keys.seen(target))
+    try:  # online while any device is connected; last seen is when the last one was
+        account, seen = await batcher.run("MGET", keys.account(target), keys.seen(target))
+        devices = keys.device_keys(account) or [keys.DEFAULT_DEVICE]
+        routes = await batcher.run("MGET", *(keys.route(target, d) for d in devices))
+        route = any(routes)
     except Unavailable:
-        route, seen = None, None
+        route, seen = False, None
     if route:
         data["lastSeen"] = "online"
     elif seen:

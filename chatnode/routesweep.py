@@ -28,7 +28,10 @@ async def refresh_routes(gw: Gateway) -> None:
     ttl = gw.settings.route_ttl_s
     revoked = _revoked(gw, sessions)
     results = await asyncio.gather(
-        *(presence.refresh(gw.batcher, s.core.mobile, s.core.route, ttl, ms) for s in sessions),
+        *(
+            presence.refresh(gw.batcher, s.core.mobile, s.core.device_key, s.core.route, ttl, ms)
+            for s in sessions
+        ),
         return_exceptions=True,
     )
     for s, result in zip(sessions, results, strict=True):

@@ -34,6 +34,7 @@ class Listener(Protocol):
     def on_kick(self, mobile: str, session: str) -> None: ...
     def on_logout(self, mobile: str, jti: str) -> None: ...
     def on_typing(self, to: str, sender: str, state: str) -> None: ...
+    def on_devices(self, owner: str, count: int) -> None: ...
     def on_resync(self) -> None: ...
 
 
@@ -51,6 +52,8 @@ def dispatch(listener: Listener, payload: str) -> None:
             listener.on_logout(mobile, jti)
         case channel.Typing(to, sender, state):
             listener.on_typing(to, sender, state)
+        case channel.Devices(owner, count):
+            listener.on_devices(owner, count)
         case None:
             pass
 

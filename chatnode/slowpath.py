@@ -21,7 +21,7 @@ from chatnode.core.actions import (
     StoreReceipts,
 )
 from chatnode.errors import InboxFull, UnknownRecipient
-from chatnode.lua import RECEIPT, SEND, Script
+from chatnode.lua import ACK_DEVICE, RECEIPT, SEND, Script
 from chatnode.recipients import Recipients
 from chatnode.redisio import Redis
 
@@ -55,14 +55,14 @@ class SlowPath:
                 )
             case FetchEntries(owner, msg_ids):
                 return await fetch(batcher, owner, msg_ids)
-            case StoreReceipts(acker, receipts, ack_ids, messages):
+            case StoreReceipts(acker, receipts, ack_ids, messages, device, solo):
                 for receipt in receipts:
                     try:
                         await store_receipt(batcher, load, receipt, limit)
                     except UnknownRecipient:
                         pass  # the sender's account is gone: nobody to tell
                 if ack_ids:
-                    await ack(batcher, acker, ack_ids, messages, window)
+                    await ack(batcher, acker, ack_ids, messages, window, device, solo)
                 return None
             case StoreRead(receipt):
                 await store_receipt(batcher, load, receipt, limit)
@@ -129,12 +129,18 @@ async def ack(
     msg_ids: list[str],
     messages: list[tuple[str, str]],
     window_s: int,
+    device: str = keys.DEFAULT_DEVICE,
+    solo: bool = True,
 ) -> None:
-    """XDEL and XACK `msg_ids`, and shorten the acked `messages`' ((sender, client id))
-    dedupe keys to the window (inbox.ack_commands), in one pipeline. An XDEL or XACK
-    that fails raises."""
-    xdel, xack, *shorten = inbox.ack_commands(mobile, msg_ids, messages, window_s)
-    removed = asyncio.gather(batcher.call(*xdel), batcher.call(*xack))
+    """XDEL and XACK `msg_ids` (with several devices, lua.ACK_DEVICE), and shorten the
+    acked `messages`' ((sender, client id)) dedupe keys to the window
+    (inbox.ack_commands), in one pipeline. An XDEL or XACK that fails raises."""
+    xdel, xack, *shorten = inbox.ack_commands(mobile, device, msg_ids, messages, window_s)
+    if solo:
+        calls = [batcher.call(*xdel), batcher.call(*xack)]
+    else:  # other devices may still need them: one script acks and deletes
+        calls = [batcher.script(ACK_DEVICE, *inbox.ack_device_call(mobile, device, msg_ids))]
+    removed = asyncio.gather(*calls)
     for command in shorten:
         batcher.fire(*command)
     await removed

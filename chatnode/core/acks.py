@@ -72,7 +72,27 @@ class Acks:
         if not done:  # every id is being acked already
             core.answers.give(answer, None)
             return
-        receipts = self._receipts_for(done)
+        if core.solo or not any(e.kind == "m" for e, _ in done):
+            self._store_receipts(done, ids, answer, self._receipts_for(done))
+            return
+
+        def firsts(reply: Any) -> None:
+            """Only the first device's ack of a message sends `delivered`; if the check
+            fails, this one does (a second `delivered` is harmless, a missing one not)."""
+            first = done
+            if not isinstance(reply, Exception):
+                at = {int(i) - 1 for i in reply}
+                first = [d for i, d in enumerate(done) if i in at]
+            self._store_receipts(done, ids, answer, self._receipts_for(first))
+
+        args, argv = inbox.first_acks_call(core.mobile, core.device_key, ids)
+        core.emit(Call(args, firsts, lua.FIRST_ACKS, argv))
+
+    def _store_receipts(
+        self, done: list[Acked], ids: list[str], answer: Answer, receipts: list[inbox.Receipt]
+    ) -> None:
+        """Store the delivered receipts of acked entries, then remove the entries."""
+        core = self.core
         if not receipts:
             self._remove(done, ids, answer)
             return
@@ -90,7 +110,7 @@ class Acks:
                 self._remove(done, ids, answer)
             else:
                 messages = inbox.acked_messages(e for e, _ in done)
-                job = StoreReceipts(core.mobile, failed, ids, messages)
+                job = StoreReceipts(core.mobile, failed, ids, messages, core.device_key, core.solo)
                 core.lane.add(answer, None, job, lambda r: self._stored(done, ids, r))
 
         limit = core.settings.inbox_limit
@@ -121,9 +141,16 @@ class Acks:
 
         messages = inbox.acked_messages(e for e, _ in done)
         window = core.settings.dedupe_window_s
-        xdel, xack, *shorten = inbox.ack_commands(core.mobile, ids, messages, window)
-        core.emit(Call(xdel, removed, None, (), True))
-        core.emit(Call(xack, removed, None, (), True))
+        xdel, xack, *shorten = inbox.ack_commands(
+            core.mobile, core.device_key, ids, messages, window
+        )
+        if core.solo:
+            core.emit(Call(xdel, removed, None, (), True))
+            core.emit(Call(xack, removed, None, (), True))
+        else:  # other devices may still need them: one script acks and deletes
+            replies.append(None)  # (one reply stands for both)
+            args, argv = inbox.ack_device_call(core.mobile, core.device_key, ids)
+            core.emit(Call(args, removed, lua.ACK_DEVICE, argv))
         for command in shorten:
             core.emit(Call(command, None, None, (), True))
 
@@ -139,9 +166,10 @@ class Acks:
         earlier = [self.core.ledger.release(e.msg_id) or (e, -1.0) for e in result if e.kind]
         done = done + earlier
         ids = ids + self.core.ledger.acking_now([e for e, _ in earlier])
-        mobile = self.core.mobile
+        core = self.core
         messages = inbox.acked_messages(e for e, _ in done)
-        job = StoreReceipts(mobile, self._receipts_for(done), ids, messages)
+        receipts = self._receipts_for(done)  # (from every device: a second is harmless)
+        job = StoreReceipts(core.mobile, receipts, ids, messages, core.device_key, core.solo)
         return Next(job, lambda r: self._stored(done, ids, r))
 
     def _stored(self, done: list[Acked], ids: list[str], result: Any) -> None:
@@ -215,7 +243,7 @@ class Acks:
                 core.answers.give(answer, None)  # all receipted already
 
         held = core.ledger.holds(frame.to)
-        args, argv = inbox.read_call(core.mobile, frame.to, ids, held)
+        args, argv = inbox.read_call(core.mobile, core.device_key, frame.to, ids, held)
         core.emit(Call(args, checked, lua.READ, argv))
 
     def _store_read(self, receipt: inbox.Receipt, took: int, bad: bool, answer: Answer) -> None:

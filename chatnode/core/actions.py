@@ -105,6 +105,8 @@ class StoreReceipts:
     receipts: list[inbox.Receipt]
     ack_ids: list[str]
     messages: list[tuple[str, str]]
+    device: str = ""  # the acking device (keys.device_key)
+    solo: bool = True  # the user's only device: plain XDEL and XACK
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,8 @@ class Delivery:
         if self.cursor is not None:
             core.emit(
                 Call(
-                    inbox.pending_call(core.mobile, self.cursor), lambda r: self._on_pending(gen, r)
+                    inbox.pending_call(core.mobile, core.device_key, self.cursor),
+                    lambda r: self._on_pending(gen, r),
                 )
             )
             return
@@ -87,7 +88,8 @@ class Delivery:
             return
         token = secrets.token_hex(4)
         self.offered = token
-        args, argv = inbox.go_live_call(core.mobile, core.route, token, core.settings.route_ttl_s)
+        ttl = core.settings.route_ttl_s
+        args, argv = inbox.go_live_call(core.mobile, core.device_key, core.route, token, ttl)
         core.emit(
             Call(
                 args,
@@ -100,7 +102,7 @@ class Delivery:
     def _on_pending(self, gen: int, reply: Any) -> None:
         self.reading = False
         if inbox.lost_group(reply):  # Redis lost the stream: nothing is pending then
-            self.core.emit(Call(inbox.make_group_call(self.core.mobile)))
+            self.core.emit(Call(inbox.make_group_call(self.core.mobile, self.core.device_key)))
             reply = []
         reply = inbox.pending_entries(reply)
         if gen != self.gen:  # the catch-up restarted meanwhile
@@ -163,7 +165,7 @@ class Delivery:
                 self._stall(reply)
 
         core = self.core
-        args, argv = inbox.unlive_call(core.mobile, core.route)
+        args, argv = inbox.unlive_call(core.mobile, core.device_key, core.route)
         core.emit(Call(args, done, lua.UNLIVE, argv))
 
     def _stale_reply(self, reply: Any) -> None:
@@ -224,7 +226,8 @@ class Delivery:
                 sent += 1
         core.node.metrics.delivered += sent
         if gone:  # deleted while pending: nothing to send, ack it away
-            core.emit(Call(("XACK", keys.inbox(core.mobile), keys.GROUP, *gone)))
+            group = keys.group(core.device_key)
+            core.emit(Call(("XACK", keys.inbox(core.mobile), group, *gone)))
         return taken
 
     def on_push(self, token: str, entries: list[inbox.Entry] | None) -> None:

@@ -48,6 +48,7 @@ class SocketCore:
         "closed",
         "delivery",
         "device",
+        "device_key",
         "expires_at",
         "held",
         "jti",
@@ -59,8 +60,10 @@ class SocketCore:
         "node",
         "ready",
         "route",
+        "session",
         "settings",
         "sid",
+        "solo",
         "wire",
     )
 
@@ -73,6 +76,7 @@ class SocketCore:
         expires_at: int = 0,
         device: int = 0,
         named: bool = False,
+        device_key: str = keys.DEFAULT_DEVICE,
     ) -> None:
         self.node = node
         self.settings = node.settings
@@ -80,6 +84,9 @@ class SocketCore:
         self.mobile = mobile
         self.device = device  # devices.id of the token's device
         self.named = named  # its login named it (v2): hello says which
+        self.device_key = device_key  # in Redis names: '' for `default` (keys.device_key)
+        self.session = keys.session(mobile, device_key)  # this device's name on the node
+        self.solo = False  # the user's only device (CLAIM says): acks need no script
         self.jti = jti
         self.expires_at = expires_at  # the token's exp: the socket closes with 4003 after it
         self.sid = secrets.token_hex(6)
@@ -121,18 +128,22 @@ class SocketCore:
         # answered before the claim, so before any frame is handled: reconnecting does
         # not refill them
         self.emit(Call(("GET", keys.send_tokens(self.mobile)), self._restore_send_tokens))
-        args, argv = lua.claim_call(self.mobile, self.route, cfg.route_ttl_s, self.now_ms())
+        now = self.now_ms()
+        args, argv = lua.claim_call(self.mobile, self.device_key, self.route, cfg.route_ttl_s, now)
         self.emit(Call(args, self._claimed, lua.CLAIM, argv))
 
-    def _claimed(self, old: Any) -> None:
-        if isinstance(old, Exception):
+    def _claimed(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
             self.close(CloseCode.INTERNAL, "unavailable")
             return
+        old, account = reply
+        devices = keys.device_keys(account)
+        self.devices_now(len(devices) if devices is not None else 0)
         parsed = keys.parse_route(old)
         if parsed is not None and parsed[1] != self.sid and parsed[0] != self.settings.node_id:
             # the previous holder's node closes it (on this node that happened at open),
-            # even if this session is closed by now: one session per user
-            self.emit(Publish(parsed[0], self.mobile, channel.kick(self.mobile, parsed[1])))
+            # even if this session is closed by now: one session per device
+            self.emit(Publish(parsed[0], self.mobile, channel.kick(self.session, parsed[1])))
         if self.closed:
             return
         log.info("socket_open", user=self.mobile, session=self.sid)
@@ -145,6 +156,10 @@ class SocketCore:
         self.ready = True
         self.delivery.step()
         self.release_held()
+
+    def devices_now(self, count: int) -> None:
+        """The user has `count` devices now (0: not known): with one, acks are plain."""
+        self.solo = count == 1
 
     def _restore_send_tokens(self, reply: Any) -> None:
         self.meter.restore(reply, self.node.clock.monotonic(), self.now_ms() / 1000)
@@ -160,7 +175,7 @@ class SocketCore:
         if saved is not None:
             value, ttl = saved
             self.emit(Call(("SET", keys.send_tokens(self.mobile), value, "EX", ttl)))
-        args, argv = lua.release_call(self.mobile, self.route, self.now_ms())
+        args, argv = lua.release_call(self.mobile, self.device_key, self.route, self.now_ms())
         self.emit(Call(args, self._released, lua.RELEASE, argv))
 
     def _released(self, reply: Any) -> None:

@@ -13,13 +13,16 @@ from typing import Any
 import pytest
 import websockets
 
+from chatnode import keys
 from tests.integration.harness import (
     Api,
+    Client,
     NodeProc,
     Stack,
     User,
     _migrate,
     connected,
+    new_mobile,
     new_user,
 )
 from tests.pgutil import ensure_database
@@ -195,3 +198,137 @@ async def test_a_device_unseen_for_the_idle_days_is_removed(http: Any, idle_node
         assert status == 401
         await asyncio.sleep(5)  # well past the idle time, still connected
         assert {d["name"] for d in await listed(api, live)} == {"live"}
+
+
+# -- several devices at once (each its own session, delivery position and redelivery)
+
+
+async def signed_up(api: Api) -> User:
+    """A user with no device yet (new_user's login makes `default`)."""
+    mobile = new_mobile()
+    body = {"name": "Dev", "mobileNo": mobile, "password": "password123"}
+    status, answer, _ = await api.call("POST", "/auth/signup", body)
+    assert status == 201, answer
+    return User(mobile, "Dev", "password123", "")
+
+
+async def three_devices(api: Api, user: User) -> list[str]:
+    """Tokens of three named devices of `user`."""
+    return [(await device_token(api, user, name))[0] for name in ("phone", "laptop", "tab")]
+
+
+async def test_devices_stay_connected_side_by_side_and_each_gets_every_message(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc], redis: Any
+) -> None:
+    alice, bob = await new_user(api_a), await signed_up(api_a)
+    tokens = await three_devices(api_a, bob)
+    urls = [cluster[0].ws, cluster[1].ws, cluster[0].ws]  # devices on both nodes
+    bobs = [await Client.connect(url, t) for url, t in zip(urls, tokens, strict=True)]
+    try:
+        assert len({b.hello["deviceId"] for b in bobs}) == 3
+        async with connected(cluster[1].ws, alice.token) as a:
+            for i in range(3):
+                assert (await a.send_message(bob.mobile, f"m{i}"))["type"] == "accepted"
+            for b in bobs:
+                got = [await b.recv_type("message") for _ in range(3)]
+                assert [m["body"] for m in got] == ["m0", "m1", "m2"]
+            box = keys.inbox(bob.mobile)
+            ids = [m["msgId"] for m in got]
+            await bobs[0].send({"type": "ack", "msgIds": ids})
+            receipt = await a.recv_type("receipt", status="delivered")
+            assert sorted(receipt["ids"]) == sorted(m["id"] for m in got)
+            await bobs[1].send({"type": "ack", "msgIds": ids})
+            await asyncio.sleep(0.5)
+            assert await redis.xlen(box) == 3  # the third device has not acked them yet
+            assert await a.quiet(0.5, "receipt") == []  # `delivered` went once
+            await bobs[2].send({"type": "ack", "msgIds": ids})
+            deadline = time.monotonic() + 10
+            while await redis.xlen(box) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert await redis.xlen(box) == 0  # every device acked: the entries left
+    finally:
+        for b in bobs:
+            await b.close()
+
+
+async def test_a_newer_connection_of_a_device_replaces_only_that_device(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
+    user = await new_user(api_a)
+    phone, laptop = [(await device_token(api_a, user, n))[0] for n in ("phone", "laptop")]
+    async with connected(cluster[0].ws, phone) as first, connected(cluster[1].ws, laptop) as lt:
+        async with connected(cluster[1].ws, phone):  # the phone again, on the other node
+            assert await first.closed() == 4001
+            assert await lt.quiet(1.0) == [] and lt.ws.close_code is None  # the laptop stays
+
+
+async def test_a_device_offline_gets_its_backlog_in_order_and_a_removed_one_releases_it(
+    api_a: Api, api_b: Api, cluster: tuple[NodeProc, NodeProc], redis: Any
+) -> None:
+    alice, bob = await new_user(api_a), await signed_up(api_a)
+    phone, phone_id = await device_token(api_a, bob, "phone")
+    tab, tab_id = await device_token(api_b, bob, "tab")
+    _, old_id = await device_token(api_b, bob, "old")
+    box = keys.inbox(bob.mobile)
+    async with connected(cluster[0].ws, phone) as p, connected(cluster[1].ws, alice.token) as a:
+        for i in range(5):
+            await a.send_message(bob.mobile, f"b{i}")
+        got = [await p.recv_type("message") for _ in range(5)]
+        await p.send({"type": "ack", "msgIds": [m["msgId"] for m in got]})
+        await a.recv_type("receipt", status="delivered")
+    assert await redis.xlen(box) == 5  # tab and old have not had them
+    async with connected(cluster[1].ws, tab) as t:  # back after a while: in order
+        backlog = [await t.recv_type("message") for _ in range(5)]
+        assert [m["body"] for m in backlog] == [f"b{i}" for i in range(5)]
+        await t.send({"type": "ack", "msgIds": [m["msgId"] for m in backlog]})
+        await asyncio.sleep(0.5)
+    assert await redis.xlen(box) == 5  # `old` still holds them
+    status, _, _ = await api_a.call("DELETE", f"/devices/{old_id}", token=phone)
+    assert status == 200
+    assert await redis.xlen(box) == 0  # removed: what only it held is released
+    assert tab_id != phone_id
+
+
+async def test_presence_is_online_while_any_device_is_and_typing_reaches_each(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
+    alice, bob = await new_user(api_a), await new_user(api_a)
+    phone, laptop = [(await device_token(api_a, bob, n))[0] for n in ("phone", "laptop")]
+
+    async def last_seen() -> Any:
+        _, body, _ = await api_a.call(
+            "GET", f"/profile/lastseen?mobileNo={urllib.parse.quote(bob.mobile)}", token=alice.token
+        )
+        return body["data"].get("lastSeen")
+
+    async with connected(cluster[0].ws, phone) as p:
+        async with connected(cluster[1].ws, laptop) as lt:
+            assert await last_seen() == "online"
+            async with connected(cluster[0].ws, alice.token) as a:
+                await a.send({"type": "typing", "to": bob.mobile, "state": "start"})
+                for device in (p, lt):
+                    frame = await device.recv_type("typing")
+                    assert frame["from"] == alice.mobile and frame["state"] == "start"
+        assert await last_seen() == "online"  # the phone is still connected
+    deadline = time.monotonic() + 10
+    while await last_seen() == "online" and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert (await last_seen() or "").endswith("Z")
+
+
+async def test_a_read_on_one_device_reaches_the_sender(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc]
+) -> None:
+    alice, bob = await new_user(api_a), await new_user(api_a)
+    phone, laptop = [(await device_token(api_a, bob, n))[0] for n in ("phone", "laptop")]
+    async with (
+        connected(cluster[0].ws, phone) as p,
+        connected(cluster[1].ws, laptop) as lt,
+        connected(cluster[1].ws, alice.token) as a,
+    ):
+        answer = await a.send_message(bob.mobile, "read me")
+        for device in (p, lt):
+            await device.recv_type("message")
+        await lt.send({"type": "read", "to": alice.mobile, "ids": [answer["id"]]})
+        receipt = await a.recv_type("receipt", status="read")
+        assert receipt["ids"] == [answer["id"]] and receipt["by"] == bob.mobile

@@ -29,16 +29,16 @@ def live_route(route: str, token: str) -> str:
 
 
 async def go_live(batcher: Batcher, mobile: str, route: str, token: str, ttl: int) -> Any:
-    reply = await batcher.script(lua.GO_LIVE, *inbox.go_live_call(mobile, route, token, ttl))
+    reply = await batcher.script(lua.GO_LIVE, *inbox.go_live_call(mobile, "", route, token, ttl))
     return inbox.go_live_result(reply)
 
 
 async def unlive(batcher: Batcher, mobile: str, route: str) -> Any:
-    return await batcher.script(lua.UNLIVE, *inbox.unlive_call(mobile, route))
+    return await batcher.script(lua.UNLIVE, *inbox.unlive_call(mobile, "", route))
 
 
 async def read_pending(batcher: Batcher, mobile: str, cursor: str) -> Any:
-    return inbox.pending_entries(await batcher.run(*inbox.pending_call(mobile, cursor)))
+    return inbox.pending_entries(await batcher.run(*inbox.pending_call(mobile, "", cursor)))
 
 
 async def user(redis: aioredis.Redis) -> str:
@@ -244,7 +244,7 @@ async def ack(
 async def read(
     batcher: Batcher, reader: str, sender: str, ids: list[str], held: set[str] | None = None
 ) -> tuple[int, int, list[str], int]:
-    call = inbox.read_call(reader, sender, ids, held or set())
+    call = inbox.read_call(reader, "", sender, ids, held or set())
     reply = await batcher.script(lua.READ, *call)
     return inbox.read_result(ids, reply)
 
@@ -404,12 +404,12 @@ async def test_refresh_keeps_a_live_token_and_tells_replaced_from_lost(
     bob = await user(redis)
     mine = "node-r|s1"
     await redis.set(keys.route(bob), live_route(mine, "tok"), ex=5)
-    assert await presence.refresh(batcher, bob, mine, 60, 1) == 1
+    assert await presence.refresh(batcher, bob, "", mine, 60, 1) == 1
     assert await redis.get(keys.route(bob)) == live_route(mine, "tok")
     assert await redis.ttl(keys.route(bob)) > 5
     await redis.delete(keys.route(bob))
-    assert await presence.refresh(batcher, bob, mine, 60, 2) == 2
+    assert await presence.refresh(batcher, bob, "", mine, 60, 2) == 2
     assert await redis.get(keys.route(bob)) == mine  # back, catching up
     await redis.set(keys.route(bob), "node-r|s2")
-    assert await presence.refresh(batcher, bob, mine, 60, 3) == 0
+    assert await presence.refresh(batcher, bob, "", mine, 60, 3) == 0
     assert await redis.get(keys.route(bob)) == "node-r|s2"

@@ -176,7 +176,7 @@ class Inbox:
 
     def _claim(self, call: Call) -> Any:
         old, self.route = self.route, call.argv[0]
-        return old
+        return [old, keys.account_value([keys.DEFAULT_DEVICE])]  # one device: plain acks
 
     def _release(self, call: Call) -> Any:
         mine = call.argv[0]
@@ -246,7 +246,7 @@ class Inbox:
 
     def _read(self, call: Call) -> Any:
         # the model keeps no dedupe records and no unread counts: nothing known
-        return [len(call.argv) - 1, 0, [], 0]
+        return [len(call.argv) - 2, 0, [], 0]  # (argv: sender, group, a flag per id)
 
     def _unread(self, call: Call) -> Any:
         return 1

@@ -554,4 +554,4 @@ def test_online_replicas_counts_only_those_in_sync() -> None:
 
 
 def test_scripts_whose_loss_breaks_nothing_do_not_wait_for_a_replica() -> None:
-    assert UNWAITED_SCRIPTS == {lua.NUDGE.sha}
+    assert UNWAITED_SCRIPTS == {lua.NUDGE.sha, lua.FIRST_ACKS.sha}

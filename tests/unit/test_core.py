@@ -117,7 +117,7 @@ def test_a_claim_over_a_session_on_another_node_kicks_it() -> None:
     core = make()
     core.start()
     calls, _ = take(core)
-    feed(core, calls[1], "n2|oldsession|tok")
+    feed(core, calls[1], ["n2|oldsession|tok", "d:0"])
     _, other = take(core)
     assert Publish("n2", ME, f"k|{ME}|oldsession") in other
 
@@ -138,7 +138,7 @@ def test_saved_send_tokens_are_restored() -> None:
     core.start()
     calls, _ = take(core)
     feed(core, calls[0], f"0.000|{clock.ms() / 1000:.3f}")  # an earlier socket spent them
-    feed(core, calls[1], None)
+    feed(core, calls[1], [None, "d:0"])
     run(core, Inbox())
     core.receive(send(1))
     _, _ = take(core)
@@ -548,7 +548,7 @@ def test_a_read_names_only_messages_delivered_each_once() -> None:
     delivered(core, model, 1)
     core.receive(read(["p0", "zz"]))
     calls, _ = take(core)
-    assert name_of(calls[0]) == "READ" and calls[0].argv == [PEER, "1", "0"]  # p0 out
+    assert name_of(calls[0]) == "READ" and calls[0].argv == [PEER, "g", "1", "0"]  # p0 out
     assert list(calls[0].args[:2]) == [keys.inbox(ME), keys.unread(ME)]
     feed(core, calls[0], [1, 0, [1], 0])
     calls, _ = take(core)
@@ -623,7 +623,7 @@ def test_typing_goes_through_the_script_and_arrives_for_a_ready_socket() -> None
     core, _ = opened()
     core.receive(orjson.dumps({"type": "typing", "to": PEER, "state": "start"}).decode())
     calls, _ = take(core)
-    assert name_of(calls[0]) == "TYPING" and calls[0].argv[1] == f"t|{PEER}|{ME}|start"
+    assert name_of(calls[0]) == "TYPING" and calls[0].argv == [ME, "start", PEER]
     feed(core, calls[0], 1)
     core.typing_from(PEER, "stop")
     assert written(core) == [{"type": "typing", "from": PEER, "state": "stop"}]

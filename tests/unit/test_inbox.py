@@ -96,7 +96,7 @@ def test_only_acked_messages_are_shortened() -> None:
     messages = inbox.acked_messages(entries)
     assert messages == [(peer, "a-1")]
     ids = ["1-0", "2-0", "3-0"]  # every entry leaves the inbox
-    assert inbox.ack_commands(me, ids, messages, 600) == [
+    assert inbox.ack_commands(me, keys.DEFAULT_DEVICE, ids, messages, 600) == [
         ("XDEL", keys.inbox(me), *ids),
         ("XACK", keys.inbox(me), keys.GROUP, *ids),
         ("EXPIRE", keys.dedupe(me, peer, "a-1"), 600, "LT"),
