@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS device_tokens (
     expires_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS device_tokens_device_idx ON device_tokens (device_id);
+CREATE INDEX IF NOT EXISTS device_tokens_expiry_idx ON device_tokens (expires_at);
 
 -- Logged-out tokens until they expire; Redis holds a copy for the hot check.
 CREATE TABLE IF NOT EXISTS revoked_tokens (

@@ -235,24 +235,31 @@ async def device_exists(pool: Any, user_id: int, device_id: int) -> bool:
 
 
 async def remove_device(
-    pool: Any, user_id: int, device_id: int, node: str
+    pool: Any, user_id: int, device_id: int, node: str, idle_days: float | None = None
 ) -> tuple[str, list[tuple[str, int]]] | None:
     """Remove one of `user_id`'s devices: its unexpired tokens are revoked in the same
-    transaction. Its name and its tokens' (jti, expiry as a Unix time), for Redis and the
-    open sockets; None if the user has no such device."""
+    transaction, which holds the user's row as a login does (so no login of the device
+    can slip a token in between). `idle_days`: only if it is still unseen that long (the
+    idle sweep). Its name and its tokens' (jti, expiry as a Unix time), for Redis and the
+    open sockets; None if the user has no such device (or it was seen meanwhile)."""
     async with connection(pool) as conn, conn.transaction():
-        rows = await conn.fetch(
-            "SELECT t.jti, extract(epoch FROM t.expires_at)::bigint AS exp, t.expires_at"
-            " FROM device_tokens t JOIN devices d ON d.id = t.device_id"
-            " WHERE d.id = $1 AND d.user_id = $2 AND t.expires_at > now() FOR UPDATE OF d",
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+        gone = await conn.fetchval(
+            "SELECT name FROM devices WHERE id = $1 AND user_id = $2"
+            " AND ($3::float8 IS NULL OR last_seen < now() - make_interval(secs => $3))",
             device_id,
             user_id,
-        )
-        gone = await conn.fetchval(
-            "DELETE FROM devices WHERE id = $1 AND user_id = $2 RETURNING name", device_id, user_id
+            None if idle_days is None else idle_days * 86400.0,
         )
         if gone is None:
             return None
+        rows = await conn.fetch(  # (before the device: its delete cascades to them)
+            "DELETE FROM device_tokens WHERE device_id = $1"
+            " RETURNING jti, extract(epoch FROM expires_at)::bigint AS exp, expires_at",
+            device_id,
+        )
+        await conn.execute("DELETE FROM devices WHERE id = $1", device_id)
+        rows = [r for r in rows if r["exp"] > datetime.now(UTC).timestamp()]
         await conn.executemany(
             "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             [(r["jti"], r["expires_at"]) for r in rows],
@@ -262,8 +269,19 @@ async def remove_device(
             user_id,
             node,
         )
-        await conn.execute("DELETE FROM device_tokens WHERE expires_at < now()")
     return str(gone), [(r["jti"], int(r["exp"])) for r in rows]
+
+
+async def forget_expired_tokens(pool: Any, most: int = 10_000) -> int:
+    """Delete up to `most` expired rows of `device_tokens` (revoked ones are pruned with
+    the revocations); how many."""
+    async with connection(pool) as conn:
+        done = await conn.execute(
+            "DELETE FROM device_tokens WHERE jti IN (SELECT jti FROM device_tokens"
+            " WHERE expires_at < now() LIMIT $1)",
+            most,
+        )
+    return int(done.split()[-1])
 
 
 async def idle_devices(pool: Any, idle_days: float, most: int) -> list[tuple[int, str, int]]:

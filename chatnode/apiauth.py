@@ -143,7 +143,7 @@ async def login(request: web.Request) -> web.Response:
     claims = dataclasses.replace(
         claims, device=device_id, named=named, default=device == devices.DEFAULT_NAME
     )
-    await devices.joined(svc.batcher, user.mobile, claims.device_key)
+    await devices.joined(svc.pool, svc.batcher, user.id, user.mobile, device_id, claims.device_key)
     token = svc.tokens.encode(claims)
     svc.tokens.known.remember(user.id, user.mobile)
     await accounts.record_event(svc.pool, user.id, "login", cfg.node_id)

@@ -261,22 +261,24 @@ class Tokens:
 
     def decode(self, token: str) -> Claims:
         """The claims of a well-signed, unexpired token; a token without the account id
-        or the device id (issued before they were added) is refused: its owner logs in
-        again."""
+        (issued before it was added) is refused: its owner logs in again. One without the
+        device id (issued before devices) is the default device's."""
         try:
             payload = jwt.decode(
                 token,
                 self._secret,
                 algorithms=["HS256"],
-                options={"require": ["sub", "uid", "did", "jti", "exp"]},
+                options={"require": ["sub", "uid", "jti", "exp"]},
             )
         except jwt.PyJWTError:
             raise Unauthorized() from None
         sub, uid, did, jti, exp = (payload.get(k) for k in ("sub", "uid", "did", "jti", "exp"))
         if not isinstance(sub, str) or not isinstance(jti, str) or not isinstance(exp, int):
             raise Unauthorized()
-        if not _an_id(uid) or not _an_id(did):
+        if not _an_id(uid) or not (did is None or _an_id(did)):
             raise Unauthorized()
+        if did is None:  # issued before devices: the default device (keys.device_key)
+            return Claims(sub, jti, exp, uid, 0, False, True)
         return Claims(sub, jti, exp, uid, did, payload.get("dnm") == 1, payload.get("dft") == 1)
 
 

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from chatnode import accounts, keys, logs
+from chatnode import accounts, keys, logs, lua
 from chatnode.accounts import connection
 from chatnode.errors import InvalidRequest, NotFound, RateLimited, Unavailable
 from chatnode.lua import Script
@@ -27,6 +27,8 @@ LOAD_CHUNK = 1000  # set members per script call (Lua unpack fails at about 8,00
 LOAD_ATTEMPTS = 4
 LOADING_TTL_S = 30
 DROP_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+PRUNE_STEP = 500  # inbox entries a PRUNE call looks at
+PRUNE_CALLS_MAX = 1000  # PRUNE calls of one prune: 500,000 entries, 25 times a default inbox
 
 # KEYS: account, blocks, inbox, loading. ARGV: nonce, the account value (the user's
 # devices, keys.account_value), first (1|0), last (1|0), then up to LOAD_CHUNK set
@@ -81,6 +83,7 @@ async def load_into_redis(pool: Any, batcher: Redis, mobile: str) -> bool:
         if copy is None:
             return False
         if await _load(batcher, mobile, copy, nonce):
+            await prune(batcher, mobile)  # a device gone while Redis's list still had it
             return True
         if await batcher.run("EXISTS", keys.account(mobile)):
             return True
@@ -212,6 +215,25 @@ async def _drop(batcher: Redis, users: list[str]) -> None:
     await asyncio.gather(*(batcher.run("DEL", keys.account(u), keys.loading(u)) for u in users))
 
 
+async def prune(batcher: Redis, mobile: str) -> None:
+    """Delete the inbox entries every device the account lists is done with (lua.PRUNE,
+    PRUNE_STEP entries a call): after a device went, and after a reload (the list may have
+    named a device that is gone)."""
+    box, account = keys.inbox(mobile), keys.account(mobile)
+    start = "-"
+    for _ in range(PRUNE_CALLS_MAX):  # an inbox holds at most twice its limit
+        last = await batcher.script(lua.PRUNE, [box, account], [start, PRUNE_STEP])
+        if not last:
+            return
+        start = "(" + str(last)
+
+
+def forget(batcher: Redis, mobile: str) -> None:
+    """Redis's copy of a user may be wrong (a change to it failed half way): drop it, now
+    and again for a while, so the next send reloads the user from PostgreSQL."""
+    _drop_later(batcher, [mobile])
+
+
 def _drop_later(batcher: Redis, users: list[str]) -> None:
     task = asyncio.get_running_loop().create_task(_keep_dropping(batcher, users))
     _drops.add(task)
@@ -220,7 +242,7 @@ def _drop_later(batcher: Redis, users: list[str]) -> None:
 
 async def _keep_dropping(batcher: Redis, users: list[str]) -> None:
     """Retry dropping stale copies for about half a minute (while Redis comes back)."""
-    for delay in DROP_RETRY_S:
+    for delay in (0.0, *DROP_RETRY_S):
         await asyncio.sleep(delay)
         try:
             await _drop(batcher, users)

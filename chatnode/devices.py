@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from chatnode import accounts, channel, keys, logs, lua, presence
+from chatnode import accounts, blocks, channel, keys, logs, lua, presence
 from chatnode.errors import ChatError, NotFound
 from chatnode.redisio import Redis
 from chatnode.routing import Router
@@ -26,7 +26,6 @@ log = logs.get(__name__)
 DEFAULT_NAME = "default"  # the device of a login that names none (PROTOCOL v1 clients)
 IDLE_SWEEP_S = 3600.0  # how often each node looks for idle devices, at most
 IDLE_BATCH = 100  # devices removed per look, at most
-PRUNE_STEP = 500  # inbox entries a PRUNE call looks at (an inbox holds at most twice the limit)
 
 
 def sweep_period(idle_days: float) -> float:
@@ -44,11 +43,13 @@ async def remove(
     device_id: int,
     node: str,
     distrust: Callable[[Redis, int], None],
+    idle_days: float | None = None,
 ) -> None:
-    """Remove one of the user's devices (NotFound if they have no such device): its tokens
-    stop working on every node and its socket closes with 4003. `distrust`: what a
-    revocation PostgreSQL holds and Redis could not take calls for (apiauth)."""
-    removed = await accounts.remove_device(pool, user_id, device_id, node)
+    """Remove one of the user's devices (NotFound if they have no such device, or with
+    `idle_days`, if it was seen since): its tokens stop working on every node and its
+    socket closes with 4003. `distrust`: what a revocation PostgreSQL holds and Redis
+    could not take calls for (apiauth)."""
+    removed = await accounts.remove_device(pool, user_id, device_id, node, idle_days)
     if removed is None:
         raise NotFound("no such device")
     name, revoked = removed
@@ -74,36 +75,37 @@ async def remove(
         log.warning("device_close_failed", user=mobile, error=type(exc).__name__)
     try:
         await left(batcher, mobile, device)
-    except Exception as exc:  # a later removal's prune, or PRUNE_STEP of a reload, frees them
+    except Exception as exc:  # the list may still name it: reload the user from PostgreSQL
         log.warning("device_entries_not_released", user=mobile, error=type(exc).__name__)
+        blocks.forget(batcher, mobile)
     log.info("device_removed", user=mobile, device=device_id, tokens=len(revoked))
 
 
-async def joined(batcher: Redis, mobile: str, device: str) -> None:
+async def joined(
+    pool: Any, batcher: Redis, user_id: int, mobile: str, device_id: int, device: str
+) -> None:
     """A login's device joins the user's list in Redis, with its consumer group (from the
     first entry still in the inbox); the user's connected devices hear how many there
-    are now. Redis being away does not stop the login: a reload lists it."""
+    are now. If that fails, or the device was removed meanwhile (a removal's DROP_DEVICE
+    may have run first), Redis's copy of the user is dropped: the next send reloads it
+    from PostgreSQL. The login goes on either way."""
     args = [keys.account(mobile), keys.inbox(mobile), keys.loading(mobile)]
     try:
         await batcher.script(lua.ADD_DEVICE, args, [device, keys.group(device), mobile])
+        if await accounts.device_exists(pool, user_id, device_id):
+            return
     except ChatError as exc:
         log.warning("device_not_in_redis", user=mobile, error=type(exc).__name__)
+    blocks.forget(batcher, mobile)
 
 
-async def left(batcher: Redis, mobile: str, device: str) -> int:
+async def left(batcher: Redis, mobile: str, device: str) -> None:
     """A removed device leaves the list in Redis, its group and route go, and the entries
-    only it still held leave the inbox (PRUNE, PRUNE_STEP entries a call). How many
-    were looked at."""
+    only it still held leave the inbox (blocks.prune)."""
     box = keys.inbox(mobile)
     args = [keys.account(mobile), box, keys.route(mobile, device), keys.loading(mobile)]
     await batcher.script(lua.DROP_DEVICE, args, [device, keys.group(device), mobile])
-    start, seen = "-", 0
-    while True:
-        last = await batcher.script(lua.PRUNE, [box, keys.account(mobile)], [start, PRUNE_STEP])
-        seen += PRUNE_STEP
-        if not last:
-            return seen
-        start = "(" + str(last)
+    await blocks.prune(batcher, mobile)
 
 
 def listing(devices: list[accounts.Device]) -> list[dict[str, str]]:
@@ -136,10 +138,12 @@ async def remove_idle(
     removed = 0
     for user_id, mobile, device_id in await accounts.idle_devices(pool, idle_days, IDLE_BATCH):
         try:
-            await remove(pool, batcher, router, user_id, mobile, device_id, node, distrust)
+            args = (pool, batcher, router, user_id, mobile, device_id, node, distrust)
+            await remove(*args, idle_days=idle_days)
             removed += 1
-        except NotFound:
+        except NotFound:  # removed by another node, or seen meanwhile
             continue
+    await accounts.forget_expired_tokens(pool)
     if removed:
         log.info("idle_devices_removed", count=removed, idle_days=idle_days)
     return removed

@@ -169,23 +169,40 @@ def accepted(client_id: str, msg_id: str, ts: int) -> bytes:
     return _dump({"type": "accepted", "id": client_id, "msgId": msg_id, "ts": ts})
 
 
-def message(msg_id: str, client_id: str, sender: str, body: str, ts: int) -> bytes:
-    return _dump(
-        {
-            "type": "message",
-            "msgId": msg_id,
-            "id": client_id,
-            "from": sender,
-            "body": body,
-            "ts": ts,
-        }
-    )
+def message(
+    msg_id: str, client_id: str, sender: str, body: str, ts: int, to: str | None = None
+) -> bytes:
+    """`to`: a copy of the user's own send, for their other devices (v2): `from` is the
+    user, `to` the recipient."""
+    frame: dict[str, Any] = {
+        "type": "message",
+        "msgId": msg_id,
+        "id": client_id,
+        "from": sender,
+        "body": body,
+        "ts": ts,
+    }
+    if to is not None:
+        frame["to"] = to
+    return _dump(frame)
 
 
-def receipt(msg_id: str, status: str, by: str, ids: list[str], ts: int) -> bytes:
-    return _dump(
-        {"type": "receipt", "msgId": msg_id, "status": status, "by": by, "ids": ids, "ts": ts}
-    )
+def receipt(
+    msg_id: str, status: str, by: str, ids: list[str], ts: int, sender: str | None = None
+) -> bytes:
+    """`sender`: a `read` the user made on another device (v2): `by` is the user, `from`
+    the sender of the messages read."""
+    frame: dict[str, Any] = {
+        "type": "receipt",
+        "msgId": msg_id,
+        "status": status,
+        "by": by,
+        "ids": ids,
+        "ts": ts,
+    }
+    if sender is not None:
+        frame["from"] = sender
+    return _dump(frame)
 
 
 def typing(sender: str, state: str) -> bytes:

@@ -13,7 +13,7 @@ token: one round trip per message, no wake-up and no second read.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,6 +36,7 @@ UNREAD_MAX = 10_000
 class Stored:
     msg_id: str
     ts: int
+    new: bool = field(default=False, compare=False)  # stored now (not a resend's answer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +44,11 @@ class Entry:
     """One inbox entry as read, with its frame already encoded."""
 
     msg_id: str
-    kind: str  # "m" message, "r" receipt, "" deleted while pending
+    kind: str  # "m" message, "r" receipt, "o" own send, "y" own read, "" deleted
     sender: str
     client_id: str
     frame: bytes
+    device: str = ""  # "o" and "y": the device it came from (that one skips it)
 
 
 # -- the calls: pure builders of a script's keys and arguments, and readers of replies
@@ -84,7 +86,7 @@ def stored(reply: Any) -> Stored | None:
         raise reply if isinstance(reply, ChatError) else Unavailable("Redis is unavailable")
     status = reply[0]
     if status == "ok":
-        return Stored(str(reply[1]), int(reply[2]))
+        return Stored(str(reply[1]), int(reply[2]), len(reply) > 3)
     if status == "unknown":
         return None
     if status == "blocked":
@@ -142,6 +144,24 @@ def unread_call(reader: str, sender: str, ids: list[str], took: int) -> tuple[li
     dedupe = [keys.dedupe(reader, sender, i) for i in ids]
     argv = [sender, took, keys.DEDUPE_SAFETY_TTL_S, UNREAD_MAX]
     return [keys.unread(reader), *dedupe], argv
+
+
+def own_call(owner: str, limit: int, fields: list[str]) -> tuple[list[str], list[Any]]:
+    """lua.OWN: an entry of the owner's own doing (kind `o` or `y`, `fields` as XADD takes
+    them) for their other devices; stored up to twice the inbox limit, dropped past it."""
+    return [keys.inbox(owner), keys.account(owner), keys.route(owner)], [owner, 2 * limit, *fields]
+
+
+def own_send_fields(sender: str, send: frames.Send, ts: int, device: str) -> list[str]:
+    """A copy of a send (from `device`) for the sender's other devices."""
+    head = ["k", "o", "f", sender, "r", send.to, "i", send.id]
+    return [*head, "b", send.body, "t", str(ts), "d", device]
+
+
+def own_read_fields(reader: str, sender: str, ids: list[str], ts: int, device: str) -> list[str]:
+    """A `read` (from `device`) of `sender`'s messages, for the reader's other devices."""
+    by = ["by", reader]
+    return ["k", "y", "f", sender, "i", ",".join(ids), "t", str(ts), "d", device, *by]
 
 
 def acked_messages(entries: Iterable[Entry]) -> list[tuple[str, str]]:
@@ -284,9 +304,18 @@ def decode(msg_id: str, raw: list[str] | dict[str, str] | None) -> Entry:
     sender = fields.get("f", "")
     client_id = fields.get("i", "")
     ts = int(fields.get("t", "0"))
-    if fields.get("k") == "r":
+    kind = fields.get("k")
+    if kind == "r":
         ids = client_id.split(",") if client_id else []
         frame = frames.receipt(msg_id, fields.get("s", ""), sender, ids, ts)
         return Entry(msg_id, "r", sender, client_id, frame)
+    if kind == "o":  # the user's own send, for their other devices: `to` the recipient
+        to = fields.get("r", "")
+        frame = frames.message(msg_id, client_id, sender, fields.get("b", ""), ts, to)
+        return Entry(msg_id, "o", sender, client_id, frame, fields.get("d", ""))
+    if kind == "y":  # the user's own read on another device: `sender` sent what was read
+        ids = client_id.split(",") if client_id else []
+        frame = frames.receipt(msg_id, "read", fields.get("by", ""), ids, ts, sender)
+        return Entry(msg_id, "y", sender, client_id, frame, fields.get("d", ""))
     frame = frames.message(msg_id, client_id, sender, fields.get("b", ""), ts)
     return Entry(msg_id, "m", sender, client_id, frame)

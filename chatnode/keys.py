@@ -22,6 +22,9 @@ CONSUMER = "c"  # one session per device, so one consumer per group
 # session name of PROTOCOL v1, so a v1 user's data is laid out as before devices), its
 # id for any other. The account's value lists them (`account_value`), `0` for ''.
 DEFAULT_DEVICE = ""
+# What starts an account value that lists devices: a control character, which no name
+# (the value before devices) holds.
+DEVICES_MARK = "\x01"
 # A dedupe key's TTL while its message is unacked; the ack drops it to the dedupe window
 # (CHATNODE_DEDUPE_WINDOW_S; inbox.ack_commands from core.acks and slowpath.ack), so this
 # must stay well above the window. A recipient may be offline for days, so this is no
@@ -66,23 +69,25 @@ def slot(key: str) -> int:
 
 def account(mobile: str) -> str:
     """Present while Redis knows the user; its absence means 'ask PostgreSQL'. Its value
-    lists the user's devices (account_value); a value without the `d:` mark (written
-    before devices) means the default device alone."""
+    lists the user's devices (account_value); a value without DEVICES_MARK (the name,
+    written before devices) means the default device alone until the user is reloaded
+    (lua.ADD_DEVICE and DROP_DEVICE drop such a value)."""
     return _tag(mobile) + ":acct"
 
 
 def account_value(devices: list[str]) -> str:
-    """The account key's value: `d:` and the device keys, `0` for the default device."""
-    return "d:" + ",".join(d or "0" for d in devices)
+    """The account key's value: DEVICES_MARK and the device keys, comma-separated, `0`
+    for the default device."""
+    return DEVICES_MARK + ",".join(d or "0" for d in devices)
 
 
 def device_keys(value: str | None) -> list[str] | None:
     """The device keys an account value lists; None if Redis does not know the user."""
     if value is None:
         return None
-    if not value.startswith("d:"):
+    if not value.startswith(DEVICES_MARK):
         return [DEFAULT_DEVICE]
-    return ["" if d == "0" else d for d in value[2:].split(",") if d]
+    return ["" if d == "0" else d for d in value[1:].split(",") if d]
 
 
 def device_key(device_id: int, name: str) -> str:
@@ -229,11 +234,12 @@ end
 # them: devices(value) -> list of keys ('' for the default device); a device's route key
 # from any key of its user, its group, its session name.
 LUA_DEVICES = f"""
+local function listed(acct) return acct and string.sub(acct, 1, 1) == '\1' end
 local function devices(acct)
   local out = {{}}
   if not acct then return out end
-  if string.sub(acct, 1, 2) ~= 'd:' then out[1] = ''; return out end
-  for k in string.gmatch(string.sub(acct, 3), '[^,]+') do
+  if not listed(acct) then out[1] = ''; return out end
+  for k in string.gmatch(string.sub(acct, 2), '[^,]+') do
     if k == '0' then out[#out + 1] = '' else out[#out + 1] = k end
   end
   return out

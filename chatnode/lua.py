@@ -81,7 +81,7 @@ if hit[1] == 1 then
   local id = redis.call('XADD', KEYS[3], '*', 'k', '')
   redis.call('XDEL', KEYS[3], id)
   redis.call('SET', KEYS[4], id .. '|' .. ARGV[4] .. '|b', 'EX', ARGV[8])
-  return {'ok', id, ARGV[4]}
+  return {'ok', id, ARGV[4], 'new'}
 end
 local id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],
                       'b', ARGV[3], 't', ARGV[4])
@@ -93,7 +93,24 @@ elseif count > tonumber(ARGV[10]) then
   redis.call('HSET', KEYS[6], ARGV[1], ARGV[10])
 end
 if ARGV[9] == '1' then push_all(KEYS[3], seen[1], ARGV[7], nil, seen[3]) end
-return {'ok', id, ARGV[4]}
+return {'ok', id, ARGV[4], 'new'}
+"""
+)
+
+# KEYS: the owner's inbox, account, default device's route. ARGV: owner, a bound on the
+# inbox's length, then an entry's fields. An entry of the owner's own doing (a copy of
+# their send, `o`; their read, `y`) for their other devices: stored and pushed to each
+# unless the inbox is past the bound or Redis does not know the owner (then dropped: a
+# copy is a courtesy, the message itself is in the recipient's inbox). 1 if stored.
+OWN = _script(
+    keys.LUA_ROUTES
+    + """
+local known = redis.call('MGET', KEYS[2], KEYS[3])
+if not known[1] then return 0 end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+push_all(KEYS[1], known[1], ARGV[1], nil, known[2])
+return 1
 """
 )
 
@@ -274,33 +291,46 @@ return 1
 # KEYS: route (of the device), seen, inbox, account. ARGV: our route, ttl, now ms, seen
 # ttl, the device's group. Point the device's route at this session (catching up, not
 # live); the reply is {the previous holder's route, the account value} (how many
-# devices the user has: with one, an ack needs no script). The device's group is made
-# here if Redis lacks it.
+# devices the user has: with one, an ack needs no script), or {'removed'} if the list
+# lacks the device (removed meanwhile: the socket closes with 4003). The device's group
+# is made here if Redis lacks it.
 CLAIM = _script(
-    """
+    keys.LUA_DEVICES
+    + """
+local acct = redis.call('GET', KEYS[4])
+if listed(acct) then
+  local found = false
+  for _, k in ipairs(devices(acct)) do if group_of(k) == ARGV[5] then found = true end end
+  if not found then return {'removed'} end
+end
 local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[5], '0', 'MKSTREAM')
-return {old, redis.call('GET', KEYS[4])}
+return {old or false, acct}
 """
 )
 
-# KEYS: route, seen. ARGV: our route, ttl, now ms, seen ttl.
-# 1: still ours (TTL pushed back); 0: another session holds the user now;
-# 2: the route was gone (Redis lost it) and is back, not live: the session catches up.
+# KEYS: the device's route, seen, account. ARGV: our route, ttl, now ms, seen ttl.
+# {status, how many devices the account lists (0: not known)}; status 1: still ours
+# (TTL pushed back); 0: another session holds the device now; 2: the route was gone
+# (Redis lost it) and is back, not live: the session catches up. The count keeps the
+# session's `solo` true to the list even if a channel.DEVICES message was lost.
 REFRESH = _script(
     keys.LUA_ROUTES
     + """
+local count = 0
+local acct = redis.call('GET', KEYS[3])
+if acct then count = #devices(acct) end
 local cur = redis.call('GET', KEYS[1])
-if cur and not ours(cur, ARGV[1]) then return 0 end
+if cur and not ours(cur, ARGV[1]) then return {0, count} end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 if cur then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return {1, count}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 2
+return {2, count}
 """
 )
 
@@ -391,8 +421,8 @@ end
 
 # KEYS: inbox, account. ARGV: the acking device's group, then entry ids. The ack of a
 # user with more than one device: XACK for this device; XDEL of the entries every other
-# listed device is done with too. Without the account (Redis lost it) nothing is
-# deleted. Returns how many were deleted.
+# listed device is done with too (without the account, every other group the stream
+# has). Returns how many were deleted.
 ACK_DEVICE = _script(
     keys.LUA_ROUTES
     + LUA_ACKED
@@ -402,8 +432,11 @@ local ids = {}
 for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
 redis.call('XACK', KEYS[1], own, unpack(ids))
 local acct = redis.call('GET', KEYS[2])
-if not acct then return 0 end
-local others, last = groups_but(acct, own), groups_of(KEYS[1])
+local last = groups_of(KEYS[1])
+local others = groups_but(acct, own)
+if not acct then  -- not known now: every group the stream has must be done
+  for g, _ in pairs(last) do if g ~= own then others[#others + 1] = g end end
+end
 local gone = {}
 for _, id in ipairs(ids) do
   local all = true
@@ -444,7 +477,7 @@ LUA_DEVICE_LIST = """
 local function store_devices(acct_key, list)
   local enc = {}
   for _, d in ipairs(list) do if d == '' then enc[#enc + 1] = '0' else enc[#enc + 1] = d end end
-  redis.call('SET', acct_key, 'd:' .. table.concat(enc, ','))
+  redis.call('SET', acct_key, '\1' .. table.concat(enc, ','))
 end
 local function tell_devices(acct_key, list, mobile)
   for _, d in ipairs(list) do
@@ -459,15 +492,16 @@ end
 
 # KEYS: account, inbox, loading. ARGV: the device key ('' for default), its group, the
 # user. A device made at login joins the account's list, with its group from the first
-# entry still in the inbox. Without the account (Redis does not know the user) a reload
-# in flight is stopped (it may have read PostgreSQL before the device was made); the
-# next one reads it. Returns how many devices are listed (-1: no account).
+# entry still in the inbox. Without a list (Redis does not know the user, or holds the
+# value of before devices) the account is dropped and a reload in flight stopped (it
+# may have read PostgreSQL before the device was made); the next send reloads it.
+# Returns how many devices are listed (-1: dropped).
 ADD_DEVICE = _script(
     keys.LUA_ROUTES
     + LUA_DEVICE_LIST
     + """
 local acct = redis.call('GET', KEYS[1])
-if not acct then redis.call('DEL', KEYS[3]); return -1 end
+if not listed(acct) then redis.call('DEL', KEYS[1], KEYS[3]); return -1 end
 local list = devices(acct)
 for _, d in ipairs(list) do if d == ARGV[1] then return #list end end
 list[#list + 1] = ARGV[1]
@@ -480,7 +514,8 @@ return #list
 
 # KEYS: account, inbox, the device's route, loading. ARGV: the device key, its group,
 # the user. A removed device leaves the list, its group and route go. Its entries are
-# released by PRUNE. Returns how many devices are left (-1: no account).
+# released by PRUNE. Without a list the account is dropped, as in ADD_DEVICE. Returns
+# how many devices are left (-1: dropped).
 DROP_DEVICE = _script(
     keys.LUA_ROUTES
     + LUA_DEVICE_LIST
@@ -488,7 +523,7 @@ DROP_DEVICE = _script(
 redis.pcall('XGROUP', 'DESTROY', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[3])
 local acct = redis.call('GET', KEYS[1])
-if not acct then redis.call('DEL', KEYS[4]); return -1 end
+if not listed(acct) then redis.call('DEL', KEYS[1], KEYS[4]); return -1 end
 local list = {}
 for _, d in ipairs(devices(acct)) do if d ~= ARGV[1] then list[#list + 1] = d end end
 store_devices(KEYS[1], list)

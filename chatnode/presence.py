@@ -24,9 +24,9 @@ def iso(ms: int) -> str:
 
 
 def refresh(batcher: Redis, mobile: str, device: str, route: str, ttl_s: int, ms: int) -> Any:
-    """Queue one refresh of a device's route; the batcher sends all refreshes of a sweep
-    as one pipeline."""
-    args = [keys.route(mobile, device), keys.seen(mobile)]
+    """Queue one refresh of a device's route: [status, device count] (lua.REFRESH); the
+    batcher sends all refreshes of a sweep as one pipeline."""
+    args = [keys.route(mobile, device), keys.seen(mobile), keys.account(mobile)]
     return batcher.script(lua.REFRESH, args, [route, ttl_s, ms, keys.SEEN_TTL_S])
 
 

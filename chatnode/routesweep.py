@@ -35,9 +35,14 @@ async def refresh_routes(gw: Gateway) -> None:
         return_exceptions=True,
     )
     for s, result in zip(sessions, results, strict=True):
-        if result == 0:
+        if isinstance(result, BaseException):
+            continue
+        status, devices = result
+        if status == 0:
             gw.close(s, CloseCode.REPLACED, "replaced by a newer connection")
-        elif result == 2 and not s.gone:  # Redis lost the route: made again, not live
+            continue
+        s.core.devices_now(devices)  # (a channel.DEVICES message may have been lost)
+        if status == 2 and not s.gone:  # Redis lost the route: made again, not live
             s.core.delivery.restart()
             gw.act(s)
     for s in await revoked:

@@ -4,6 +4,7 @@ Run through `scripts/bench` (it installs chatnode into .venv first). Modes:
 
     scripts/bench --rate 1500 --duration 20        one paced run
     scripts/bench --sweep                          step the rate until p99 > 100 ms or loss
+    scripts/bench --sweep --devices 3              the same with 3 devices (sockets) per user
     scripts/bench --idle 10000                     10,000 idle sockets on each node: RSS
     scripts/bench --rate 1500 --login-storm 50     the same run without, then with 50 logins/s
 
@@ -248,8 +249,10 @@ def histogram_p99_ms(before: dict[str, float], after: dict[str, float]) -> float
 # -- users -------------------------------------------------------------------------------
 
 
-async def make_users(http_urls: list[str], count: int) -> list[dict[str, Any]]:
-    """Sign up and log in `count` fresh users; returns mobile, token and home node index."""
+async def make_users(http_urls: list[str], count: int, devices: int = 1) -> list[dict[str, Any]]:
+    """Sign up and log in `count` fresh users; returns mobile, token and home node index.
+    With `devices` > 1 each logs in as that many named devices (`tokens`); with one, a
+    v1 login (the default device), as before devices."""
     prefix = random.randrange(10**5)
     users = [{"mobile": f"+8{prefix:05d}{i:06d}", "node": i % len(http_urls)} for i in range(count)]
     sem = asyncio.Semaphore(32)
@@ -261,9 +264,13 @@ async def make_users(http_urls: list[str], count: int) -> list[dict[str, Any]]:
                 body = {"name": "bench", "mobileNo": u["mobile"], "password": PASSWORD}
                 async with http.post(base + "/auth/signup", json=body) as r:
                     assert r.status == 201, await r.text()
-                async with http.post(base + "/auth/login", json=body) as r:
-                    assert r.status == 200, await r.text()
-                    u["token"] = (await r.json())["token"]
+                u["tokens"] = []
+                for j in range(devices):
+                    named = {**body, "device": f"d{j}"} if devices > 1 else body
+                    async with http.post(base + "/auth/login", json=named) as r:
+                        assert r.status == 200, await r.text()
+                        u["tokens"].append((await r.json())["token"])
+                u["token"] = u["tokens"][0]
 
         await asyncio.gather(*(one(u) for u in users))
     return users
@@ -293,8 +300,19 @@ def pair_up(cluster: Cluster, users: list[dict[str, Any]], procs: int) -> list[l
         u["ws"] = cluster.ws[u["node"]]
     groups: list[list[dict[str, Any]]] = [[] for _ in range(procs)]
     for i in range(half):
-        groups[i % procs] += [users[i], users[i + half]]
+        groups[i % procs] += [*sockets(cluster, users[i]), *sockets(cluster, users[i + half])]
     return groups
+
+
+def sockets(cluster: Cluster, u: dict[str, Any]) -> list[dict[str, Any]]:
+    """One load-generator socket per device of `u`: device 0 on the user's node (it
+    sends), the others spread over the nodes after it."""
+    nodes = len(cluster.ws)
+    tokens = u.get("tokens") or [u["token"]]
+    return [
+        {**u, "token": t, "device": j, "ws": cluster.ws[(u["node"] + j) % nodes]}
+        for j, t in enumerate(tokens)
+    ]
 
 
 def run_load(
@@ -353,7 +371,8 @@ def summarize(
 ) -> dict[str, Any]:
     acc, msg, dlv = [], [], []
     errors: dict[str, int] = {}
-    sent = accepted = received = dup = missing_receipts = lost = 0
+    sent = accepted = received = dup = missing_receipts = lost = own = 0
+    devices = args.devices
     seconds = max(r["send_seconds"] for r in results)
     for i, r in enumerate(results):
         acc += r["accepted_ms"]
@@ -364,11 +383,12 @@ def summarize(
         missing_receipts += r["missing_receipts"]
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
-        got = set(r["received"])
+        got = set(r["received"])  # "<sender>/<client id>#<device>"
         ids = set(r["accepted_ids"])
         accepted += len(ids)
         received += len(got)
-        lost += len(ids - got)
+        lost += len({f"{i}#{d}" for i in ids for d in range(devices)} - got)  # on any device
+        own += r["own"]
         cpu[f"loadgen{i + 1}"] = r["cpu_s"] / seconds
 
     def pct(values: list[float]) -> dict[str, float]:
@@ -388,6 +408,8 @@ def summarize(
         "delivered": received,
         "lost": lost,
         "duplicated": dup,
+        "devices": devices,
+        "own_copies_missing": accepted * (devices - 1) - own,  # (a surplus is a duplicate)
         "missing_receipts": missing_receipts,
         "errors": errors,
         "send_to_accepted_ms": pct(acc),
@@ -411,6 +433,7 @@ def held(r: dict[str, Any]) -> bool:
         and not r["errors"]
         and r["sent_msgs_s"] >= 0.97 * r["offered_msgs_s"]
         and r["missing_receipts"] == 0
+        and r.get("own_copies_missing", 0) == 0
     )
 
 
@@ -424,6 +447,11 @@ def print_table(r: dict[str, Any]) -> None:
         f"duplicated {r['duplicated']}  missing receipts {r['missing_receipts']}  "
         f"errors {r['errors']}"
     )
+    if r.get("devices", 1) > 1:
+        print(
+            f"  {r['devices']} devices per user: 'delivered' counts each device's copy; "
+            f"own sends missing on the sender's other devices {r['own_copies_missing']}"
+        )
     print(f"  {'latency ms':<30}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>9}")
     for key in ("send_to_accepted_ms", "send_to_message_ms", "send_to_delivered_receipt_ms"):
         v = r[key]
@@ -777,6 +805,12 @@ def main() -> None:
     p.add_argument("--drain", type=float, default=15)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--users", type=int, default=200)
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="sockets per user, each a named device (1: a v1 login); device 0 sends",
+    )
     p.add_argument("--procs", type=int, default=2, help="load generator processes")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--body-bytes", type=int, default=100)
@@ -816,7 +850,7 @@ def main() -> None:
         elif args.backlog:
             results = run_backlog(cluster, args)
         else:
-            users = asyncio.run(make_users(cluster.http, args.users))
+            users = asyncio.run(make_users(cluster.http, args.users, args.devices))
             if args.sweep:
                 results = run_sweep(cluster, users, args)
             elif args.login_storm:

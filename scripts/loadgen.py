@@ -9,6 +9,11 @@ and every receipt it gets (one ack frame per entry, as a phone does), and record
 - send -> message, from the send time the sender wrote into the body;
 - send -> delivered receipt, from its own clock;
 - duplicates (a msgId delivered twice), and which accepted ids never arrived.
+
+With several devices per user (`scripts/bench --devices K`) each device is a socket of
+its own: device 0 sends, every device acks what it gets, and loss is judged per device
+(each must get every message); a copy of the user's own send on their other devices
+is counted apart (`own`).
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ TICK_S = 0.005
 class Peer(asyncio.Protocol):
     """One user's socket."""
 
-    def __init__(self, mobile: str, target: str, url: str, stats: dict[str, Any]) -> None:
+    def __init__(
+        self, mobile: str, target: str, url: str, stats: dict[str, Any], device: int = 0
+    ) -> None:
         self.mobile = mobile
         self.target = target
+        self.device = device  # 0 sends; every device receives
         self.ws = ClientProtocol(parse_uri(url), max_size=2**20)
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -76,10 +84,13 @@ class Peer(asyncio.Protocol):
             mid = frame["msgId"]
             if mid in self.got:
                 st["duplicated"] += 1
+            elif "to" in frame:  # a copy of this user's own send from another device
+                self.got.add(mid)
+                st["own"] += 1
             else:
                 self.got.add(mid)
                 st["message_ms"].append((now - float(frame["body"].split(" ", 1)[0])) * 1000)
-                st["received"].append(frame["from"] + "/" + frame["id"])
+                st["received"].append(f"{frame['from']}/{frame['id']}#{self.device}")
             self._ack(mid)
         elif kind == "receipt":
             for cid in frame["ids"]:
@@ -118,7 +129,9 @@ async def connect(u: dict[str, Any], stats: dict[str, Any]) -> Peer:
     url = f"{u['ws']}?token={u['token']}"
     uri = parse_uri(url)
     _, peer = await asyncio.get_running_loop().create_connection(
-        lambda: Peer(u["mobile"], u.get("target", ""), url, stats), uri.host, uri.port
+        lambda: Peer(u["mobile"], u.get("target", ""), url, stats, u.get("device", 0)),
+        uri.host,
+        uri.port,
     )
     async with asyncio.timeout(60):
         await peer.opened
@@ -152,6 +165,7 @@ def new_stats() -> dict[str, Any]:
         "delivered_ms": [],
         "received": [],
         "duplicated": 0,
+        "own": 0,
         "errors": {},
         "sent": 0,
     }
@@ -159,9 +173,10 @@ def new_stats() -> dict[str, Any]:
 
 async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     stats = new_stats()
-    peers, failures = await connect_all(spec["users"], stats)
+    everyone, failures = await connect_all(spec["users"], stats)
     if failures:
         raise SystemExit(f"loadgen: {failures} sockets failed to open")
+    peers = [p for p in everyone if p.device == 0]  # the senders
     rate, duration = spec["rate"], spec["duration"]
     pad = "x" * max(0, spec["body_bytes"] - 20)
     cpu0 = time.process_time()
@@ -185,7 +200,7 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     stats["accepted_ids"] = [p.mobile + "/" + cid for p in peers for cid in p.accepted]
     stats["missing_receipts"] = sum(len(p.sent_at) for p in peers)
     stats["cpu_s"] = time.process_time() - cpu0
-    for p in peers:
+    for p in everyone:
         p.close()
     return stats
 

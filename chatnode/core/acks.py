@@ -274,6 +274,11 @@ class Acks:
             else:  # stored, or dropped by a block as v1 says
                 core.meter.refused = 0
                 core.answers.give(answer, after)
+                if not core.solo:  # the reader's other devices learn it was read
+                    ts, device = receipt.ts, core.device_key
+                    core.own(
+                        inbox.own_read_fields(core.mobile, receipt.owner, receipt.ids, ts, device)
+                    )
 
         args, argv = receipt.call(core.settings.inbox_limit)
         core.emit(Call(args, done, lua.RECEIPT, argv))

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logs.get(__name__)
 
+OWN_KINDS = frozenset({"o", "y"})  # entries a device made itself: it skips them
+
 
 class Delivery:
     """Inbox entries to one socket, in stored order, each at least once."""
@@ -210,6 +212,7 @@ class Delivery:
         now = core.node.clock.monotonic()
         ledger = core.ledger
         gone = []
+        mine = []
         sent = taken = 0
         for entry in entries:
             if self.blocked():
@@ -220,6 +223,8 @@ class Delivery:
             if not entry.kind:
                 gone.append(entry.msg_id)
                 ledger.release(entry.msg_id)  # acked, and its XDEL went through
+            elif entry.device == core.device_key and entry.kind in OWN_KINDS:
+                mine.append(entry.msg_id)  # this device's own send or read: done with it
             elif not ledger.knows(entry.msg_id):  # (else out already, or acked just now)
                 ledger.hold(entry, now)
                 core.answers.give(None, entry.frame)
@@ -228,6 +233,9 @@ class Delivery:
         if gone:  # deleted while pending: nothing to send, ack it away
             group = keys.group(core.device_key)
             core.emit(Call(("XACK", keys.inbox(core.mobile), group, *gone)))
+        if mine:  # (a failed ack leaves them pending: the next catch-up skips them again)
+            args, argv = inbox.ack_device_call(core.mobile, core.device_key, mine)
+            core.emit(Call(args, None, lua.ACK_DEVICE, argv))
         return taken
 
     def on_push(self, token: str, entries: list[inbox.Entry] | None) -> None:

@@ -50,6 +50,7 @@ class SocketCore:
         "device",
         "device_key",
         "expires_at",
+        "heard",
         "held",
         "jti",
         "lane",
@@ -87,6 +88,7 @@ class SocketCore:
         self.device_key = device_key  # in Redis names: '' for `default` (keys.device_key)
         self.session = keys.session(mobile, device_key)  # this device's name on the node
         self.solo = False  # the user's only device (CLAIM says): acks need no script
+        self.heard = False  # the device count came since (not from CLAIM)
         self.jti = jti
         self.expires_at = expires_at  # the token's exp: the socket closes with 4003 after it
         self.sid = secrets.token_hex(6)
@@ -136,9 +138,13 @@ class SocketCore:
         if isinstance(reply, Exception):
             self.close(CloseCode.INTERNAL, "unavailable")
             return
+        if reply[0] == "removed":  # the device went while this socket opened
+            self.close(CloseCode.LOGGED_OUT, "device removed")
+            return
         old, account = reply
-        devices = keys.device_keys(account)
-        self.devices_now(len(devices) if devices is not None else 0)
+        if not self.heard:  # (a DEVICES message that came first is newer)
+            devices = keys.device_keys(account)
+            self.solo = devices is not None and len(devices) == 1
         parsed = keys.parse_route(old)
         if parsed is not None and parsed[1] != self.sid and parsed[0] != self.settings.node_id:
             # the previous holder's node closes it (on this node that happened at open),
@@ -158,7 +164,9 @@ class SocketCore:
         self.release_held()
 
     def devices_now(self, count: int) -> None:
-        """The user has `count` devices now (0: not known): with one, acks are plain."""
+        """The user has `count` devices now (channel.DEVICES, or the route sweep's
+        REFRESH; 0: not known): with one, acks are plain."""
+        self.heard = True
         self.solo = count == 1
 
     def _restore_send_tokens(self, reply: Any) -> None:
@@ -304,7 +312,16 @@ class SocketCore:
         if self.settings.replica_acks > 0:  # a replica has it now (redisio.WAITED): push it
             keys_, argv = inbox.nudge_call(frame.to, result.msg_id)
             self.emit(Call(keys_, None, lua.NUDGE, argv))
+        if result.new and not self.solo:  # the user's other devices show it too
+            fields = inbox.own_send_fields(self.mobile, frame, result.ts, self.device_key)
+            self.own(fields)
         return frames.accepted(frame.id, result.msg_id, result.ts)
+
+    def own(self, fields: list[str]) -> None:
+        """An entry of this user's own doing for their other devices (lua.OWN): nobody
+        waits for it, and a copy that cannot be stored is dropped."""
+        args, argv = inbox.own_call(self.mobile, self.settings.inbox_limit, fields)
+        self.emit(Call(args, None, lua.OWN, argv))
 
     def _typing(self, frame: frames.Typing) -> None:
         answer = self.answers.later()

@@ -332,3 +332,53 @@ async def test_a_read_on_one_device_reaches_the_sender(
         await lt.send({"type": "read", "to": alice.mobile, "ids": [answer["id"]]})
         receipt = await a.recv_type("receipt", status="read")
         assert receipt["ids"] == [answer["id"]] and receipt["by"] == bob.mobile
+
+
+async def test_own_sends_and_reads_reach_the_users_other_devices_only(
+    api_a: Api, cluster: tuple[NodeProc, NodeProc], redis: Any
+) -> None:
+    alice, bob = await signed_up(api_a), await signed_up(api_a)
+    a_phone, a_laptop = [(await device_token(api_a, alice, n))[0] for n in ("phone", "laptop")]
+    b_tab, b_desk = [(await device_token(api_a, bob, n))[0] for n in ("tab", "desk")]
+    async with (
+        connected(cluster[0].ws, a_phone) as phone,
+        connected(cluster[1].ws, a_laptop) as laptop,
+        connected(cluster[1].ws, b_tab) as tab,
+        connected(cluster[0].ws, b_desk) as desk,
+    ):
+        answer = await phone.send_message(bob.mobile, "hello from the phone", cid="own-1")
+        assert answer["type"] == "accepted"
+        copy = await laptop.recv_type("message")
+        assert (copy["from"], copy["to"], copy["id"], copy["body"]) == (
+            alice.mobile,
+            bob.mobile,
+            "own-1",
+            "hello from the phone",
+        )
+        await laptop.send({"type": "ack", "msgIds": [copy["msgId"]]})
+        for device in (tab, desk):
+            got = await device.recv_type("message")
+            assert "to" not in got and got["from"] == alice.mobile  # v1's shape for them
+        await tab.send({"type": "read", "to": alice.mobile, "ids": ["own-1"]})
+        synced = await desk.recv_type("receipt", status="read")
+        assert (synced["by"], synced["from"], synced["ids"]) == (
+            bob.mobile,
+            alice.mobile,
+            ["own-1"],
+        )
+        for device in (phone, laptop):
+            receipt = await device.recv_type("receipt", status="read")
+            assert receipt["by"] == bob.mobile and "from" not in receipt
+        assert await phone.quiet(1.0, "message") == []  # no copy back to where it came from
+        assert await tab.quiet(0.5, "receipt") == []  # nor its own read
+        await desk.send({"type": "ack", "msgIds": [synced["msgId"]]})
+    deadline = time.monotonic() + 10
+    box = keys.inbox(alice.mobile)
+    # the copy: acked by the laptop, skipped (and acked) by the phone; the receipts wait
+    # for acks that never came (the sockets closed), so only they are left
+    while time.monotonic() < deadline:
+        kinds = [f.get("k") for _, f in await redis.xrange(box)]
+        if "o" not in kinds:
+            break
+        await asyncio.sleep(0.1)
+    assert "o" not in kinds

@@ -157,6 +157,95 @@ async def test_node_killed_mid_traffic_loses_nothing(
             await c.close()
 
 
+async def two_devices(api: Api, user: User) -> tuple[User, User]:
+    """`user` logged in as two named devices: one User (token) each."""
+    out = []
+    for name in ("phone", "laptop"):
+        body = {"mobileNo": user.mobile, "password": user.password, "device": name}
+        status, answer, _ = await api.call("POST", "/auth/login", body)
+        assert status == 200, answer
+        out.append(User(user.mobile, user.name, user.password, answer["token"]))
+    return out[0], out[1]
+
+
+@pytest.mark.timeout(120)
+async def test_node_killed_with_devices_on_both_nodes_loses_nothing_on_any_device(
+    two_nodes: tuple[NodeProc, NodeProc], http: aiohttp.ClientSession
+) -> None:
+    """Every user has two devices, one on each node; the phones send, both devices of
+    the recipient get everything. SIGKILL one node mid-traffic: every accepted message
+    reaches every device of its recipient once (after dedupe by msgId), in order."""
+    doomed, survivor = two_nodes
+    api = Api(http, survivor.http)
+    urls = [doomed.ws, survivor.ws]
+    users = [(await new_user(api), await new_user(api)) for _ in range(PAIRS // 2)]
+    phones: list[tuple[User, User]] = []
+    laptops: list[tuple[User, User]] = []
+    for first, second in users:
+        (p1, l1), (p2, l2) = await two_devices(api, first), await two_devices(api, second)
+        phones.append((p1, p2))
+        laptops.append((l2, l1))  # the other node from each one's phone: see connect_pairs
+    pairs, senders = await connect_pairs(urls, phones)
+    _, watchers = await connect_pairs(urls, laptops)
+    fault_at = [0.0]
+
+    async def kill() -> None:
+        fault_at[0] = time.monotonic()
+        doomed.signal(signal.SIGKILL)
+
+    fault = asyncio.ensure_future(kill())
+    everyone = senders + watchers
+    try:
+        await run_traffic(senders, pairs, fault, at=PER_SENDER // 3)
+        sent = sum(len(c.sent) for c in senders)
+        devices = {
+            m: [c for c in everyone if c.user.mobile == m] for m in {c.user.mobile for c in senders}
+        }
+
+        def got(device: Resilient, sender: str, cid: str) -> set[str]:
+            return {
+                m["msgId"]
+                for m in device.messages()
+                if m["from"] == sender and m["id"] == cid and "to" not in m
+            }
+
+        def settled() -> bool:
+            if any(len(c.accepted) < len(c.sent) for c in senders):
+                return False
+            return all(
+                got(d, c.user.mobile, cid)
+                for c in senders
+                for cid, (to, _) in c.sent.items()
+                for d in devices[to]
+            )
+
+        await settle(everyone, settled)
+        accepted = delivered = duplicated = 0
+        for c in senders:
+            for cid, msg_id in c.accepted.items():
+                for d in devices[c.sent[cid][0]]:
+                    ids = got(d, c.user.mobile, cid)
+                    accepted += 1
+                    delivered += msg_id in ids
+                    duplicated += len(ids) > 1
+        report(
+            "SIGKILL a node, 2 devices per user on both nodes (per device)",
+            accepted=accepted,
+            delivered=delivered,
+            lost=accepted - delivered,
+            duplicated=duplicated,
+            recover_s=round(time.monotonic() - fault_at[0], 2),
+        )
+        assert (accepted - delivered, duplicated) == (0, 0)
+        assert accepted == 2 * sent and sent == PAIRS * PER_SENDER
+        for d in everyone:
+            order = [stream_id(m["msgId"]) for m in d.seen]
+            assert order == sorted(order), f"a device of {d.user.mobile} got its inbox out of order"
+    finally:
+        for c in everyone:
+            await c.close()
+
+
 @pytest.mark.timeout(120)
 async def test_redis_restarted_mid_traffic_loses_no_accepted_message(
     stack: Stack, workdir: Path, http: aiohttp.ClientSession

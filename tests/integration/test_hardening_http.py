@@ -355,7 +355,7 @@ async def test_load_into_redis_replaces_the_set(
     await redis.delete(keys.account(u.mobile))
     assert await blocks.load_into_redis(pool, batcher, u.mobile)
     assert await redis.smembers(keys.blocks(u.mobile)) == {n.mobile}
-    assert await redis.get(keys.account(u.mobile)) == u.name
+    assert await redis.get(keys.account(u.mobile)) == keys.account_value([keys.DEFAULT_DEVICE])
 
 
 async def test_a_block_change_stops_a_reload_that_read_before_it(
@@ -507,7 +507,7 @@ async def test_well_signed_tokens_of_no_account_are_refused(
         "wrong uid": mint(sub=user.mobile, uid=uid + 1),
         "no uid": mint(sub=user.mobile),
         "uid not a number": mint(sub=user.mobile, uid=str(uid)),
-        "no device": mint(sub=user.mobile, uid=uid, did=None),
+        "device not a number": mint(sub=user.mobile, uid=uid, did="1"),
     }
     for why, token in forged.items():
         status, body, _ = await api_a.call("GET", "/block-action/list", token=token)

@@ -404,12 +404,72 @@ async def test_refresh_keeps_a_live_token_and_tells_replaced_from_lost(
     bob = await user(redis)
     mine = "node-r|s1"
     await redis.set(keys.route(bob), live_route(mine, "tok"), ex=5)
-    assert await presence.refresh(batcher, bob, "", mine, 60, 1) == 1
+    assert (await presence.refresh(batcher, bob, "", mine, 60, 1))[0] == 1
     assert await redis.get(keys.route(bob)) == live_route(mine, "tok")
     assert await redis.ttl(keys.route(bob)) > 5
     await redis.delete(keys.route(bob))
-    assert await presence.refresh(batcher, bob, "", mine, 60, 2) == 2
+    assert (await presence.refresh(batcher, bob, "", mine, 60, 2))[0] == 2
     assert await redis.get(keys.route(bob)) == mine  # back, catching up
     await redis.set(keys.route(bob), "node-r|s2")
-    assert await presence.refresh(batcher, bob, "", mine, 60, 3) == 0
+    assert (await presence.refresh(batcher, bob, "", mine, 60, 3))[0] == 0
     assert await redis.get(keys.route(bob)) == "node-r|s2"
+
+
+# -- devices (lua.ACK_DEVICE, ADD_DEVICE, CLAIM's check)
+
+
+async def test_an_entry_leaves_once_every_listed_device_is_done_with_it(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    await redis.set(keys.account(bob), keys.account_value(["", "7"]))
+    await redis.xgroup_create(keys.inbox(bob), keys.group("7"), "0")
+    stored = await send(batcher, alice, bob, "c0")
+    for device in ("", "7"):  # each device reads it through its own group
+        await batcher.run(*inbox.pending_call(bob, device, ">"))
+    ack = inbox.ack_device_call(bob, "", [stored.msg_id])
+    assert await batcher.script(lua.ACK_DEVICE, *ack) == 0  # device 7 still holds it
+    first = inbox.first_acks_call(bob, "7", [stored.msg_id])
+    assert await batcher.script(lua.FIRST_ACKS, *first) == []  # the default acked it first
+    assert (
+        await batcher.script(lua.ACK_DEVICE, *inbox.ack_device_call(bob, "7", [stored.msg_id])) == 1
+    )
+    assert await redis.xlen(keys.inbox(bob)) == 0
+
+
+async def test_an_entry_not_yet_read_by_a_device_waits_for_it(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    await redis.set(keys.account(bob), keys.account_value(["", "7"]))
+    await redis.xgroup_create(keys.inbox(bob), keys.group("7"), "0")
+    stored = await send(batcher, alice, bob, "c0")
+    await batcher.run(*inbox.pending_call(bob, "", ">"))  # only the default device read it
+    assert (
+        await batcher.script(lua.ACK_DEVICE, *inbox.ack_device_call(bob, "", [stored.msg_id])) == 0
+    )
+    assert await redis.xlen(keys.inbox(bob)) == 1
+
+
+async def test_adding_a_device_to_a_value_from_before_devices_drops_it_for_a_reload(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    bob = await user(redis)  # its account value is a name, as before devices
+    args = [keys.account(bob), keys.inbox(bob), keys.loading(bob)]
+    assert await batcher.script(lua.ADD_DEVICE, args, ["7", keys.group("7"), bob]) == -1
+    assert await redis.exists(keys.account(bob)) == 0  # the next send reloads it
+    await redis.set(keys.account(bob), keys.account_value([""]))
+    assert await batcher.script(lua.ADD_DEVICE, args, ["7", keys.group("7"), bob]) == 2
+    assert keys.device_keys(await redis.get(keys.account(bob))) == ["", "7"]
+
+
+async def test_a_claim_of_a_device_the_list_lacks_is_refused(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    bob = await user(redis)
+    await redis.set(keys.account(bob), keys.account_value([""]))
+    claim = lua.claim_call(bob, "9", "n1|s1", 60, 1)  # device 9 was removed
+    assert await batcher.script(lua.CLAIM, *claim) == ["removed"]
+    assert await redis.exists(keys.route(bob, "9")) == 0
+    old, value = await batcher.script(lua.CLAIM, *lua.claim_call(bob, "", "n1|s2", 60, 1))
+    assert old is None and keys.device_keys(value) == [""]

@@ -119,17 +119,21 @@ def test_tokens_without_a_valid_account_id_are_refused(uid: Any) -> None:
         auth.Tokens(SECRET, 60).decode(jwt.encode(payload, SECRET, algorithm="HS256"))
 
 
-@pytest.mark.parametrize("did", [None, "7", 7.0, True, 0, -1, 2**63])
-def test_tokens_without_a_valid_device_id_are_refused(did: Any) -> None:
-    """A token from before devices (no `did`) is refused like a forged one: log in again."""
+def test_a_token_from_before_devices_is_the_default_device() -> None:
+    payload = {"sub": "+15551234567", "uid": 42, "jti": "j", "exp": int(time.time()) + 60}
+    claims = auth.Tokens(SECRET, 60).decode(jwt.encode(payload, SECRET, algorithm="HS256"))
+    assert (claims.device, claims.default, claims.device_key) == (0, True, "")
+
+
+@pytest.mark.parametrize("did", ["7", 7.0, True, 0, -1, 2**63])
+def test_tokens_with_an_invalid_device_id_are_refused(did: Any) -> None:
     payload: dict[str, Any] = {
         "sub": "+15551234567",
         "uid": 42,
         "jti": "j",
         "exp": int(time.time()) + 60,
     }
-    if did is not None:
-        payload["did"] = did
+    payload["did"] = did
     with pytest.raises(Unauthorized):
         auth.Tokens(SECRET, 60).decode(jwt.encode(payload, SECRET, algorithm="HS256"))
 

@@ -117,7 +117,7 @@ def test_a_claim_over_a_session_on_another_node_kicks_it() -> None:
     core = make()
     core.start()
     calls, _ = take(core)
-    feed(core, calls[1], ["n2|oldsession|tok", "d:0"])
+    feed(core, calls[1], ["n2|oldsession|tok", keys.account_value([keys.DEFAULT_DEVICE])])
     _, other = take(core)
     assert Publish("n2", ME, f"k|{ME}|oldsession") in other
 
@@ -138,7 +138,7 @@ def test_saved_send_tokens_are_restored() -> None:
     core.start()
     calls, _ = take(core)
     feed(core, calls[0], f"0.000|{clock.ms() / 1000:.3f}")  # an earlier socket spent them
-    feed(core, calls[1], [None, "d:0"])
+    feed(core, calls[1], [None, keys.account_value([keys.DEFAULT_DEVICE])])
     run(core, Inbox())
     core.receive(send(1))
     _, _ = take(core)

@@ -163,6 +163,9 @@ NULLABLE = {("error", "ref")}  # fields a server frame may send as null
 # Other shapes a frame type has: a doc example matches its sample or one of these.
 SERVER_VARIANTS: dict[str, list[bytes]] = {
     "hello": [frames.hello("+15550000001", "node-a", 30, "7")],  # a named device's (v2)
+    # a copy of the user's own send, and their own read, for their other devices (v2)
+    "message": [frames.message("1-0", "c-1", "+15550000001", "hi", 1, "+15550000002")],
+    "receipt": [frames.receipt("1-0", "read", "+15550000002", ["c-1"], 1, "+15550000001")],
 }
 
 
