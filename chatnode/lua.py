@@ -311,17 +311,26 @@ return {old or false, acct}
 """
 )
 
-# KEYS: the device's route, seen, account. ARGV: our route, ttl, now ms, seen ttl.
-# {status, how many devices the account lists (0: not known)}; status 1: still ours
-# (TTL pushed back); 0: another session holds the device now; 2: the route was gone
-# (Redis lost it) and is back, not live: the session catches up. The count keeps the
-# session's `solo` true to the list even if a channel.DEVICES message was lost.
+# KEYS: the device's route, seen, account. ARGV: our route, ttl, now ms, seen ttl, the
+# device's group. {status, how many devices the account lists (0: not known)}; status
+# 1: still ours (TTL pushed back); 0: another session holds the device now; 2: the
+# route was gone (Redis lost it) and is back, not live: the session catches up; 3: the
+# list lacks the device (removed: the socket closes with 4003, if the logout message
+# has not closed it yet). The count keeps the session's `solo` true to the list even if
+# a channel.DEVICES message was lost.
 REFRESH = _script(
     keys.LUA_ROUTES
     + """
 local count = 0
 local acct = redis.call('GET', KEYS[3])
-if acct then count = #devices(acct) end
+if acct then
+  local found = false
+  for _, k in ipairs(devices(acct)) do
+    count = count + 1
+    if group_of(k) == ARGV[5] then found = true end
+  end
+  if listed(acct) and not found then return {3, count} end
+end
 local cur = redis.call('GET', KEYS[1])
 if cur and not ours(cur, ARGV[1]) then return {0, count} end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])

@@ -27,7 +27,9 @@ def refresh(batcher: Redis, mobile: str, device: str, route: str, ttl_s: int, ms
     """Queue one refresh of a device's route: [status, device count] (lua.REFRESH); the
     batcher sends all refreshes of a sweep as one pipeline."""
     args = [keys.route(mobile, device), keys.seen(mobile), keys.account(mobile)]
-    return batcher.script(lua.REFRESH, args, [route, ttl_s, ms, keys.SEEN_TTL_S])
+    return batcher.script(
+        lua.REFRESH, args, [route, ttl_s, ms, keys.SEEN_TTL_S, keys.group(device)]
+    )
 
 
 async def last_seen(pool: Any, batcher: Redis, viewer: str, target: str) -> dict[str, Any]:

@@ -41,6 +41,9 @@ async def refresh_routes(gw: Gateway) -> None:
         if status == 0:
             gw.close(s, CloseCode.REPLACED, "replaced by a newer connection")
             continue
+        if status == 3:
+            gw.close(s, CloseCode.LOGGED_OUT, "device removed")
+            continue
         s.core.devices_now(devices)  # (a channel.DEVICES message may have been lost)
         if status == 2 and not s.gone:  # Redis lost the route: made again, not live
             s.core.delivery.restart()

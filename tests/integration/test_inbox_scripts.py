@@ -473,3 +473,6 @@ async def test_a_claim_of_a_device_the_list_lacks_is_refused(
     assert await redis.exists(keys.route(bob, "9")) == 0
     old, value = await batcher.script(lua.CLAIM, *lua.claim_call(bob, "", "n1|s2", 60, 1))
     assert old is None and keys.device_keys(value) == [""]
+    assert await presence.refresh(batcher, bob, "", "n1|s2", 60, 2) == [1, 1]
+    await redis.set(keys.account(bob), keys.account_value(["7"]))  # the default device went
+    assert await presence.refresh(batcher, bob, "", "n1|s2", 60, 3) == [3, 1]
