@@ -165,18 +165,22 @@ async def is_revoked(pool: Any, jti: str) -> bool:
 
 async def store_last_seen(pool: Any, seen: Iterable[tuple[str, int]]) -> None:
     """Write last-seen times (mobile, ms since epoch) in one statement."""
+    await _stamp(
+        pool,
+        "UPDATE users u SET last_seen = v.ts FROM unnest($1::text[], $2::timestamptz[])"
+        " AS v(m, ts) WHERE u.mobile_no = v.m AND (u.last_seen IS NULL OR u.last_seen < v.ts)",
+        seen,
+    )
+
+
+async def _stamp(pool: Any, sql: str, seen: Iterable[tuple[Any, int]]) -> None:
+    """Run one UPDATE taking the (key, ms since epoch) pairs as two arrays, if any."""
     pairs = list(seen)
     if not pairs:
         return
-    mobiles = [m for m, _ in pairs]
     times = [datetime.fromtimestamp(ms / 1000, UTC) for _, ms in pairs]
     async with connection(pool) as conn:
-        await conn.execute(
-            "UPDATE users u SET last_seen = v.ts FROM unnest($1::text[], $2::timestamptz[])"
-            " AS v(m, ts) WHERE u.mobile_no = v.m AND (u.last_seen IS NULL OR u.last_seen < v.ts)",
-            mobiles,
-            times,
-        )
+        await conn.execute(sql, [k for k, _ in pairs], times)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,18 +302,12 @@ async def idle_devices(pool: Any, idle_days: float, most: int) -> list[tuple[int
 
 async def store_device_seen(pool: Any, seen: Iterable[tuple[int, int]]) -> None:
     """Write devices' last-seen times (device id, ms since epoch) in one statement."""
-    pairs = list(seen)
-    if not pairs:
-        return
-    ids = [d for d, _ in pairs]
-    times = [datetime.fromtimestamp(ms / 1000, UTC) for _, ms in pairs]
-    async with connection(pool) as conn:
-        await conn.execute(
-            "UPDATE devices d SET last_seen = v.ts FROM unnest($1::bigint[], $2::timestamptz[])"
-            " AS v(i, ts) WHERE d.id = v.i AND d.last_seen < v.ts",
-            ids,
-            times,
-        )
+    await _stamp(
+        pool,
+        "UPDATE devices d SET last_seen = v.ts FROM unnest($1::bigint[], $2::timestamptz[])"
+        " AS v(i, ts) WHERE d.id = v.i AND d.last_seen < v.ts",
+        seen,
+    )
 
 
 async def ping(pool: Any) -> None:

@@ -418,13 +418,19 @@ async def test_refresh_keeps_a_live_token_and_tells_replaced_from_lost(
 # -- devices (lua.ACK_DEVICE, ADD_DEVICE, CLAIM's check)
 
 
-async def test_an_entry_leaves_once_every_listed_device_is_done_with_it(
-    batcher: Batcher, redis: aioredis.Redis
-) -> None:
+async def two_devices_and_a_message(batcher: Batcher, redis: aioredis.Redis) -> Any:
+    """Bob with the default device and device 7, and a message from Alice stored for him:
+    (bob, stored)."""
     alice, bob = await user(redis), await user(redis)
     await redis.set(keys.account(bob), keys.account_value(["", "7"]))
     await redis.xgroup_create(keys.inbox(bob), keys.group("7"), "0")
-    stored = await send(batcher, alice, bob, "c0")
+    return bob, await send(batcher, alice, bob, "c0")
+
+
+async def test_an_entry_leaves_once_every_listed_device_is_done_with_it(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    bob, stored = await two_devices_and_a_message(batcher, redis)
     for device in ("", "7"):  # each device reads it through its own group
         await batcher.run(*inbox.pending_call(bob, device, ">"))
     ack = inbox.ack_device_call(bob, "", [stored.msg_id])
@@ -440,10 +446,7 @@ async def test_an_entry_leaves_once_every_listed_device_is_done_with_it(
 async def test_an_entry_not_yet_read_by_a_device_waits_for_it(
     batcher: Batcher, redis: aioredis.Redis
 ) -> None:
-    alice, bob = await user(redis), await user(redis)
-    await redis.set(keys.account(bob), keys.account_value(["", "7"]))
-    await redis.xgroup_create(keys.inbox(bob), keys.group("7"), "0")
-    stored = await send(batcher, alice, bob, "c0")
+    bob, stored = await two_devices_and_a_message(batcher, redis)
     await batcher.run(*inbox.pending_call(bob, "", ">"))  # only the default device read it
     assert (
         await batcher.script(lua.ACK_DEVICE, *inbox.ack_device_call(bob, "", [stored.msg_id])) == 0
