@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import unicodedata
 from datetime import UTC, datetime
@@ -10,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from chatnode import accounts, auth, blocks, channel, devices, keys, logs, ratelimit
+from chatnode import accounts, auth, blocks, devices, logs, ratelimit
 from chatnode.apibase import (
     SERVICES,
     Services,
@@ -23,7 +22,6 @@ from chatnode.apibase import (
 )
 from chatnode.config import Settings
 from chatnode.errors import (
-    ChatError,
     Conflict,
     InvalidCredentials,
     InvalidRequest,
@@ -31,7 +29,6 @@ from chatnode.errors import (
     RateLimited,
 )
 from chatnode.frames import is_mobile
-from chatnode.redisio import Redis
 
 log = logs.get(__name__)
 
@@ -171,20 +168,10 @@ async def logout(request: web.Request) -> web.Response:
     claims = await current_user(request)
     expires = datetime.fromtimestamp(claims.expires_at, UTC)
     await accounts.revoke_token(svc.pool, claims.uid, claims.jti, expires, svc.settings.node_id)
-    ttl = max(1, claims.expires_at - _now())
-    try:
-        await svc.batcher.run("SET", keys.revoked(claims.jti), "1", "EX", ttl)
-    except ChatError:
-        # PostgreSQL holds the revocation and Redis does not: no node may trust Redis
-        # alone until it holds them all again (they are then copied back)
-        distrust_redis_revocations(svc.batcher, keys.partition(claims.jti))
-        raise
-    try:
-        route = await svc.batcher.run("GET", keys.route(claims.mobile, claims.device_key))
-        session = keys.session(claims.mobile, claims.device_key)
-        svc.router.to_route(route, claims.mobile, channel.logout(session, claims.jti))
-    except Exception as exc:
-        log.warning("logout_close_failed", user=claims.mobile, error=type(exc).__name__)
+    await auth.revoke_in_redis(svc.batcher, [(claims.jti, claims.expires_at)])
+    await devices.close_sessions(
+        svc.batcher, svc.router, claims.mobile, claims.device_key, [claims.jti]
+    )
     log.info("logout", user=claims.mobile)
     return ok(message="logged out")
 
@@ -212,31 +199,8 @@ async def delete_device(request: web.Request) -> web.Response:
         claims.mobile,
         int(raw),
         svc.settings.node_id,
-        distrust_redis_revocations,
     )
     return ok(message="device removed")
-
-
-_distrusting: set[asyncio.Task[None]] = set()
-
-
-def distrust_redis_revocations(batcher: Redis, part: int) -> None:
-    """Delete the marker saying Redis holds every revocation of the token's partition,
-    retried for a while in the background (Redis may be away right now)."""
-
-    async def delete() -> None:
-        for pause in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0):
-            await asyncio.sleep(pause)
-            try:
-                await batcher.run("DEL", keys.revocations_loaded(part))
-                return
-            except ChatError:
-                continue
-        log.error("revocations_marker_not_deleted")
-
-    task = asyncio.get_running_loop().create_task(delete())
-    _distrusting.add(task)
-    task.add_done_callback(_distrusting.discard)
 
 
 def login_limits(settings: Settings, mobile: str, address: str) -> list[tuple[str, str, int]]:

@@ -17,7 +17,6 @@ from aiohttp import web
 from chatnode import (
     accounts,
     api,
-    apiauth,
     apibase,
     auth,
     devices,
@@ -373,7 +372,6 @@ class Node:
             self.gateway.router,
             self.settings.device_idle_days,
             self.settings.node_id,
-            apiauth.distrust_redis_revocations,
         )
 
     async def stop(self) -> None:

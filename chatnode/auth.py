@@ -18,7 +18,7 @@ import bcrypt
 import jwt
 
 from chatnode import accounts, keys, logs
-from chatnode.errors import Unauthorized, Unavailable
+from chatnode.errors import ChatError, Unauthorized, Unavailable
 from chatnode.redisio import Redis
 
 log = logs.get(__name__)
@@ -332,6 +332,47 @@ async def load_revocations(batcher: Redis, pool: Any) -> int:
     await asyncio.gather(*(batcher.call("SET", keys.revocations_loaded(p), "1") for p in missing))
     log.info("revocations_loaded", count=len(rows), partitions=len(missing))
     return len(rows)
+
+
+async def revoke_in_redis(batcher: Redis, revoked: list[tuple[str, int]]) -> None:
+    """Copy revocations PostgreSQL holds ((jti, expiry as a Unix time)) into Redis.
+    Unavailable if Redis took not all of them: the partitions of those then lose their
+    marker, so no node trusts Redis alone for them until they are copied back."""
+    now = int(time.time())
+    results = await asyncio.gather(
+        *(
+            batcher.call("SET", keys.revoked(jti), "1", "EX", max(1, exp - now))
+            for jti, exp in revoked
+        ),
+        return_exceptions=True,
+    )
+    failed = [jti for (jti, _), r in zip(revoked, results, strict=True) if isinstance(r, Exception)]
+    for part in {keys.partition(jti) for jti in failed}:
+        distrust_redis_revocations(batcher, part)
+    if failed:
+        raise Unavailable("the revocation is stored but Redis could not take it yet")
+
+
+_distrusting: set[asyncio.Task[None]] = set()
+
+
+def distrust_redis_revocations(batcher: Redis, part: int) -> None:
+    """Delete the marker saying Redis holds every revocation of the token's partition,
+    retried for a while in the background (Redis may be away right now)."""
+
+    async def delete() -> None:
+        for pause in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0):
+            await asyncio.sleep(pause)
+            try:
+                await batcher.run("DEL", keys.revocations_loaded(part))
+                return
+            except ChatError:
+                continue
+        log.error("revocations_marker_not_deleted")
+
+    task = asyncio.get_running_loop().create_task(delete())
+    _distrusting.add(task)
+    task.add_done_callback(_distrusting.discard)
 
 
 def _log_failure(task: asyncio.Task[int]) -> None:

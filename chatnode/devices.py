@@ -10,13 +10,10 @@ node closes such a socket anyway if that message is lost (routesweep.py).
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from chatnode import accounts, blocks, channel, keys, logs, lua, presence
+from chatnode import accounts, auth, blocks, channel, keys, logs, lua, presence
 from chatnode.errors import ChatError, NotFound
 from chatnode.redisio import Redis
 from chatnode.routing import Router
@@ -42,43 +39,40 @@ async def remove(
     mobile: str,
     device_id: int,
     node: str,
-    distrust: Callable[[Redis, int], None],
     idle_days: float | None = None,
 ) -> None:
     """Remove one of the user's devices (NotFound if they have no such device, or with
-    `idle_days`, if it was seen since): its tokens stop working on every node and its
-    socket closes with 4003. `distrust`: what a revocation PostgreSQL holds and Redis
-    could not take calls for (apiauth)."""
+    `idle_days`, if it was seen since): its tokens stop working on every node (as a
+    logout's: auth.revoke_in_redis, Unavailable if Redis could not take them) and its
+    socket closes with 4003."""
     removed = await accounts.remove_device(pool, user_id, device_id, node, idle_days)
     if removed is None:
         raise NotFound("no such device")
     name, revoked = removed
     device = keys.device_key(device_id, name)
-    now = int(time.time())
-    results = await asyncio.gather(
-        *(
-            batcher.call("SET", keys.revoked(jti), "1", "EX", max(1, exp - now))
-            for jti, exp in revoked
-        ),
-        return_exceptions=True,
-    )
-    for (jti, _), result in zip(revoked, results, strict=True):
-        if isinstance(result, BaseException):
-            distrust(batcher, keys.partition(jti))
-    if any(isinstance(r, ChatError) for r in results):
-        log.warning("device_revocations_not_in_redis", user=mobile, device=device_id)
+    try:
+        await auth.revoke_in_redis(batcher, revoked)
+        await close_sessions(batcher, router, mobile, device, [jti for jti, _ in revoked])
+        await left(batcher, mobile, device)
+    except ChatError:  # the list may still name it: reload the user from PostgreSQL
+        log.warning("device_not_released_in_redis", user=mobile, device=device_id)
+        blocks.forget(batcher, mobile)
+        raise
+    log.info("device_removed", user=mobile, device=device_id, tokens=len(revoked))
+
+
+async def close_sessions(
+    batcher: Redis, router: Router, mobile: str, device: str, jtis: list[str]
+) -> None:
+    """Close the socket one of these tokens of the device opened (4003), on whichever
+    node holds the device. Best effort: if the route look-up or the message fails, each
+    node's route sweep closes it anyway (revoked token, or a device the list lacks)."""
     try:
         route = await batcher.run("GET", keys.route(mobile, device))
-        for jti, _ in revoked:
+        for jti in jtis:
             router.to_route(route, mobile, channel.logout(keys.session(mobile, device), jti))
     except Exception as exc:
-        log.warning("device_close_failed", user=mobile, error=type(exc).__name__)
-    try:
-        await left(batcher, mobile, device)
-    except Exception as exc:  # the list may still name it: reload the user from PostgreSQL
-        log.warning("device_entries_not_released", user=mobile, error=type(exc).__name__)
-        blocks.forget(batcher, mobile)
-    log.info("device_removed", user=mobile, device=device_id, tokens=len(revoked))
+        log.warning("close_failed", user=mobile, error=type(exc).__name__)
 
 
 async def joined(
@@ -131,14 +125,13 @@ async def remove_idle(
     router: Router,
     idle_days: float,
     node: str,
-    distrust: Callable[[Redis, int], None],
 ) -> int:
     """Remove up to IDLE_BATCH devices unseen for `idle_days`, like DELETE /devices does.
     Nodes may race on one: the loser finds it gone."""
     removed = 0
     for user_id, mobile, device_id in await accounts.idle_devices(pool, idle_days, IDLE_BATCH):
         try:
-            args = (pool, batcher, router, user_id, mobile, device_id, node, distrust)
+            args = (pool, batcher, router, user_id, mobile, device_id, node)
             await remove(*args, idle_days=idle_days)
             removed += 1
         except NotFound:  # removed by another node, or seen meanwhile
