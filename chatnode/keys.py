@@ -211,19 +211,22 @@ def parse_route(value: str | None) -> tuple[str, str] | None:
 # Lua for scripts that read an inbox's group: the id of the last entry its consumer
 # read (an entry after it was never delivered), or nil when the group is missing.
 LUA_DELIVERED = f"""
-local function groups_of(inbox)  -- name -> last-delivered id of every group of the inbox
-  local out = {{}}
+-- name -> last-delivered id of every group of the inbox; and name -> how many entries
+-- are pending in it
+local function groups_of(inbox)
+  local out, pending = {{}}, {{}}
   local groups = redis.pcall('XINFO', 'GROUPS', inbox)
-  if type(groups) ~= 'table' or groups.err then return out end
+  if type(groups) ~= 'table' or groups.err then return out, pending end
   for _, g in ipairs(groups) do
-    local name, id = nil, nil
+    local name, id, n = nil, nil, nil
     for i = 1, #g, 2 do
       if g[i] == 'name' then name = g[i + 1] end
       if g[i] == 'last-delivered-id' then id = g[i + 1] end
+      if g[i] == 'pending' then n = g[i + 1] end
     end
-    if name then out[name] = id end
+    if name then out[name], pending[name] = id, n end
   end
-  return out
+  return out, pending
 end
 local function delivered_upto(inbox, group)
   return groups_of(inbox)[group or '{GROUP}']

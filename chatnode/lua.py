@@ -414,9 +414,10 @@ local function cmp(a, b)
   if as ~= bs then if as < bs then return -1 end return 1 end
   return 0
 end
-local function done_with(inbox, last, group, id)
+local function done_with(inbox, last, pending, group, id)
   local upto = last[group]
   if not upto or cmp(id, upto) > 0 then return false end
+  if pending[group] == 0 then return true end  -- nothing pending: no XPENDING to ask
   return redis.call('XPENDING', inbox, group, id, id, 1)[1] == nil
 end
 local function groups_but(acct, own)  -- the groups of the listed devices but `own`
@@ -441,7 +442,7 @@ local ids = {}
 for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
 redis.call('XACK', KEYS[1], own, unpack(ids))
 local acct = redis.call('GET', KEYS[2])
-local last = groups_of(KEYS[1])
+local last, pending = groups_of(KEYS[1])
 local others = groups_but(acct, own)
 if not acct then  -- not known now: every group the stream has must be done
   for g, _ in pairs(last) do if g ~= own then others[#others + 1] = g end end
@@ -450,7 +451,7 @@ local gone = {}
 for _, id in ipairs(ids) do
   local all = true
   for _, g in ipairs(others) do
-    if not done_with(KEYS[1], last, g, id) then all = false; break end
+    if not done_with(KEYS[1], last, pending, g, id) then all = false; break end
   end
   if all then gone[#gone + 1] = id end
 end
@@ -466,12 +467,13 @@ FIRST_ACKS = _script(
     keys.LUA_ROUTES
     + LUA_ACKED
     + """
-local others, last = groups_but(redis.call('GET', KEYS[2]), ARGV[1]), groups_of(KEYS[1])
+local others = groups_but(redis.call('GET', KEYS[2]), ARGV[1])
+local last, pending = groups_of(KEYS[1])
 local first = {}
 for i = 2, #ARGV do
   local seen = false
   for _, g in ipairs(others) do
-    if done_with(KEYS[1], last, g, ARGV[i]) then seen = true; break end
+    if done_with(KEYS[1], last, pending, g, ARGV[i]) then seen = true; break end
   end
   if not seen then first[#first + 1] = i - 1 end
 end
@@ -551,14 +553,15 @@ PRUNE = _script(
     + """
 local acct = redis.call('GET', KEYS[2])
 if not acct then return '' end
-local groups, last = groups_but(acct, nil), groups_of(KEYS[1])
+local groups = groups_but(acct, nil)
+local last, pending = groups_of(KEYS[1])
 if #groups == 0 then return '' end
 local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 local gone = {}
 for _, e in ipairs(entries) do
   local all = true
   for _, g in ipairs(groups) do
-    if not done_with(KEYS[1], last, g, e[1]) then all = false; break end
+    if not done_with(KEYS[1], last, pending, g, e[1]) then all = false; break end
   end
   if all then gone[#gone + 1] = e[1] end
 end
