@@ -163,7 +163,11 @@ class Gateway:
                     then = action.then
                     callback = ignore if then is None else replied(s, then)
                     if action.script is not None:
-                        batcher.submit_script(callback, action.script, action.args, action.argv)
+                        script, args, argv = action.script, action.args, action.argv
+                        if action.defer:
+                            batcher.defer(callback, "EVALSHA", script.sha, len(args), *args, *argv)
+                        else:
+                            batcher.submit_script(callback, script, args, argv)
                     elif action.defer:
                         batcher.defer(callback, *action.args)
                     else:

@@ -166,43 +166,26 @@ def own_read_fields(reader: str, sender: str, ids: list[str], ts: int, device: s
 
 def acked_messages(entries: Iterable[Entry]) -> list[tuple[str, str]]:
     """(sender, client id) of the messages among acked `entries`: whose dedupe keys
-    `ack_commands` shortens. Receipts have none, nor have entries deleted while pending
+    `shorten` shortens. Receipts have none, nor have entries deleted while pending
     (nothing is known of them)."""
     return [(e.sender, e.client_id) for e in entries if e.kind == "m"]
 
 
-def ack_commands(
-    owner: str, device: str, ids: list[str], messages: list[tuple[str, str]], window_s: int
-) -> list[tuple[Any, ...]]:
-    """An ack as plain commands in the owner's slot, for one pipeline: XDEL, then XACK,
-    the entries `ids` of the owner's inbox (in this order a connection lost between
-    them leaves at worst a pending id whose entry is gone, which a pending read finds
-    empty and acks away); then each acked message's dedupe key ((sender, client id),
-    from acked_messages) shortened to the window, never lengthened: a repeated ack
-    changes nothing, and a key gone (unacked for 30 days) is not made again. Plain
-    commands cost Redis less than a script doing the same, and riding in the XDEL's
-    pipeline the EXPIREs cost no pipeline of their own. They do not wait for the XDEL's
-    answer, so an ack can fail while its keys are shortened: an XDEL refused, a
-    connection lost after Redis ran them, or on a cluster a redirect of the XDEL that
-    gives up. The entries are then delivered and acked again (same msgIds); the one
-    harm is a resend of such a message after the window, stored twice. For a user with
-    one device (`device`); with more, ack_device_call replaces XDEL and XACK."""
-    box = keys.inbox(owner)
-    return [
-        ("XDEL", box, *ids),
-        ("XACK", box, keys.group(device), *ids),
-        *shorten(owner, messages, window_s),
-    ]
-
-
 def shorten(owner: str, messages: list[tuple[str, str]], window_s: int) -> list[tuple[Any, ...]]:
-    """Each acked message's dedupe key ((sender, client id)) shortened to the window."""
+    """Each acked message's dedupe key ((sender, client id), from acked_messages)
+    shortened to the window, never lengthened: a repeated ack changes nothing, and a key
+    gone (unacked for 30 days) is not made again. Plain commands in the owner's slot,
+    riding in the ack's pipeline without waiting for its answer, so an ack can fail
+    while its keys are shortened (a connection lost after Redis ran them, or on a
+    cluster a redirect that gives up); the entries are then delivered and acked again
+    (same msgIds), and the one harm is a resend of such a message after the window,
+    stored twice."""
     return [("EXPIRE", keys.dedupe(owner, s, c), window_s, "LT") for s, c in messages]
 
 
 def ack_device_call(owner: str, device: str, ids: list[str]) -> tuple[list[str], list[Any]]:
-    """lua.ACK_DEVICE: the ack of a user with several devices (XACK for this one; XDEL
-    of what every device is done with)."""
+    """lua.ACK_DEVICE: `device`'s ack of the entries `ids` of the owner's inbox (XACK;
+    XDEL of what every listed device is done with, at once if it is the only one)."""
     return [keys.inbox(owner), keys.account(owner)], [keys.group(device), *ids]
 
 

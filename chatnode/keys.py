@@ -26,7 +26,7 @@ DEFAULT_DEVICE = ""
 # (the value before devices) holds.
 DEVICES_MARK = "\x01"
 # A dedupe key's TTL while its message is unacked; the ack drops it to the dedupe window
-# (CHATNODE_DEDUPE_WINDOW_S; inbox.ack_commands from core.acks and slowpath.ack), so this
+# (CHATNODE_DEDUPE_WINDOW_S; inbox.shorten from core.acks and slowpath.ack), so this
 # must stay well above the window. A recipient may be offline for days, so this is no
 # window: it bounds the keys of messages never acked (their entry lost with a stream
 # Redis lost, or waiting for 30 days). A reader's unread counts (`unread`) live as long

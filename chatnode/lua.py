@@ -59,7 +59,7 @@ def _script(source: str, waits: bool = True) -> Script:
 # id comes from the stream like every real one (and moves the stream's last id on), and
 # the inbox limit applies to it too, so nothing tells a blocked sender it is blocked.
 # A stored message's key lives until its ack shortens it to the window (EXPIRE ... LT,
-# inbox.ack_commands); a blocked send is never acked, so its key gets the window at
+# inbox.shorten); a blocked send is never acked, so its key gets the window at
 # once. A stored message counts once in the recipient's unread count of the sender (a
 # resend is answered above, before it), capped, so that READ can vouch for it once its
 # key is gone; the counts get their TTL when a sender's count starts (not at every
@@ -316,8 +316,8 @@ return {old or false, acct}
 # 1: still ours (TTL pushed back); 0: another session holds the device now; 2: the
 # route was gone (Redis lost it) and is back, not live: the session catches up; 3: the
 # list lacks the device (removed: the socket closes with 4003, if the logout message
-# has not closed it yet). The count keeps the session's `solo` true to the list even if
-# a channel.DEVICES message was lost.
+# has not closed it yet). The count keeps the session's `solo` (FIRST_ACKS asked or not,
+# own copies made or not) true to the list even if a channel.DEVICES message was lost.
 REFRESH = _script(
     keys.LUA_ROUTES
     + """
@@ -429,10 +429,12 @@ local function groups_but(acct, own)  -- the groups of the listed devices but `o
 end
 """
 
-# KEYS: inbox, account. ARGV: the acking device's group, then entry ids. The ack of a
-# user with more than one device: XACK for this device; XDEL of the entries every other
-# listed device is done with too (without the account, every other group the stream
-# has). Returns how many were deleted.
+# KEYS: inbox, account. ARGV: the acking device's group, then entry ids. Every ack:
+# XACK for this device; XDEL of the entries every other listed device is done with too
+# (without the account, every other group the stream has). When the account lists this
+# device alone, XDEL and XACK at once, with no look at the groups. One script, so a
+# device linked at any moment (lua.ADD_DEVICE, in the same slot) is seen before an
+# entry it still needs is deleted. Returns how many were deleted.
 ACK_DEVICE = _script(
     keys.LUA_ROUTES
     + LUA_ACKED
@@ -440,10 +442,15 @@ ACK_DEVICE = _script(
 local own = ARGV[1]
 local ids = {}
 for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-redis.call('XACK', KEYS[1], own, unpack(ids))
 local acct = redis.call('GET', KEYS[2])
-local last, pending = groups_of(KEYS[1])
 local others = groups_but(acct, own)
+if acct and #others == 0 then  -- the only device: nobody else needs them
+  local gone = redis.call('XDEL', KEYS[1], unpack(ids))
+  redis.call('XACK', KEYS[1], own, unpack(ids))
+  return gone
+end
+redis.call('XACK', KEYS[1], own, unpack(ids))
+local last, pending = groups_of(KEYS[1])
 if not acct then  -- not known now: every group the stream has must be done
   for g, _ in pairs(last) do if g ~= own then others[#others + 1] = g end end
 end
@@ -457,7 +464,8 @@ for _, id in ipairs(ids) do
 end
 if #gone > 0 then redis.call('XDEL', KEYS[1], unpack(gone)) end
 return #gone
-"""
+""",
+    waits=False,  # a lost ack redelivers the same msgIds: nothing to wait for
 )
 
 # KEYS: inbox, account. ARGV: the acking device's group, then entry ids. Read only:
@@ -483,7 +491,7 @@ return first
 )
 
 # Lua writing an account value back from device keys, and telling the user's connected
-# devices how many devices there are now (channel.DEVICES): with one, acks are plain.
+# devices how many devices there are now (channel.DEVICES): with one, no FIRST_ACKS.
 LUA_DEVICE_LIST = """
 local function store_devices(acct_key, list)
   local enc = {}

@@ -55,14 +55,14 @@ class SlowPath:
                 )
             case FetchEntries(owner, msg_ids):
                 return await fetch(batcher, owner, msg_ids)
-            case StoreReceipts(acker, receipts, ack_ids, messages, device, solo):
+            case StoreReceipts(acker, receipts, ack_ids, messages, device):
                 for receipt in receipts:
                     try:
                         await store_receipt(batcher, load, receipt, limit)
                     except UnknownRecipient:
                         pass  # the sender's account is gone: nobody to tell
                 if ack_ids:
-                    await ack(batcher, acker, ack_ids, messages, window, device, solo)
+                    await ack(batcher, acker, ack_ids, messages, window, device)
                 return None
             case StoreRead(receipt):
                 await store_receipt(batcher, load, receipt, limit)
@@ -130,17 +130,11 @@ async def ack(
     messages: list[tuple[str, str]],
     window_s: int,
     device: str = keys.DEFAULT_DEVICE,
-    solo: bool = True,
 ) -> None:
-    """XDEL and XACK `msg_ids` (with several devices, lua.ACK_DEVICE), and shorten the
-    acked `messages`' ((sender, client id)) dedupe keys to the window
-    (inbox.ack_commands), in one pipeline. An XDEL or XACK that fails raises."""
-    xdel, xack, *shorten = inbox.ack_commands(mobile, device, msg_ids, messages, window_s)
-    if solo:
-        calls = [batcher.call(*xdel), batcher.call(*xack)]
-    else:  # other devices may still need them: one script acks and deletes
-        calls = [batcher.script(ACK_DEVICE, *inbox.ack_device_call(mobile, device, msg_ids))]
-    removed = asyncio.gather(*calls)
-    for command in shorten:
+    """`device`'s ack of `msg_ids` (lua.ACK_DEVICE), and the acked `messages`' ((sender,
+    client id)) dedupe keys shortened to the window (inbox.shorten), in one pipeline.
+    An ack that fails raises."""
+    removed = batcher.script(ACK_DEVICE, *inbox.ack_device_call(mobile, device, msg_ids))
+    for command in inbox.shorten(mobile, messages, window_s):
         batcher.fire(*command)
     await removed

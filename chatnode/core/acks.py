@@ -110,7 +110,7 @@ class Acks:
                 self._remove(done, ids, answer)
             else:
                 messages = inbox.acked_messages(e for e, _ in done)
-                job = StoreReceipts(core.mobile, failed, ids, messages, core.device_key, core.solo)
+                job = StoreReceipts(core.mobile, failed, ids, messages, core.device_key)
                 core.lane.add(answer, None, job, lambda r: self._stored(done, ids, r))
 
         limit = core.settings.inbox_limit
@@ -119,19 +119,15 @@ class Acks:
             core.emit(Call(args, functools.partial(stored, receipt), lua.RECEIPT, argv))
 
     def _remove(self, done: list[Acked], ids: list[str], answer: Answer) -> None:
-        """XDEL, then XACK, entries whose receipts are stored, and shorten the acked
-        messages' dedupe keys (inbox.ack_commands): plain commands in the owner's slot.
-        Nobody waits for them (no answer unless XDEL or XACK fails): they ride with
-        other work. The ack is settled once both XDEL and XACK have answered."""
+        """This device's ack of entries whose receipts are stored (lua.ACK_DEVICE: XACK,
+        and XDEL of what no other device still needs), and the acked messages' dedupe
+        keys shortened (inbox.shorten). Nobody waits for them (no answer unless the ack
+        fails): they ride with other work."""
         core = self.core
-        replies: list[Any] = []
 
-        def removed(reply: Any) -> None:  # the XDEL's and the XACK's, in either order
-            replies.append(reply)  # (on a cluster a redirect can answer one later)
-            if len(replies) < 2:
-                return
+        def removed(reply: Any) -> None:
             core.ledger.acked(ids)
-            if any(isinstance(r, Exception) for r in replies):
+            if isinstance(reply, Exception):
                 self._unacked_again(done)
                 core.refuse(Code.UNAVAILABLE, ACK_FAILED, None, answer)
             else:
@@ -139,19 +135,10 @@ class Acks:
                 core.node.metrics.acked += len(done)
                 core.answers.give(answer, None)
 
+        args, argv = inbox.ack_device_call(core.mobile, core.device_key, ids)
+        core.emit(Call(args, removed, lua.ACK_DEVICE, argv, True))
         messages = inbox.acked_messages(e for e, _ in done)
-        window = core.settings.dedupe_window_s
-        xdel, xack, *shorten = inbox.ack_commands(
-            core.mobile, core.device_key, ids, messages, window
-        )
-        if core.solo:
-            core.emit(Call(xdel, removed, None, (), True))
-            core.emit(Call(xack, removed, None, (), True))
-        else:  # other devices may still need them: one script acks and deletes
-            replies.append(None)  # (one reply stands for both)
-            args, argv = inbox.ack_device_call(core.mobile, core.device_key, ids)
-            core.emit(Call(args, removed, lua.ACK_DEVICE, argv))
-        for command in shorten:
+        for command in inbox.shorten(core.mobile, messages, core.settings.dedupe_window_s):
             core.emit(Call(command, None, None, (), True))
 
     def _fetched(self, done: list[Acked], ids: list[str], result: Any) -> Next:
@@ -169,7 +156,7 @@ class Acks:
         core = self.core
         messages = inbox.acked_messages(e for e, _ in done)
         receipts = self._receipts_for(done)  # (from every device: a second is harmless)
-        job = StoreReceipts(core.mobile, receipts, ids, messages, core.device_key, core.solo)
+        job = StoreReceipts(core.mobile, receipts, ids, messages, core.device_key)
         return Next(job, lambda r: self._stored(done, ids, r))
 
     def _stored(self, done: list[Acked], ids: list[str], result: Any) -> None:

@@ -97,16 +97,15 @@ class FetchEntries:
 
 @dataclass(frozen=True, slots=True)
 class StoreReceipts:
-    """Store receipts (loading owners; an unknown owner is skipped), then XDEL and XACK
-    `ack_ids` from the acker's inbox, and shorten the dedupe keys of `messages`
-    ((sender, client id) of the acked messages) to the window."""
+    """Store receipts (loading owners; an unknown owner is skipped), then the acking
+    device's ack of `ack_ids` (lua.ACK_DEVICE), and shorten the dedupe keys of
+    `messages` ((sender, client id) of the acked messages) to the window."""
 
     acker: str
     receipts: list[inbox.Receipt]
     ack_ids: list[str]
     messages: list[tuple[str, str]]
     device: str = ""  # the acking device (keys.device_key)
-    solo: bool = True  # the user's only device: plain XDEL and XACK
 
 
 @dataclass(frozen=True, slots=True)

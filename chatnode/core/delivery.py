@@ -223,8 +223,10 @@ class Delivery:
             if not entry.kind:
                 gone.append(entry.msg_id)
                 ledger.release(entry.msg_id)  # acked, and its XDEL went through
-            elif entry.device == core.device_key and entry.kind in OWN_KINDS:
-                mine.append(entry.msg_id)  # this device's own send or read: done with it
+            elif entry.kind in OWN_KINDS and (entry.device == core.device_key or not core.named):
+                # this device's own send or read, or a copy a v1 client (a login naming
+                # no device) would not understand: done with it unseen
+                mine.append(entry.msg_id)
             elif not ledger.knows(entry.msg_id):  # (else out already, or acked just now)
                 ledger.hold(entry, now)
                 core.answers.give(None, entry.frame)

@@ -87,7 +87,7 @@ class SocketCore:
         self.named = named  # its login named it (v2): hello says which
         self.device_key = device_key  # in Redis names: '' for `default` (keys.device_key)
         self.session = keys.session(mobile, device_key)  # this device's name on the node
-        self.solo = False  # the user's only device (CLAIM says): acks need no script
+        self.solo = False  # the user's only device (CLAIM says): its acks are the first
         self.heard = False  # the device count came since (not from CLAIM)
         self.jti = jti
         self.expires_at = expires_at  # the token's exp: the socket closes with 4003 after it
@@ -165,7 +165,7 @@ class SocketCore:
 
     def devices_now(self, count: int) -> None:
         """The user has `count` devices now (channel.DEVICES, or the route sweep's
-        REFRESH; 0: not known): with one, acks are plain."""
+        REFRESH; 0: not known): with one, no FIRST_ACKS nor own copies."""
         self.heard = True
         self.solo = count == 1
 

@@ -337,12 +337,13 @@ async def test_a_read_on_one_device_reaches_the_sender(
 async def test_own_sends_and_reads_reach_the_users_other_devices_only(
     api_a: Api, cluster: tuple[NodeProc, NodeProc], redis: Any
 ) -> None:
-    alice, bob = await signed_up(api_a), await signed_up(api_a)
+    alice, bob = await new_user(api_a), await signed_up(api_a)  # alice also logged in as v1
     a_phone, a_laptop = [(await device_token(api_a, alice, n))[0] for n in ("phone", "laptop")]
     b_tab, b_desk = [(await device_token(api_a, bob, n))[0] for n in ("tab", "desk")]
     async with (
         connected(cluster[0].ws, a_phone) as phone,
         connected(cluster[1].ws, a_laptop) as laptop,
+        connected(cluster[0].ws, alice.token) as v1,
         connected(cluster[1].ws, b_tab) as tab,
         connected(cluster[0].ws, b_desk) as desk,
     ):
@@ -370,11 +371,13 @@ async def test_own_sends_and_reads_reach_the_users_other_devices_only(
             receipt = await device.recv_type("receipt", status="read")
             assert receipt["by"] == bob.mobile and "from" not in receipt
         assert await phone.quiet(1.0, "message") == []  # no copy back to where it came from
+        assert await v1.quiet(0.5, "message") == []  # nor to a v1 client (it skips it)
         assert await tab.quiet(0.5, "receipt") == []  # nor its own read
         await desk.send({"type": "ack", "msgIds": [synced["msgId"]]})
     deadline = time.monotonic() + 10
     box = keys.inbox(alice.mobile)
-    # the copy: acked by the laptop, skipped (and acked) by the phone; the receipts wait
+    # the copy: acked by the laptop, skipped (and acked) by the phone and the v1 client;
+    # the receipts wait
     # for acks that never came (the sockets closed), so only they are left
     while time.monotonic() < deadline:
         kinds = [f.get("k") for _, f in await redis.xrange(box)]

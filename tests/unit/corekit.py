@@ -224,6 +224,14 @@ class Inbox:
             del self.stream[seq]
         return len(gone)
 
+    def _ack_device(self, call: Call) -> Any:  # the owner's only device: XDEL and XACK
+        ids = [int(m.partition("-")[0]) for m in call.argv[1:]]
+        self.pending.difference_update(ids)
+        gone = [s for s in ids if s in self.stream]
+        for seq in gone:
+            del self.stream[seq]
+        return len(gone)
+
     def _expire(self, call: Call) -> Any:
         assert call.args[3] == "LT"  # an ack shortens a dedupe key, never lengthens it
         return 1

@@ -419,7 +419,7 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert calls[0].argv[2] == "p0,p1"
     feed(core, calls[0], ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "EXPIRE", "EXPIRE"]
+    assert [name_of(c) for c in calls] == ["ACK_DEVICE", "EXPIRE", "EXPIRE"]
     assert all(c.defer for c in calls)
     for call in calls:
         feed(core, call, model.answer(call))
@@ -427,10 +427,10 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert written(core) == []  # an ack that goes through is not answered
 
 
-def test_an_ack_removes_and_shortens_with_plain_deferred_commands() -> None:
-    """Deferred plain commands in the acker's slot: XDEL, then XACK, of every id, then
-    each acked message's dedupe key shortened to the window (EXPIRE ... LT); a receipt
-    has no dedupe key."""
+def test_an_ack_removes_and_shortens_with_deferred_calls() -> None:
+    """Deferred calls in the acker's slot: one lua.ACK_DEVICE of every id (a device
+    linked meanwhile is seen in the same script), then each acked message's dedupe key
+    shortened to the window (EXPIRE ... LT); a receipt has no dedupe key."""
     other = "+15550003333"
     core, model = opened(dedupe_window_s=42)
     ids = delivered(core, model, 2)
@@ -446,12 +446,11 @@ def test_an_ack_removes_and_shortens_with_plain_deferred_commands() -> None:
     for call in calls:
         feed(core, call, ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK", "EXPIRE", "EXPIRE", "EXPIRE"]
-    assert all(c.defer and c.script is None for c in calls)  # one pipeline, with others
-    xdel, xack, *shorten = calls
-    assert xdel.args[:2] == ("XDEL", keys.inbox(ME)) and sorted(xdel.args[2:]) == sorted(acked)
-    assert xack.args[:3] == ("XACK", keys.inbox(ME), keys.GROUP)
-    assert sorted(xack.args[3:]) == sorted(acked)  # every id, receipts too
+    assert [name_of(c) for c in calls] == ["ACK_DEVICE", "EXPIRE", "EXPIRE", "EXPIRE"]
+    assert all(c.defer for c in calls)  # one pipeline, with others
+    ack, *shorten = calls
+    assert list(ack.args) == [keys.inbox(ME), keys.account(ME)]
+    assert ack.argv[0] == keys.GROUP and sorted(ack.argv[1:]) == sorted(acked)  # receipts too
     assert [c.args for c in shorten] == [
         ("EXPIRE", keys.dedupe(ME, PEER, "p0"), 42, "LT"),
         ("EXPIRE", keys.dedupe(ME, PEER, "p1"), 42, "LT"),
@@ -469,8 +468,8 @@ def test_an_ack_of_receipts_only_shortens_nothing() -> None:
         core.pushed(*parse_push(model.pushes.popleft()))
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["XDEL", "XACK"]  # no receipt, no dedupe key
-    assert list(calls[0].args[2:]) == ids
+    assert [name_of(c) for c in calls] == ["ACK_DEVICE"]  # no receipt, no dedupe key
+    assert list(calls[0].argv[1:]) == ids
 
 
 def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
@@ -487,24 +486,16 @@ def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:
     assert list(core.ledger.out) == ids and core.ledger.acking is None
 
 
-@pytest.mark.parametrize("order", ["in order", "XACK first"])
-@pytest.mark.parametrize("fails", ["XDEL", "XACK"])
-def test_a_failed_xdel_or_xack_answers_unavailable_and_keeps_redelivering(
-    fails: str, order: str
-) -> None:
-    """XDEL or XACK fails (Redis away, or refused): the ack is refused, and the entry
-    stays out on the socket to go again. Nothing is settled before both have answered,
-    in whichever order (on a cluster a redirected XDEL can answer after the XACK)."""
+def test_a_failed_ack_answers_unavailable_and_keeps_redelivering() -> None:
+    """The ack script fails (Redis away, or refused): the ack is refused, and the entry
+    stays out on the socket to go again."""
     core, model = opened()
     ids = delivered(core, model, 1)
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
     feed(core, calls[0], ["ok"])
-    xdel, xack, _shorten = take(core)[0]
-    first, second = (xdel, xack) if order == "in order" else (xack, xdel)
-    feed(core, first, Unavailable() if name_of(first) == fails else 1)
-    assert written(core) == [] and core.ledger.acking is not None  # not settled yet
-    feed(core, second, Unavailable() if name_of(second) == fails else 1)
+    ack, _shorten = take(core)[0]
+    feed(core, ack, Unavailable())
     error = written(core)[0]
     assert error["code"] == "unavailable" and error["message"] == ACK_FAILED
     assert list(core.ledger.out) == ids and core.ledger.acking is None

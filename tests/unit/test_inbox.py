@@ -96,11 +96,11 @@ def test_only_acked_messages_are_shortened() -> None:
     messages = inbox.acked_messages(entries)
     assert messages == [(peer, "a-1")]
     ids = ["1-0", "2-0", "3-0"]  # every entry leaves the inbox
-    assert inbox.ack_commands(me, keys.DEFAULT_DEVICE, ids, messages, 600) == [
-        ("XDEL", keys.inbox(me), *ids),
-        ("XACK", keys.inbox(me), keys.GROUP, *ids),
-        ("EXPIRE", keys.dedupe(me, peer, "a-1"), 600, "LT"),
-    ]
+    assert inbox.ack_device_call(me, keys.DEFAULT_DEVICE, ids) == (
+        [keys.inbox(me), keys.account(me)],
+        [keys.GROUP, *ids],
+    )
+    assert inbox.shorten(me, messages, 600) == [("EXPIRE", keys.dedupe(me, peer, "a-1"), 600, "LT")]
 
 
 def test_the_unread_counts_sit_in_the_readers_slot() -> None:
