@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,39 +188,24 @@ def web_node(stack: Stack, workdir: Path) -> Iterator[NodeProc]:
     node.stop()
 
 
-@pytest.mark.parametrize(
-    "sent",
-    [b"GET /healthz HTT", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ab"],
-    ids=["half-request-line", "half-headers"],
-)
-async def test_an_incomplete_request_is_closed(web_node: NodeProc, sent: bytes) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", web_node.http_port)
-    try:
-        writer.write(sent)
-        await writer.drain()
-        took, _ = await closed_within(reader, 20)
-        assert took <= 15
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, asyncio.TimeoutError):
-            await asyncio.wait_for(writer.wait_closed(), 5)
-
-
-async def test_headers_trickled_byte_by_byte_are_closed(web_node: NodeProc) -> None:
-    """A byte a second keeps an idle timer alive; the header deadline is not idle-based."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", web_node.http_port)
+async def slow_client(port: int, sent: bytes, trickle: bytes = b"", limit: float = 20) -> Any:
+    """One connection that sends `sent`, then `trickle` a byte every 0.5 s, and reads
+    until the node closes it: (seconds from the start to the close, what the node sent)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     start = time.monotonic()
 
-    async def trickle() -> None:
-        for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: a" * 100:
+    async def feed() -> None:
+        for byte in trickle:
             writer.write(bytes([byte]))
             await writer.drain()
             await asyncio.sleep(0.5)
 
-    feeder = asyncio.create_task(trickle())
+    feeder = asyncio.create_task(feed())
     try:
-        await closed_within(reader, 20)
-        assert time.monotonic() - start <= 15
+        writer.write(sent)
+        await writer.drain()
+        _, got = await closed_within(reader, limit)
+        return time.monotonic() - start, got
     finally:
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError, OSError):
@@ -230,36 +215,68 @@ async def test_headers_trickled_byte_by_byte_are_closed(web_node: NodeProc) -> N
             await asyncio.wait_for(writer.wait_closed(), 5)
 
 
-async def test_an_idle_keepalive_connection_is_closed(web_node: NodeProc) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", web_node.http_port)
-    try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 200")
-        took, _ = await closed_within(reader, 20)
-        assert took <= 12
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, asyncio.TimeoutError):
-            await asyncio.wait_for(writer.wait_closed(), 5)
+SLOW_CLIENTS: dict[str, tuple[bytes, bytes, float]] = {
+    "half-request-line": (b"GET /healthz HTT", b"", 20),
+    "half-headers": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ab", b"", 20),
+    # a byte every 0.5 s keeps an idle timer alive; the header deadline is not idle-based
+    "trickled-headers": (
+        b"",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: a" * 100,
+        20,
+    ),
+    "idle-keepalive": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"", 20),
+    "trickled-body": (
+        b"POST /auth/login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        b"",
+        25,
+    ),
+}
 
 
-async def test_a_trickled_body_gets_408_and_is_closed(web_node: NodeProc) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", web_node.http_port)
-    try:
-        writer.write(
-            b"POST /auth/login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-        )
-        await writer.drain()
-        took, got = await closed_within(reader, 25)
-        assert took <= 15
-        assert got.startswith(b"HTTP/1.1 408"), got[:200]
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, asyncio.TimeoutError):
-            await asyncio.wait_for(writer.wait_closed(), 5)
+@pytest.fixture(scope="module")
+async def slow_clients(web_node: NodeProc) -> AsyncIterator[dict[str, asyncio.Task[Any]]]:
+    """Every slow client at once: each waits about 10 s for the node to close it, so
+    the tests below, each asserting its own, take those 10 s once, not five times."""
+    tasks = {
+        name: asyncio.create_task(slow_client(web_node.http_port, *case))
+        for name, case in SLOW_CLIENTS.items()
+    }
+    yield tasks
+    for task in tasks.values():
+        task.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+@pytest.mark.parametrize("case", ["half-request-line", "half-headers"])
+async def test_an_incomplete_request_is_closed(
+    slow_clients: dict[str, asyncio.Task[Any]], case: str
+) -> None:
+    took, _ = await slow_clients[case]
+    assert took <= 15
+
+
+async def test_headers_trickled_byte_by_byte_are_closed(
+    slow_clients: dict[str, asyncio.Task[Any]],
+) -> None:
+    took, got = await slow_clients["trickled-headers"]
+    assert took <= 15 and not got.startswith(b"HTTP/1.1 200")
+
+
+async def test_an_idle_keepalive_connection_is_closed(
+    slow_clients: dict[str, asyncio.Task[Any]],
+) -> None:
+    took, got = await slow_clients["idle-keepalive"]
+    assert got.startswith(b"HTTP/1.1 200")  # answered, then closed when idle
+    assert took <= 12
+
+
+async def test_a_trickled_body_gets_408_and_is_closed(
+    slow_clients: dict[str, asyncio.Task[Any]],
+) -> None:
+    took, got = await slow_clients["trickled-body"]
+    assert took <= 15
+    assert got.startswith(b"HTTP/1.1 408"), got[:200]
 
 
 async def test_honest_requests_on_one_connection_still_work(
