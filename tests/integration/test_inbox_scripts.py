@@ -454,6 +454,26 @@ async def test_an_entry_not_yet_read_by_a_device_waits_for_it(
     assert await redis.xlen(keys.inbox(bob)) == 1
 
 
+async def test_an_ack_after_a_device_was_linked_keeps_what_the_new_device_needs(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """The only device's ack deletes at once; once a second device is linked (in Redis,
+    whatever the acking session has heard), the same ack leaves the entries it has not
+    read: the list is read by the script that deletes."""
+    alice, bob = await user(redis), await user(redis)
+    await redis.set(keys.account(bob), keys.account_value([""]))
+    first, second = await send(batcher, alice, bob, "c1"), await send(batcher, alice, bob, "c2")
+    await batcher.run(*inbox.pending_call(bob, "", ">"))  # the default device read both
+    ack = inbox.ack_device_call(bob, "", [first.msg_id])
+    assert await batcher.script(lua.ACK_DEVICE, *ack) == 1  # alone: deleted at once
+    args = [keys.account(bob), keys.inbox(bob), keys.loading(bob)]
+    assert await batcher.script(lua.ADD_DEVICE, args, ["7", keys.group("7"), bob]) == 2
+    ack = inbox.ack_device_call(bob, "", [second.msg_id])
+    assert await batcher.script(lua.ACK_DEVICE, *ack) == 0  # device 7 has not read it
+    entries = await batcher.run(*inbox.pending_call(bob, "7", ">"))
+    assert [e[0] for e in entries[0][1]] == [second.msg_id]  # the new device gets it
+
+
 async def test_adding_a_device_to_a_value_from_before_devices_drops_it_for_a_reload(
     batcher: Batcher, redis: aioredis.Redis
 ) -> None:
