@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from chatnode import client as cn
 from chatnode import devstack
 from chatnode.devcluster import RedisCluster
 from tests.pgutil import ensure_database
@@ -394,98 +395,84 @@ def stream_id(msg_id: str) -> tuple[int, int]:
 
 
 class Resilient:
-    """A client as the protocol asks: reconnects to any node, resends unaccepted sends
-    with the same id, acks everything, and deduplicates deliveries by msgId."""
+    """The fault tests' client: chatnode.client.Connection (it reconnects to the nodes
+    in turn, resends unaccepted sends with the same id, acks every entry once handled,
+    drops redeliveries by msgId), plus what the tests count: sends, their accepted
+    msgIds, first deliveries in arrival order (as frames), errors, and when trouble
+    came (an error frame, a socket lost)."""
 
     def __init__(self, user: User, urls: list[str]) -> None:
         self.user = user
         self.urls = urls
-        self.ws: ClientConnection | None = None
         self.sent: dict[str, tuple[str, str]] = {}  # cid -> (to, body)
         self.accepted: dict[str, str] = {}  # cid -> msgId
         self.seen: list[dict[str, Any]] = []  # first deliveries, in arrival order
-        self.seen_ids: set[str] = set()
-        self.deliveries = 0
         self.errors: list[dict[str, Any]] = []
         self.troubles: list[float] = []  # when an error came, or the socket closed
-        self.reconnects = 0
-        self._reader: asyncio.Task[None] | None = None
-        self._next = 0
+        self._was_live = False
+        self.conn = cn.Connection(
+            urls,
+            user.token,
+            on_message=self._message,
+            on_receipt=self._receipt,
+            on_error=self._error,
+            on_accepted=self._accepted,
+            on_state=self._state,
+            backoff_base_s=0.05,
+            backoff_cap_s=1.0,
+            max_outbox=10_000,
+        )
 
     async def connect(self, deadline_s: float = 60) -> None:
-        deadline = time.monotonic() + deadline_s
-        while True:
-            url = self.urls[self._next % len(self.urls)]
-            self._next += 1
-            try:
-                ws = await websockets.connect(f"{url}?token={self.user.token}", open_timeout=5)
-                hello = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
-                assert hello["type"] == "hello"
-                break
-            except (OSError, TimeoutError, websockets.WebSocketException):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-        self.ws = ws
-        self._reader = asyncio.create_task(self._read(ws))
-        for cid, (to, body) in list(self.sent.items()):
-            if cid not in self.accepted:  # unknown fate: resend with the same id
-                await self._send_raw(cid, to, body)
+        await self.conn.start(wait_live_s=deadline_s)
 
     def on_node(self, url: str) -> None:
-        self._next = self.urls.index(url)
+        self.conn.url_index = self.urls.index(url)
 
-    async def _read(self, ws: ClientConnection) -> None:
-        try:
-            async for raw in ws:
-                frame = orjson.loads(raw)
-                kind = frame["type"]
-                if kind == "accepted":
-                    self.accepted[frame["id"]] = frame["msgId"]
-                elif kind in ("message", "receipt"):
-                    self.deliveries += 1
-                    if frame["msgId"] not in self.seen_ids:
-                        self.seen_ids.add(frame["msgId"])
-                        self.seen.append(frame)
-                    await ws.send(
-                        orjson.dumps({"type": "ack", "msgIds": [frame["msgId"]]}).decode()
-                    )
-                elif kind == "error":
-                    self.errors.append(frame)
-                    self.troubles.append(time.monotonic())
-        except websockets.ConnectionClosed:
-            pass
-        if self.ws is ws:
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.conn.connects - 1)
+
+    @property
+    def deliveries(self) -> int:
+        """Entries that arrived, redeliveries included."""
+        return len(self.seen) + self.conn.redelivered
+
+    def _message(self, m: cn.Message) -> None:
+        frame = {"type": "message", "msgId": m.msg_id, "id": m.id, "from": m.sender}
+        self.seen.append({**frame, "body": m.body, "ts": m.ts, **({"to": m.to} if m.to else {})})
+
+    def _receipt(self, r: cn.Receipt) -> None:
+        frame = {"type": "receipt", "msgId": r.msg_id, "status": r.status, "by": r.by}
+        self.seen.append({**frame, "ids": list(r.ids), "ts": r.ts})
+
+    def _error(self, e: cn.ServerError) -> None:
+        self.errors.append({"code": e.error.code, "ref": e.error.ref, "message": e.error.message})
+        self.troubles.append(time.monotonic())
+
+    def _accepted(self, a: cn.Accepted) -> None:
+        self.accepted[a.id] = a.msg_id
+
+    def _state(self, change: cn.StateChange) -> None:
+        if change.state is cn.State.LIVE:
+            self._was_live = True
+        elif change.state is cn.State.CONNECTING and self._was_live:
+            self._was_live = False
             self.troubles.append(time.monotonic())
-            self.reconnects += 1
-            await self.connect()
-
-    async def _send_raw(self, cid: str, to: str, body: str) -> None:
-        assert self.ws is not None
-        with contextlib.suppress(websockets.ConnectionClosed):
-            await self.ws.send(
-                orjson.dumps({"type": "send", "id": cid, "to": to, "body": body}).decode()
-            )
 
     async def send(self, to: str, body: str, cid: str) -> None:
         self.sent[cid] = (to, body)
-        await self._send_raw(cid, to, body)
+        self.conn.queue(to, body, id=cid)
 
     def messages(self) -> list[dict[str, Any]]:
         return [f for f in self.seen if f["type"] == "message"]
 
     async def close(self) -> None:
-        ws, self.ws = self.ws, None
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        if ws is not None:
-            await ws.close()
+        await self.conn.close()
 
 
 async def settle(clients: list[Resilient], expect: Any, timeout: float = 60) -> None:
-    """Wait until `expect()` holds, resending unaccepted sends now and then."""
+    """Wait until `expect()` holds, resending sends unanswered for 3 s now and then."""
     deadline = time.monotonic() + timeout
     last_resend = time.monotonic()
     while not expect():
@@ -494,9 +481,7 @@ async def settle(clients: list[Resilient], expect: Any, timeout: float = 60) -> 
         if time.monotonic() - last_resend > 3:
             last_resend = time.monotonic()
             for c in clients:
-                for cid, (to, body) in list(c.sent.items()):
-                    if cid not in c.accepted:
-                        await c._send_raw(cid, to, body)
+                c.conn.resend_waiting(3.0)
 
 
 def report(scenario: str, **figures: Any) -> None:
