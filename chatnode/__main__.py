@@ -23,6 +23,7 @@ from chatnode.config import (
 )
 
 DEV_DATA_DIR = ".chatnode-dev"
+WEB_DIR = Path(__file__).parent / "web"  # the web app, served at `/` by `dev`
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,6 +140,7 @@ def dev(args: argparse.Namespace) -> int:
         _start_dev_services(data, args.redis_cluster, env, started, frozenset(ports))
         env.setdefault("CHATNODE_JWT_SECRET", secrets.token_hex(32))
         env.setdefault("CHATNODE_LOG_FORMAT", "console")
+        env.setdefault("CHATNODE_WEB_DIR", str(WEB_DIR))  # the web app at `/`
         settings = Settings.from_env(env)
         if migrate(settings) != 0:
             return 1
@@ -231,6 +233,8 @@ def _start_dev_node(i: int, http: int, ws: int, env: dict[str, str]) -> Any:
         proc.kill()
         return None
     print(f"node dev-{i + 1}: http://127.0.0.1:{http}  ws://127.0.0.1:{ws}/ws", flush=True)
+    if env.get("CHATNODE_WEB_DIR"):
+        print(f"  the web app: open http://127.0.0.1:{http}/ in two browsers", flush=True)
     return proc
 
 

@@ -4,6 +4,7 @@ readiness, metrics. Account endpoints are in apiauth, what handlers share in api
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -136,8 +137,11 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(openapi.document()), content_type="application/json")
 
 
-def build(services: Services, *, with_metrics: bool = True) -> web.Application:
-    """The API; `with_metrics` False leaves /metrics to another port (metrics_app)."""
+def build(
+    services: Services, *, with_metrics: bool = True, web_dir: str = "", ws_port: int = 0
+) -> web.Application:
+    """The API; `with_metrics` False leaves /metrics to another port (metrics_app);
+    `web_dir` (CHATNODE_WEB_DIR): the web app at `/`, its sockets on `ws_port`."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[SERVICES] = services
     app.router.add_post("/auth/signup", apiauth.signup)
@@ -155,7 +159,54 @@ def build(services: Services, *, with_metrics: bool = True) -> web.Application:
     if with_metrics:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_json)
+    if web_dir:
+        add_web(app, Path(web_dir), ws_port)
     return app
+
+
+# What the web app's folder may hold, by suffix; other files are not served.
+WEB_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".json": "application/json",
+    ".webmanifest": "application/manifest+json",
+}
+# The app's own files and this node's sockets only; no inline script.
+WEB_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def add_web(app: web.Application, folder: Path, ws_port: int) -> None:
+    """A static web app (CHATNODE_WEB_DIR) at `/`: index.html at `/`, each file at the
+    top of the folder at its own name (read once, here: no path from a request ever
+    reaches the file system), and `/config.js` telling the app this node's WebSocket
+    port. Any web server can serve the same folder, whose own config.js then points
+    the app at `/ws` on the page's host."""
+    files: dict[str, tuple[bytes, str]] = {}
+    for path in sorted(folder.iterdir()):
+        kind = WEB_TYPES.get(path.suffix)
+        if path.is_file() and kind is not None:
+            files["/" + path.name] = (path.read_bytes(), kind)
+    files["/"] = files["/index.html"]
+    files["/config.js"] = (f"window.CHATNODE = {{wsPort: {ws_port}}};\n".encode(), WEB_TYPES[".js"])
+
+    async def serve(request: web.Request) -> web.Response:
+        body, kind = files[request.path]
+        return web.Response(body=body, content_type=kind, headers=WEB_HEADERS)
+
+    for route in files:
+        app.router.add_get(route, serve)
 
 
 def metrics_app(services: Services) -> web.Application:

@@ -202,7 +202,10 @@ class Node:
             s, self.batcher, self.pool, router, tokens, self.passwords, metrics, self.health
         )
         self._http = await self._serve_http(
-            api.build(services, with_metrics=not s.metrics_port), s.http_port
+            api.build(
+                services, with_metrics=not s.metrics_port, web_dir=s.web_dir, ws_port=s.ws_port
+            ),
+            s.http_port,
         )
         if s.metrics_port:
             self._metrics_http = await self._serve_http(api.metrics_app(services), s.metrics_port)

@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from chatnode import netaddr
@@ -119,6 +120,8 @@ class Settings:
     replica_wait_ms: int = DEFAULT_REPLICA_WAIT_MS
     # 0: /metrics on the HTTP port; else only on this port (keep it off the proxy)
     metrics_port: int = 0
+    # a folder served at `/` on the HTTP port (the web app: `chatnode/web`); "": none
+    web_dir: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -136,6 +139,11 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.web_dir and not (Path(self.web_dir) / "index.html").is_file():
+            raise ConfigError("CHATNODE_WEB_DIR must be a folder with an index.html")
+        self._validate_numbers()
+
+    def _validate_numbers(self) -> None:
         if not (0 < self.heartbeat_s < math.inf and 0 < self.redelivery_s < math.inf):
             raise ConfigError("CHATNODE_HEARTBEAT_S and CHATNODE_REDELIVERY_S must be > 0")
         if not 4 <= self.bcrypt_rounds <= 31:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chatnode import client as cn
 from tests.integration.harness import NodeProc, new_mobile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,3 +103,48 @@ async def test_quickstart_message_is_accepted_and_delivered_across_nodes(
     ], output
     hellos = {who: f["node"] for who, f in seen if f["type"] == "hello"}
     assert hellos == {"alice": a.node_id, "bob": b.node_id}, output
+
+
+PYTHON_FENCE = re.compile(r"^```python quickstart\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+async def test_the_python_quickstart_gets_its_delivered_receipt(
+    cluster: tuple[NodeProc, NodeProc],
+) -> None:
+    """The README's chatnode.client lines, run as written with this test's node and users
+    put in for dev's: Bob is connected (an acking client), Alice's script prints the
+    delivered receipt of her message."""
+    a, b = cluster
+    (code,) = PYTHON_FENCE.findall(README.read_text())
+    assert len([line for line in code.splitlines() if line.strip()]) <= 12
+    alice, bob = new_mobile(), new_mobile()
+    async with cn.Api(a.http, b.ws) as api:
+        for mobile in (alice, bob):
+            await api.signup("Quick", mobile, "correct-horse-42")
+        bob_login = await api.login(bob, "correct-horse-42")
+        ws_port = a.ws.rsplit(":", 1)[1].split("/")[0]
+        script = (
+            code.replace("http://127.0.0.1:8080", a.http)
+            .replace("ws_port=8765", f"ws_port={ws_port}")
+            .replace("+15550000001", alice)
+            .replace("+15550000002", bob)
+        )
+        async with cn.Connection(b.ws, bob_login.token, on_message=lambda m: None):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                script,
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            try:
+                async with asyncio.timeout(45):
+                    out, _ = await proc.communicate()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+    output = out.decode(errors="replace")
+    assert proc.returncode == 0, output
+    assert "Receipt(" in output and "status='delivered'" in output and bob in output, output

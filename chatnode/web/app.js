@@ -1,0 +1,523 @@
+// chatnode's web app: no build step, no dependencies. Each browser tab is a device of
+// its user (PROTOCOL v2): it logs in with a device name of its own, kept in the tab's
+// sessionStorage. History and the outbox live in IndexedDB, in this browser only; the
+// server keeps a message only until every device of its recipient has acked it.
+"use strict";
+
+const CFG = window.CHATNODE || {};
+const RETRIED = new Set(["unavailable", "rate_limited", "inbox_full"]);
+const RANK = { failed: 0, sending: 1, accepted: 2, delivered: 3, read: 4, received: 1 };
+const TICKS = { sending: "🕓", accepted: "✓", delivered: "✓✓", read: "✓✓", failed: "⚠" };
+const MAX_SHOWN = 500; // messages drawn per conversation (the newest)
+const MAX_CONTACTS = 200;
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  token: null, mobile: null, deviceId: null, db: null, ws: null, live: false,
+  attempt: 0, timer: null, peer: null, blocked: new Set(), typingUntil: 0,
+  typingSent: 0, typingStop: null, seq: 0, stopped: false, peerSeen: "",
+};
+
+// -- storage (IndexedDB: one database per user on this browser) -------------------------
+
+function openDb(mobile) {
+  return new Promise((resolve, reject) => {
+    const req = indexedDB.open("chatnode-" + mobile, 1);
+    req.onupgradeneeded = () => {
+      const db = req.result;
+      const msgs = db.createObjectStore("messages", { keyPath: "key" });
+      msgs.createIndex("peer", "peer");
+      msgs.createIndex("status", "status");
+      msgs.createIndex("id", "id");
+      db.createObjectStore("contacts", { keyPath: "mobile" });
+    };
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+}
+
+function tx(store, mode, fn) {
+  return new Promise((resolve, reject) => {
+    const t = state.db.transaction(store, mode);
+    let out;
+    Promise.resolve(fn(t.objectStore(store))).then((v) => { out = v; });
+    t.oncomplete = () => resolve(out);
+    t.onerror = () => reject(t.error);
+  });
+}
+
+const req = (r) => new Promise((resolve, reject) => {
+  r.onsuccess = () => resolve(r.result);
+  r.onerror = () => reject(r.error);
+});
+
+// Put a message, merged with what is stored under its key: never a lower status, never
+// a second copy (the same entry reaches every device, and tabs share this database).
+function saveMessage(m) {
+  return tx("messages", "readwrite", async (s) => {
+    const old = await req(s.get(m.key));
+    const merged = old ? { ...old, ...m } : m;
+    if (old && RANK[old.status] > RANK[m.status] && m.status !== "failed") merged.status = old.status;
+    if (old) merged.seq = old.seq;
+    s.put(merged);
+    return { merged, isNew: !old };
+  });
+}
+
+const messagesOf = (peer) => tx("messages", "readonly", (s) => req(s.index("peer").getAll(peer)));
+const outbox = () => tx("messages", "readonly", (s) => req(s.index("status").getAll("sending")));
+const contacts = () => tx("contacts", "readonly", (s) => req(s.getAll()));
+
+function saveContact(c) {
+  return tx("contacts", "readwrite", async (s) => {
+    const old = await req(s.get(c.mobile));
+    s.put({ unread: 0, name: "", lastSeen: "", ...old, ...c });
+  });
+}
+
+const nextSeq = () => Date.now() * 1000 + (state.seq++ % 1000);
+const newId = () => {
+  const b = new Uint8Array(16);
+  crypto.getRandomValues(b);
+  return btoa(String.fromCharCode(...b)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+};
+
+// -- REST ---------------------------------------------------------------------------
+
+async function api(method, path, body) {
+  const headers = { "Content-Type": "application/json" };
+  if (state.token) headers.Authorization = "Bearer " + state.token;
+  let resp;
+  try {
+    resp = await fetch((CFG.api || "") + path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (e) {
+    throw Object.assign(new Error("cannot reach the server"), { code: "offline" });
+  }
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    if (resp.status === 401 && state.token && path !== "/auth/login") loggedOut("please log in again");
+    throw Object.assign(new Error(data.message || resp.statusText), { code: data.code, status: resp.status });
+  }
+  return data;
+}
+
+// -- the socket -----------------------------------------------------------------------
+
+function wsUrl() {
+  if (CFG.ws) return CFG.ws;
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const host = CFG.wsPort ? `${location.hostname}:${CFG.wsPort}` : location.host;
+  return `${scheme}//${host}/ws`;
+}
+
+function setConn(text) {
+  const el = $("conn");
+  el.textContent = text;
+  el.dataset.state = text;
+  document.body.dataset.conn = text; // the bar over a conversation says it too
+  $("offline-bar").textContent = text === "online" ? "" :
+    `${text}: messages wait on this device and go when the connection is back`;
+}
+
+function connect() {
+  clearTimeout(state.timer);
+  if (state.stopped || !state.token) return;
+  if (!navigator.onLine) { setConn("offline"); return; }
+  setConn("connecting");
+  const ws = new WebSocket(wsUrl() + "?token=" + encodeURIComponent(state.token));
+  state.ws = ws;
+  ws.onmessage = (e) => { if (state.ws === ws) onFrame(JSON.parse(e.data)).catch(console.error); };
+  ws.onclose = (e) => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    state.live = false;
+    if (e.code === 4003) return loggedOut("logged out (this device was removed or the token expired)");
+    if (e.code === 4001) return setConn("open in another window");
+    if (state.stopped) return;
+    setConn(navigator.onLine ? "reconnecting" : "offline");
+    // full jitter: a uniform wait up to min(15 s, 0.5 s × 2^attempt)
+    const wait = Math.random() * Math.min(15000, 500 * 2 ** Math.min(state.attempt++, 10));
+    state.timer = setTimeout(connect, wait);
+  };
+}
+
+function sendFrame(frame) {
+  if (!state.ws || !state.live) return false;
+  state.ws.send(JSON.stringify(frame));
+  return true;
+}
+
+// Sends not accepted yet, oldest first, with their ids (stored once however often they
+// go). `olderThan`: only those written that long ago (the periodic retry).
+async function flushOutbox(olderThan = 0) {
+  const waiting = (await outbox()).sort((a, b) => a.seq - b.seq);
+  const now = Date.now();
+  for (const m of waiting) {
+    if ((m.retryAt && m.retryAt > now) || now - m.ts < olderThan) continue;
+    sendFrame({ type: "send", id: m.id, to: m.peer, body: m.body });
+  }
+}
+
+async function onFrame(f) {
+  switch (f.type) {
+    case "hello":
+      state.live = true;
+      state.attempt = 0;
+      setConn("online");
+      await flushOutbox(); // resent with their ids: stored once
+      if (state.peer) await sendReads(state.peer);
+      break;
+    case "accepted": {
+      const m = await findMine(f.id);
+      if (m) await saveMessage({ ...m, status: "accepted", msgId: f.msgId, ts: f.ts });
+      break;
+    }
+    case "error": {
+      const m = f.ref ? await findMine(f.ref) : null;
+      if (m && m.status === "sending") {
+        if (RETRIED.has(f.code)) {
+          await saveMessage({ ...m, retryAt: Date.now() + 2000 });
+          setTimeout(() => flushOutbox(), 2100);
+        } else {
+          await saveMessage({ ...m, status: "failed", error: f.message });
+        }
+      } else {
+        toast(f.message || f.code);
+      }
+      break;
+    }
+    case "message":
+      await onMessage(f);
+      sendFrame({ type: "ack", msgIds: [f.msgId] }); // stored: ack it
+      break;
+    case "receipt":
+      await onReceipt(f);
+      sendFrame({ type: "ack", msgIds: [f.msgId] });
+      break;
+    case "typing":
+      if (f.from === state.peer) {
+        state.typingUntil = f.state === "start" ? Date.now() + 6000 : 0;
+        showPeerStatus();
+        if (f.state === "start") setTimeout(showPeerStatus, 6100);
+      }
+      return;
+  }
+  await render();
+}
+
+async function findMine(id) {
+  const all = await tx("messages", "readonly", (s) => req(s.index("id").getAll(id)));
+  return all.find((m) => m.mine) || null;
+}
+
+async function onMessage(f) {
+  const mine = typeof f.to === "string"; // v2: my own send, from another device
+  const peer = mine ? f.to : f.from;
+  const m = {
+    key: `${peer}|${mine ? "o" : "i"}|${f.id}`, peer, mine, id: f.id, body: f.body,
+    ts: f.ts, msgId: f.msgId, status: mine ? "accepted" : "received", seq: nextSeq(),
+  };
+  const { isNew, merged } = await saveMessage(m);
+  await saveContact({ mobile: peer });
+  if (isNew && !mine && merged.status === "received" && !(peer === state.peer && visible())) {
+    await bumpUnread(peer, 1);
+  }
+  if (peer === state.peer) await sendReads(peer);
+}
+
+async function onReceipt(f) {
+  if (typeof f.from === "string") { // v2: I read these on another device
+    for (const id of f.ids) {
+      const key = `${f.from}|i|${id}`;
+      const old = await tx("messages", "readonly", (s) => req(s.get(key)));
+      if (old) await saveMessage({ ...old, status: "read" });
+    }
+    await saveContact({ mobile: f.from, unread: 0 });
+    return;
+  }
+  for (const id of f.ids) {
+    const key = `${f.by}|o|${id}`;
+    const old = await tx("messages", "readonly", (s) => req(s.get(key)));
+    if (old) await saveMessage({ ...old, status: f.status });
+  }
+}
+
+// Read receipts for what the open conversation shows, while the page is visible.
+async function sendReads(peer) {
+  if (!visible() || !state.live) return;
+  const unread = (await messagesOf(peer)).filter((m) => !m.mine && m.status === "received");
+  for (let i = 0; i < unread.length; i += 100) {
+    const part = unread.slice(i, i + 100);
+    if (!sendFrame({ type: "read", to: peer, ids: part.map((m) => m.id) })) return;
+    for (const m of part) await saveMessage({ ...m, status: "read" });
+  }
+  await saveContact({ mobile: peer, unread: 0 });
+}
+
+const visible = () => document.visibilityState === "visible";
+
+async function bumpUnread(peer, n) {
+  const c = (await contacts()).find((x) => x.mobile === peer);
+  await saveContact({ mobile: peer, unread: ((c && c.unread) || 0) + n });
+}
+
+// -- drawing --------------------------------------------------------------------------
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function when(ts) {
+  const d = new Date(ts);
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+async function render() {
+  const list = $("contacts");
+  const cs = (await contacts()).sort((a, b) => a.mobile.localeCompare(b.mobile)).slice(0, MAX_CONTACTS);
+  list.replaceChildren(...cs.map((c) => {
+    const li = el("li", c.mobile === state.peer ? "contact open" : "contact");
+    li.dataset.mobile = c.mobile;
+    li.append(el("span", "name", c.name ? `${c.name} (${c.mobile})` : c.mobile));
+    li.append(el("small", "seen", c.lastSeen === "online" ? "online" : ""));
+    if (c.unread) li.append(el("span", "badge", String(c.unread)));
+    li.onclick = () => openConversation(c.mobile);
+    return li;
+  }));
+  if (!state.peer) return;
+  const msgs = (await messagesOf(state.peer)).sort((a, b) => (a.ts - b.ts) || (a.seq - b.seq));
+  const ol = $("messages");
+  const atBottom = ol.scrollHeight - ol.scrollTop - ol.clientHeight < 40;
+  ol.replaceChildren(...msgs.slice(-MAX_SHOWN).map((m) => {
+    const li = el("li", m.mine ? "msg mine" : "msg theirs");
+    li.dataset.id = m.id;
+    li.dataset.status = m.status;
+    li.append(el("span", "body", m.body));
+    const meta = el("span", "meta", when(m.ts));
+    if (m.mine) {
+      const tick = el("span", "tick " + m.status, TICKS[m.status] || "");
+      tick.title = m.error || m.status;
+      meta.append(tick);
+    }
+    li.append(meta);
+    return li;
+  }));
+  if (atBottom) ol.scrollTop = ol.scrollHeight;
+  $("block").textContent = state.blocked.has(state.peer) ? "Unblock" : "Block";
+}
+
+function showPeerStatus() {
+  const s = $("peer-status");
+  if (Date.now() < state.typingUntil) s.textContent = "typing…";
+  else if (state.peerSeen === "online") s.textContent = "online";
+  else if (state.peerSeen) s.textContent = "last seen " + new Date(state.peerSeen).toLocaleString();
+  else s.textContent = "";
+}
+
+let toastTimer = null;
+function toast(text) {
+  const e = $("contact-error");
+  e.textContent = text;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { e.textContent = ""; }, 5000);
+}
+
+// -- actions ----------------------------------------------------------------------------
+
+async function openConversation(peer) {
+  state.peer = peer;
+  state.typingUntil = 0;
+  state.peerSeen = "";
+  $("conversation").hidden = false;
+  document.body.classList.add("in-conversation");
+  $("peer-name").textContent = peer;
+  showPeerStatus();
+  await render();
+  const ol = $("messages");
+  ol.scrollTop = ol.scrollHeight;
+  await sendReads(peer);
+  refreshPeer();
+}
+
+async function refreshPeer() {
+  const peer = state.peer;
+  if (!peer || !state.token) return;
+  try {
+    const d = (await api("GET", "/profile/lastseen?mobileNo=" + encodeURIComponent(peer))).data;
+    await saveContact({ mobile: peer, name: d.username, lastSeen: d.lastSeen || "" });
+    if (peer === state.peer) {
+      $("peer-name").textContent = `${d.username} (${peer})`;
+      state.peerSeen = d.lastSeen || "";
+      showPeerStatus();
+    }
+  } catch (e) { /* offline: try again on the next tick */ }
+}
+
+async function send(body) {
+  const peer = state.peer;
+  const m = {
+    key: `${peer}|o|${newId()}`, peer, mine: true, body, ts: Date.now(), status: "sending", seq: nextSeq(),
+  };
+  m.id = m.key.split("|")[2];
+  await saveMessage(m); // in the outbox first: resent after a reconnect, same id
+  sendFrame({ type: "send", id: m.id, to: peer, body });
+  stopTyping();
+  await render();
+  $("messages").scrollTop = $("messages").scrollHeight;
+}
+
+function typed() {
+  if (!state.peer) return;
+  const now = Date.now();
+  if (now - state.typingSent > 3000) {
+    state.typingSent = now;
+    sendFrame({ type: "typing", to: state.peer, state: "start" });
+  }
+  clearTimeout(state.typingStop);
+  state.typingStop = setTimeout(stopTyping, 4000);
+}
+
+function stopTyping() {
+  clearTimeout(state.typingStop);
+  if (state.typingSent && state.peer) sendFrame({ type: "typing", to: state.peer, state: "stop" });
+  state.typingSent = 0;
+}
+
+async function toggleBlock() {
+  const peer = state.peer;
+  try {
+    if (state.blocked.has(peer)) {
+      await api("DELETE", "/block-action/unblock?mobileNo=" + encodeURIComponent(peer));
+      state.blocked.delete(peer);
+    } else {
+      await api("POST", "/block-action/block", { blockedUserMobileNo: peer });
+      state.blocked.add(peer);
+    }
+  } catch (e) { toast(e.message); }
+  await render();
+}
+
+async function loadBlocks() {
+  try {
+    const d = await api("GET", "/block-action/list");
+    state.blocked = new Set(d.data.map((x) => x.mobileNo));
+  } catch (e) { /* offline: the last known list stays */ }
+}
+
+function deviceName() {
+  let name = sessionStorage.getItem("chatnode.device");
+  if (!name) {
+    name = "Browser tab " + newId().slice(0, 6);
+    sessionStorage.setItem("chatnode.device", name);
+  }
+  return name;
+}
+
+async function login(signup) {
+  const mobile = $("mobile").value.trim();
+  const password = $("password").value;
+  $("login-error").textContent = "";
+  try {
+    if (signup) {
+      const name = $("name").value.trim() || mobile;
+      await api("POST", "/auth/signup", { name, mobileNo: mobile, password });
+    }
+    const d = await api("POST", "/auth/login", { mobileNo: mobile, password, device: deviceName() });
+    sessionStorage.setItem("chatnode.session", JSON.stringify({ token: d.token, mobile, deviceId: d.deviceId }));
+    await start();
+  } catch (e) {
+    $("login-error").textContent = e.code === "too_many_devices"
+      ? "Too many devices: close a tab or remove a device, then try again."
+      : e.message;
+  }
+}
+
+async function logout() {
+  state.stopped = true;
+  try {
+    if (state.deviceId) await api("DELETE", "/devices/" + encodeURIComponent(state.deviceId));
+    else await api("POST", "/auth/logout");
+  } catch (e) { /* the token dies with the device, or expires */ }
+  loggedOut("");
+}
+
+function loggedOut(why) {
+  state.stopped = true;
+  if (state.ws) state.ws.close(1000);
+  state.ws = null;
+  state.token = null;
+  sessionStorage.removeItem("chatnode.session");
+  $("chat").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = why;
+}
+
+async function start() {
+  const saved = JSON.parse(sessionStorage.getItem("chatnode.session") || "null");
+  if (!saved) {
+    $("login").hidden = false;
+    return;
+  }
+  Object.assign(state, { token: saved.token, mobile: saved.mobile, deviceId: saved.deviceId, stopped: false });
+  state.db = await openDb(saved.mobile);
+  $("login").hidden = true;
+  $("chat").hidden = false;
+  $("me").textContent = saved.mobile;
+  await loadBlocks();
+  await render();
+  connect();
+}
+
+// -- wiring -------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").onsubmit = (e) => { e.preventDefault(); login(false); };
+  $("signup-button").onclick = () => {
+    if (!$("login-form").reportValidity()) return;
+    login(true);
+  };
+  $("logout").onclick = logout;
+  $("add-contact").onsubmit = async (e) => {
+    e.preventDefault();
+    const number = $("contact-number").value.trim();
+    try {
+      const d = (await api("GET", "/profile/lastseen?mobileNo=" + encodeURIComponent(number))).data;
+      await saveContact({ mobile: d.mobileNo, name: d.username, lastSeen: d.lastSeen || "" });
+      $("contact-number").value = "";
+      await openConversation(d.mobileNo);
+    } catch (err) {
+      toast(err.status === 404 ? "No user has that number" : err.message);
+    }
+  };
+  $("composer").onsubmit = (e) => {
+    e.preventDefault();
+    const text = $("text").value;
+    if (!text.trim() || !state.peer) return;
+    $("text").value = "";
+    send(text);
+  };
+  $("text").oninput = typed;
+  $("block").onclick = toggleBlock;
+  $("back").onclick = () => {
+    state.peer = null;
+    $("conversation").hidden = true;
+    document.body.classList.remove("in-conversation");
+    render();
+  };
+  // the network went away: close the socket now (a browser may keep it open for a
+  // while), connect again when it is back
+  window.addEventListener("offline", () => {
+    setConn("offline");
+    if (state.ws) { const ws = state.ws; state.ws = null; state.live = false; ws.close(); }
+  });
+  window.addEventListener("online", () => { state.attempt = 0; connect(); });
+  document.addEventListener("visibilitychange", () => { if (state.peer) sendReads(state.peer); });
+  setInterval(refreshPeer, 5000);
+  setInterval(() => { if (state.live) flushOutbox(10000); }, 10000);
+  start().catch((e) => { $("login-error").textContent = String(e); $("login").hidden = false; });
+});
