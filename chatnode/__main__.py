@@ -141,6 +141,9 @@ def dev(args: argparse.Namespace) -> int:
         env.setdefault("CHATNODE_JWT_SECRET", secrets.token_hex(32))
         env.setdefault("CHATNODE_LOG_FORMAT", "console")
         env.setdefault("CHATNODE_WEB_DIR", str(WEB_DIR))  # the web app at `/`
+        # its socket goes to any node when the one that served the page is away
+        sockets = [f"ws://127.0.0.1:{args.ws_port + i}/ws" for i in range(args.nodes)]
+        env.setdefault("CHATNODE_WEB_SOCKETS", ",".join(sockets))
         settings = Settings.from_env(env)
         if migrate(settings) != 0:
             return 1

@@ -4,6 +4,8 @@ readiness, metrics. Account endpoints are in apiauth, what handlers share in api
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -138,10 +140,16 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 def build(
-    services: Services, *, with_metrics: bool = True, web_dir: str = "", ws_port: int = 0
+    services: Services,
+    *,
+    with_metrics: bool = True,
+    web_dir: str = "",
+    ws_port: int = 0,
+    web_sockets: Sequence[str] = (),
 ) -> web.Application:
     """The API; `with_metrics` False leaves /metrics to another port (metrics_app);
-    `web_dir` (CHATNODE_WEB_DIR): the web app at `/`, its sockets on `ws_port`."""
+    `web_dir` (CHATNODE_WEB_DIR): the web app at `/`, its socket on `ws_port` and then
+    on `web_sockets` (CHATNODE_WEB_SOCKETS)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[SERVICES] = services
     app.router.add_post("/auth/signup", apiauth.signup)
@@ -160,7 +168,7 @@ def build(
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_json)
     if web_dir:
-        add_web(app, Path(web_dir), ws_port)
+        add_web(app, Path(web_dir), ws_port, web_sockets)
     return app
 
 
@@ -175,35 +183,47 @@ WEB_TYPES = {
     ".json": "application/json",
     ".webmanifest": "application/manifest+json",
 }
-# The app's own files and this node's sockets only; no inline script.
+# The app's own files, and sockets to this node and CHATNODE_WEB_SOCKETS only (the
+# {sockets} of the policy, filled in per request); no inline script.
+WEB_CSP = (
+    "default-src 'self'; connect-src 'self' {sockets}; img-src 'self' data:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+HOST_NAME = re.compile(r"[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 WEB_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-    ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
 
 
-def add_web(app: web.Application, folder: Path, ws_port: int) -> None:
+def add_web(app: web.Application, folder: Path, ws_port: int, sockets: Sequence[str] = ()) -> None:
     """A static web app (CHATNODE_WEB_DIR) at `/`: index.html at `/`, each file at the
     top of the folder at its own name (read once, here: no path from a request ever
     reaches the file system), and `/config.js` telling the app this node's WebSocket
-    port. Any web server can serve the same folder, whose own config.js then points
-    the app at `/ws` on the page's host."""
+    port and the other sockets to try when it is away (`sockets`). Any web server can
+    serve the same folder, whose own config.js then points the app at `/ws` on the
+    page's host."""
     files: dict[str, tuple[bytes, str]] = {}
     for path in sorted(folder.iterdir()):
         kind = WEB_TYPES.get(path.suffix)
         if path.is_file() and kind is not None:
             files["/" + path.name] = (path.read_bytes(), kind)
     files["/"] = files["/index.html"]
-    files["/config.js"] = (f"window.CHATNODE = {{wsPort: {ws_port}}};\n".encode(), WEB_TYPES[".js"])
+    config = orjson.dumps({"wsPort": ws_port, "sockets": list(sockets)})
+    files["/config.js"] = (b"window.CHATNODE = " + config + b";\n", WEB_TYPES[".js"])
+
+    others = " ".join(sockets)
 
     async def serve(request: web.Request) -> web.Response:
         body, kind = files[request.path]
-        return web.Response(body=body, content_type=kind, headers=WEB_HEADERS)
+        host = request.url.host or ""  # the name the browser used for this node
+        if not HOST_NAME.fullmatch(host):
+            host = "127.0.0.1"
+        own = f"ws://{host}:{ws_port} wss://{host}:{ws_port}"
+        csp = WEB_CSP.format(sockets=f"{own} {others}".strip())
+        headers = {**WEB_HEADERS, "Content-Security-Policy": csp}
+        return web.Response(body=body, content_type=kind, headers=headers)
 
     for route in files:
         app.router.add_get(route, serve)

@@ -58,6 +58,11 @@ def name_field(body: dict[str, Any], field: str = "name") -> str:
     return name
 
 
+def device_name(name: str) -> str:
+    """The name a device is stored and found by: trimmed, Unicode NFC."""
+    return unicodedata.normalize("NFC", name.strip())
+
+
 def password_field(body: dict[str, Any]) -> str:
     password = string_field(body, "password")
     if "\x00" in password:  # bcrypt would silently cut the password there
@@ -112,7 +117,8 @@ async def login(request: web.Request) -> web.Response:
     if not isinstance(mobile, str):
         raise InvalidRequest("mobileNo must be a string")
     named = "device" in body  # a v2 login: the answer and `hello` name the device
-    device = name_field(body, "device") if named else devices.DEFAULT_NAME
+    # a device is known by its name trimmed and in NFC: "café" typed two ways is one
+    device = device_name(name_field(body, "device")) if named else devices.DEFAULT_NAME
     cfg = svc.settings
     address = client_address(request)
     limits = login_limits(cfg, mobile if is_mobile(mobile) else "malformed", address)

@@ -203,7 +203,11 @@ class Node:
         )
         self._http = await self._serve_http(
             api.build(
-                services, with_metrics=not s.metrics_port, web_dir=s.web_dir, ws_port=s.ws_port
+                services,
+                with_metrics=not s.metrics_port,
+                web_dir=s.web_dir,
+                ws_port=s.ws_port,
+                web_sockets=s.web_socket_urls,
             ),
             s.http_port,
         )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
+import logging
 import random
 import secrets
 import time
@@ -34,8 +34,11 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+log = logging.getLogger("chatnode.client")
 
 __all__ = [
     "Accepted",
@@ -43,19 +46,37 @@ __all__ = [
     "Blocked",
     "ChatError",
     "Closed",
+    "Conflict",
     "Connection",
     "Device",
     "Event",
     "InboxFull",
+    "Internal",
+    "InvalidCredentials",
+    "InvalidData",
+    "InvalidFrame",
+    "InvalidRequest",
+    "LastSeen",
+    "LoggedOut",
     "Login",
     "Message",
+    "MessageTooBig",
+    "NotFound",
     "OutboxFull",
+    "PayloadTooLarge",
+    "ProtocolBroken",
     "RateLimited",
     "Receipt",
+    "Replaced",
+    "ServerError",
     "State",
     "StateChange",
+    "TooLarge",
+    "TooManyDevices",
     "Typing",
+    "Unauthorized",
     "Unavailable",
+    "UnknownRecipient",
 ]
 
 # -- errors: one class per protocol error code (docs/PROTOCOL.md, "Error codes")
@@ -152,6 +173,37 @@ class Closed(ChatError):
         self.close_code = close_code
 
 
+class Replaced(Closed):
+    """4001: a newer connection of this device opened (do not reconnect in a loop)."""
+
+    code = "replaced"
+
+
+class LoggedOut(Closed):
+    """4003, or a handshake answered 401: logged out, the token expired or was revoked,
+    or the device was removed. Log in again."""
+
+    code = "logged_out"
+
+
+class MessageTooBig(Closed):
+    """1009: a message over 64 KiB."""
+
+    code = "too_big"
+
+
+class InvalidData(Closed):
+    """1007: a text message that was not valid UTF-8."""
+
+    code = "invalid_data"
+
+
+class ProtocolBroken(Closed):
+    """1002: the WebSocket framing was broken."""
+
+    code = "protocol_error"
+
+
 ERRORS: dict[str, type[ChatError]] = {
     c.code: c
     for c in (
@@ -177,14 +229,14 @@ ERRORS: dict[str, type[ChatError]] = {
 RETRIED = frozenset({"unavailable", "rate_limited", "inbox_full"})
 
 # Close codes after which the client stops (PROTOCOL.md, "Close codes"); the rest
-# (1011, 1012, 1006, 1001, ...) reconnect with back-off.
-FINAL_CLOSES = {
-    4001: "replaced: a newer connection of this device opened",
-    4003: "logged out, the token expired, or the device was removed: log in again",
-    1008: "closed by policy (flooding, or not reading)",
-    1009: "a message too big",
-    1007: "a text message that was not UTF-8",
-    1002: "a WebSocket protocol error",
+# reconnect: 1012 at once, 1008 after the longest back-off, 1011, 1006 and others with
+# back-off.
+FINAL_CLOSES: dict[int, tuple[type[Closed], str]] = {
+    4001: (Replaced, "replaced: a newer connection of this device opened"),
+    4003: (LoggedOut, "logged out, the token expired, or the device was removed"),
+    1009: (MessageTooBig, "a message too big"),
+    1007: (InvalidData, "a text message that was not UTF-8"),
+    1002: (ProtocolBroken, "a WebSocket protocol error"),
 }
 
 
@@ -331,8 +383,9 @@ class Api:
     async def _call(
         self, method: str, path: str, body: Any = None, token: str | None = None
     ) -> dict[str, Any]:
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=self._timeout)
+        if self._http is None:  # idle connections go before the server's 10 s do
+            connector = aiohttp.TCPConnector(keepalive_timeout=5)
+            self._http = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             async with self._http.request(
@@ -344,7 +397,7 @@ class Api:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise Unavailable(f"{method} {path}: {e.__class__.__name__}: {e}") from e
         try:
-            answer = json.loads(text) if text else {}
+            answer = orjson.loads(text) if text else {}
         except ValueError:
             answer = {}
         if not isinstance(answer, dict):
@@ -499,6 +552,7 @@ class Connection:
         self._seen: OrderedDict[str, None] = OrderedDict()  # msgIds handed over (dedupe)
         self._events: asyncio.Queue[Event] = asyncio.Queue(max_events)
         self._unacked: deque[str] = deque()  # handed to events(), acked at the next ask
+        self._pending: set[str] = set()  # msgIds queued for or handed to events(), unacked
         self._receipt_waiters: dict[tuple[str, str], asyncio.Future[Receipt]] = {}
         # the latest receipts by (client id, status), for receipt_for called late
         self._receipts: OrderedDict[tuple[str, str], Receipt] = OrderedDict()
@@ -522,8 +576,18 @@ class Connection:
         Raises Closed if the connection closed for good meanwhile."""
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name="chatnode-client")
+            self._runner.add_done_callback(self._ran)
         if wait_live_s is not None:
-            await self.wait_live(wait_live_s)
+            try:
+                await self.wait_live(wait_live_s)
+            except BaseException:  # not live in time, or closed: nothing keeps retrying
+                await self.close()
+                raise
+
+    def _ran(self, task: asyncio.Task[None]) -> None:
+        """The loop ended: a bug in it ends the connection for good, and says so."""
+        if not task.cancelled() and task.exception() is not None:
+            self._finish(Closed(f"the client failed: {task.exception()!r}"))
 
     async def wait_live(self, timeout_s: float) -> None:
         """Wait (at most `timeout_s`) until the socket is live; Closed if it closed."""
@@ -563,8 +627,8 @@ class Connection:
             if not fut.done():
                 fut.set_exception(why)
         self._receipt_waiters.clear()
-        self._set_state(State.CLOSED, str(why))
         self._closed.set()
+        self._set_state(State.CLOSED, str(why))
 
     def _set_state(self, state: State, reason: str = "") -> None:
         if state is self.state and state is not State.CLOSED:
@@ -598,7 +662,7 @@ class Connection:
             return cid
         if len(self._outbox) >= self.max_outbox:
             raise OutboxFull(f"{self.max_outbox} sends already wait for accepted")
-        frame = json.dumps({"type": "send", "id": cid, "to": to, "body": body})
+        frame = _text({"type": "send", "id": cid, "to": to, "body": body})
         fut: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_consume)
         self._outbox[cid] = _Outgoing(frame, to, fut, time.monotonic())
@@ -648,13 +712,18 @@ class Connection:
         if self._ws is not None and self._live.is_set():
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(
-                    json.dumps({"type": "typing", "to": to, "state": "start" if typing else "stop"})
+                    _text({"type": "typing", "to": to, "state": "start" if typing else "stop"})
                 )
 
     async def _send_now(self, frame: dict[str, Any], timeout_s: float = 15.0) -> None:
         await self.wait_live(timeout_s)
-        assert self._ws is not None
-        await self._ws.send(json.dumps(frame))
+        ws = self._ws
+        if ws is None:
+            raise Unavailable("the socket closed; try again")
+        try:
+            await ws.send(_text(frame))
+        except ConnectionClosed as e:
+            raise Unavailable("the socket closed; try again") from e
 
     async def receipt_for(
         self, id: str, status: str = "delivered", timeout_s: float = 30.0
@@ -671,14 +740,19 @@ class Connection:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         finally:
-            if fut.done():
-                self._receipt_waiters.pop(key, None)
+            if self._receipt_waiters.get(key) is fut:
+                del self._receipt_waiters[key]
+                if not fut.done():
+                    fut.cancel()
 
     # -- receiving
 
     async def events(self) -> AsyncIterator[Event]:
         """Events without a callback of their own, in order. The entries among them are
-        acked when the loop asks for the next event. Ends when the connection closes."""
+        acked when the loop asks for the next event (on whichever socket is open then).
+        Ends when the connection closes. Drain it: once `max_events` wait, the socket
+        stops reading (the server holds the rest, and may close a socket that does not
+        read with 1008, after which the client reconnects)."""
         while True:
             await self._ack_handed()
             if self.closed_by is not None and self._events.empty():
@@ -705,8 +779,9 @@ class Connection:
         ids = list(self._unacked)
         self._unacked.clear()
         for msg_id in ids:
+            self._pending.discard(msg_id)
             self._remember(msg_id)
-        await self._ack(ids)
+        await self._ack(ids)  # (on the socket open now: an earlier socket's entries too)
 
     async def _ack(self, ids: list[str]) -> None:
         ws = self._ws
@@ -714,7 +789,7 @@ class Connection:
             return  # not acked: the server sends them again, dedupe drops them
         with contextlib.suppress(ConnectionClosed):
             for i in range(0, len(ids), 1000):
-                await ws.send(json.dumps({"type": "ack", "msgIds": ids[i : i + 1000]}))
+                await ws.send(_text({"type": "ack", "msgIds": ids[i : i + 1000]}))
 
     def _remember(self, msg_id: str) -> None:
         self._seen[msg_id] = None
@@ -735,6 +810,9 @@ class Connection:
             self.redelivered += 1
             await self._ack([event.msg_id])
             return
+        if event.msg_id in self._pending:  # again, while events() still holds it
+            self.redelivered += 1
+            return
         if isinstance(event, Receipt):
             for cid in event.ids:
                 self._receipts[(cid, event.status)] = event
@@ -744,6 +822,7 @@ class Connection:
             while len(self._receipts) > self.max_seen:
                 self._receipts.popitem(last=False)
         if handler is None:
+            self._pending.add(event.msg_id)
             await self._events.put(event)  # full: the socket waits (the server holds)
             return
         try:
@@ -777,7 +856,7 @@ class Connection:
             except InvalidStatus as e:
                 status = e.response.status_code
                 if status == 401:
-                    self._finish(Closed("the token was refused: log in again", status=401))
+                    self._finish(LoggedOut("the token was refused: log in again", status=401))
                     return
                 if status == 429:
                     retry = e.response.headers.get("Retry-After", "1")
@@ -789,12 +868,15 @@ class Connection:
                 self.connects += 1
                 code = await self._serve(ws)
                 if code in FINAL_CLOSES:
-                    self._finish(Closed(FINAL_CLOSES[code], close_code=code))
+                    cls, why = FINAL_CLOSES[code]
+                    self._finish(cls(why, close_code=code))
                     return
                 if self.hello:
                     attempt = 0  # it was up: the next try starts the back-off again
                 if code == 1012:  # the node drains: any other node, at once
                     continue
+                if code == 1008:  # flooding, or not reading: back off the longest
+                    wait = self.backoff_cap_s
             if self.closed_by is not None:
                 return
             delay = (
@@ -814,11 +896,13 @@ class Connection:
         pump = asyncio.create_task(self._pump(ws))
         try:
             async for data in ws:
-                if isinstance(data, bytes):
-                    continue
-                frame = json.loads(data)
-                if isinstance(frame, dict):
-                    await self._on_frame(frame)
+                try:
+                    frame = orjson.loads(data)
+                    if isinstance(frame, dict):
+                        await self._on_frame(frame)
+                except (ValueError, KeyError, TypeError) as e:  # not the protocol's frame
+                    bad = Internal(f"a frame the client cannot read: {e!r}: {data[:200]!r}")
+                    self._emit(ServerError(bad), self._handlers.error)
         except ConnectionClosed:
             pass
         finally:
@@ -826,7 +910,6 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
             self._ws = None
-            self._unacked.clear()  # not acked on that socket: they come again
             if self.closed_by is None:
                 self._set_state(State.CONNECTING, f"socket closed ({ws.close_code})")
         return ws.close_code
@@ -933,11 +1016,19 @@ class Connection:
                     await self._wake.wait()
 
 
+def _text(frame: dict[str, Any]) -> str:
+    return orjson.dumps(frame).decode()
+
+
 def _call(handler: Handler, value: Any) -> None:
-    """A callback that nobody waits for (an async one runs as a task of its own)."""
-    result = handler(value)
-    if asyncio.iscoroutine(result):
-        asyncio.ensure_future(result).add_done_callback(_consume)
+    """A callback that nobody waits for (an async one runs as a task of its own). What
+    it raises is the application's: logged, never the connection's end."""
+    try:
+        result = handler(value)
+        if asyncio.iscoroutine(result):
+            asyncio.ensure_future(result).add_done_callback(_consume)
+    except Exception:
+        log.exception("a chatnode.client callback raised")
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

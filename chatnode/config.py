@@ -122,6 +122,8 @@ class Settings:
     metrics_port: int = 0
     # a folder served at `/` on the HTTP port (the web app: `chatnode/web`); "": none
     web_dir: str = ""
+    # comma-separated ws:// or wss:// URLs the web app also tries (the other nodes)
+    web_sockets: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -138,9 +140,15 @@ class Settings:
         settings.validate()
         return settings
 
+    @property
+    def web_socket_urls(self) -> list[str]:
+        return [u.strip() for u in self.web_sockets.split(",") if u.strip()]
+
     def validate(self) -> None:
         if self.web_dir and not (Path(self.web_dir) / "index.html").is_file():
             raise ConfigError("CHATNODE_WEB_DIR must be a folder with an index.html")
+        if any(not u.startswith(("ws://", "wss://")) for u in self.web_socket_urls):
+            raise ConfigError("CHATNODE_WEB_SOCKETS must be ws:// or wss:// URLs, comma-separated")
         self._validate_numbers()
 
     def _validate_numbers(self) -> None:

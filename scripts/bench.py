@@ -330,6 +330,7 @@ def run_load(
             "duration": args.duration,
             "drain": args.drain,
             "body_bytes": args.body_bytes,
+            "client": args.client,
         }
         proc = ctx.Process(target=worker_entry, args=(spec, child), daemon=True)
         proc.start()
@@ -420,6 +421,7 @@ def summarize(
         "procs": args.procs,
         "duration_s": args.duration,
         "body_bytes": args.body_bytes,
+        "client": "chatnode.client" if args.client else "sans-I/O",
         "appendfsync": args.appendfsync if args.redis_url == "" else "external",
     }
 
@@ -812,6 +814,11 @@ def main() -> None:
         help="sockets per user, each a named device (1: a v1 login); device 0 sends",
     )
     p.add_argument("--procs", type=int, default=2, help="load generator processes")
+    p.add_argument(
+        "--client",
+        action="store_true",
+        help="drive the load through chatnode.client.Connection (the reference client)",
+    )
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--body-bytes", type=int, default=100)
     p.add_argument("--bcrypt-rounds", type=int, default=4, help="cost of the set-up hashes")

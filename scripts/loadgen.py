@@ -10,6 +10,10 @@ and every receipt it gets (one ack frame per entry, as a phone does), and record
 - send -> delivered receipt, from its own clock;
 - duplicates (a msgId delivered twice), and which accepted ids never arrived.
 
+`scripts/bench --client` runs the same load through `chatnode.client.Connection` (a task
+and a pump per user, reconnects, outbox, dedupe by msgId, acks after the handler), to
+measure the reference client under load; it costs the generator more CPU per message.
+
 With several devices per user (`scripts/bench --devices K`) each device is a socket of
 its own: device 0 sends, every device acks what it gets, and loss is judged per device
 (each must get every message); a copy of the user's own send on their other devices
@@ -28,6 +32,8 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
+
+from chatnode import client as cn
 
 TICK_S = 0.005
 
@@ -124,6 +130,65 @@ class Peer(asyncio.Protocol):
             self.transport.close()
 
 
+class ClientPeer:
+    """One user's socket as chatnode.client.Connection (`--client`), with the figures a
+    Peer records. Redeliveries are the client's to drop: they are counted apart."""
+
+    def __init__(self, u: dict[str, Any], stats: dict[str, Any]) -> None:
+        self.mobile = u["mobile"]
+        self.target = u.get("target", "")
+        self.device = u.get("device", 0)
+        self.sent_at: dict[str, float] = {}
+        self.accepted: set[str] = set()
+        self.stats = stats
+        self.conn = cn.Connection(
+            u["ws"],
+            u["token"],
+            on_message=self._message,
+            on_receipt=self._receipt,
+            on_error=self._error,
+            on_accepted=self._accepted,
+            max_outbox=1_000_000,  # the paced load decides, not the outbox
+            lag_after_s=60,
+        )
+
+    async def open(self) -> ClientPeer:
+        await self.conn.start(wait_live_s=60)
+        return self
+
+    def _accepted(self, a: cn.Accepted) -> None:
+        self.accepted.add(a.id)
+        sent = self.sent_at.get(a.id)
+        if sent is not None:
+            self.stats["accepted_ms"].append((time.time() - sent) * 1000)
+
+    def _message(self, m: cn.Message) -> None:
+        if m.to is not None:  # a copy of this user's own send from another device
+            self.stats["own"] += 1
+            return
+        self.stats["message_ms"].append((time.time() - float(m.body.split(" ", 1)[0])) * 1000)
+        self.stats["received"].append(f"{m.sender}/{m.id}#{self.device}")
+
+    def _receipt(self, r: cn.Receipt) -> None:
+        now = time.time()
+        for cid in r.ids:
+            sent = self.sent_at.pop(cid, None)
+            if sent is not None and r.status == "delivered":
+                self.stats["delivered_ms"].append((now - sent) * 1000)
+
+    def _error(self, e: cn.ServerError) -> None:
+        errors = self.stats["errors"]
+        errors[e.error.code] = errors.get(e.error.code, 0) + 1
+
+    def send(self, cid: str, body: str) -> None:
+        self.sent_at[cid] = time.time()
+        self.conn.queue(self.target, body, id=cid)
+
+    async def close(self) -> None:
+        self.stats["redelivered"] = self.stats.get("redelivered", 0) + self.conn.redelivered
+        await self.conn.close()
+
+
 async def connect(u: dict[str, Any], stats: dict[str, Any]) -> Peer:
     """Open one user's socket and wait for its hello."""
     url = f"{u['ws']}?token={u['token']}"
@@ -139,18 +204,21 @@ async def connect(u: dict[str, Any], stats: dict[str, Any]) -> Peer:
 
 
 async def connect_all(
-    users: list[dict[str, Any]], stats: dict[str, Any], parallel: int = 50
-) -> tuple[list[Peer], int]:
-    """Open every user's socket, `parallel` handshakes at a time; (peers, failures)."""
+    users: list[dict[str, Any]], stats: dict[str, Any], parallel: int = 50, client: bool = False
+) -> tuple[list[Any], int]:
+    """Open every user's socket, `parallel` handshakes at a time; (peers, failures).
+    `client`: ClientPeers (chatnode.client) instead of Peers."""
     sem = asyncio.Semaphore(parallel)
     failures = 0
 
-    async def one(u: dict[str, Any]) -> Peer | None:
+    async def one(u: dict[str, Any]) -> Peer | ClientPeer | None:
         nonlocal failures
         async with sem:
             try:
+                if client:
+                    return await ClientPeer(u, stats).open()
                 return await connect(u, stats)
-            except (OSError, TimeoutError, RuntimeError, ConnectionError):
+            except (OSError, TimeoutError, RuntimeError, ConnectionError, cn.Closed):
                 failures += 1
                 return None
 
@@ -173,7 +241,7 @@ def new_stats() -> dict[str, Any]:
 
 async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     stats = new_stats()
-    everyone, failures = await connect_all(spec["users"], stats)
+    everyone, failures = await connect_all(spec["users"], stats, client=spec.get("client", False))
     if failures:
         raise SystemExit(f"loadgen: {failures} sockets failed to open")
     peers = [p for p in everyone if p.device == 0]  # the senders
@@ -200,8 +268,7 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     stats["accepted_ids"] = [p.mobile + "/" + cid for p in peers for cid in p.accepted]
     stats["missing_receipts"] = sum(len(p.sent_at) for p in peers)
     stats["cpu_s"] = time.process_time() - cpu0
-    for p in everyone:
-        p.close()
+    await asyncio.gather(*(c for p in everyone if (c := p.close()) is not None))
     return stats
 
 

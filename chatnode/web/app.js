@@ -14,7 +14,7 @@ const MAX_CONTACTS = 200;
 const $ = (id) => document.getElementById(id);
 const state = {
   token: null, mobile: null, deviceId: null, db: null, ws: null, live: false,
-  attempt: 0, timer: null, peer: null, blocked: new Set(), typingUntil: 0,
+  attempt: 0, urlIndex: 0, timer: null, frames: Promise.resolve(), retry: null, reading: Promise.resolve(), peer: null, blocked: new Set(), typingUntil: 0,
   typingSent: 0, typingStop: null, seq: 0, stopped: false, peerSeen: "",
 };
 
@@ -57,7 +57,9 @@ function saveMessage(m) {
   return tx("messages", "readwrite", async (s) => {
     const old = await req(s.get(m.key));
     const merged = old ? { ...old, ...m } : m;
-    if (old && RANK[old.status] > RANK[m.status] && m.status !== "failed") merged.status = old.status;
+    // a tick never moves back; only a send still waiting can fail
+    const keep = m.status === "failed" ? old && old.status !== "sending" : RANK[old?.status] > RANK[m.status];
+    if (old && keep) merged.status = old.status;
     if (old) merged.seq = old.seq;
     s.put(merged);
     return { merged, isNew: !old };
@@ -96,20 +98,23 @@ async function api(method, path, body) {
     throw Object.assign(new Error("cannot reach the server"), { code: "offline" });
   }
   const data = await resp.json().catch(() => ({}));
-  if (!resp.ok) {
+  if (!resp.ok) { // {"success": false, "error": {"code", "message"}}
+    const err = data.error || {};
     if (resp.status === 401 && state.token && path !== "/auth/login") loggedOut("please log in again");
-    throw Object.assign(new Error(data.message || resp.statusText), { code: data.code, status: resp.status });
+    throw Object.assign(new Error(err.message || `HTTP ${resp.status}`), { code: err.code, status: resp.status });
   }
   return data;
 }
 
 // -- the socket -----------------------------------------------------------------------
 
-function wsUrl() {
-  if (CFG.ws) return CFG.ws;
+// The node that served the page first, then the others it names (CHATNODE_WEB_SOCKETS):
+// each attempt after a failure or a lost socket takes the next.
+function wsUrls() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const host = CFG.wsPort ? `${location.hostname}:${CFG.wsPort}` : location.host;
-  return `${scheme}//${host}/ws`;
+  const own = CFG.ws || `${scheme}//${host}/ws`;
+  return [own, ...(CFG.sockets || []).filter((u) => u !== own)];
 }
 
 function setConn(text) {
@@ -126,16 +131,29 @@ function connect() {
   if (state.stopped || !state.token) return;
   if (!navigator.onLine) { setConn("offline"); return; }
   setConn("connecting");
-  const ws = new WebSocket(wsUrl() + "?token=" + encodeURIComponent(state.token));
+  const urls = wsUrls();
+  const url = urls[state.urlIndex % urls.length];
+  const ws = new WebSocket(url + "?token=" + encodeURIComponent(state.token));
   state.ws = ws;
-  ws.onmessage = (e) => { if (state.ws === ws) onFrame(JSON.parse(e.data)).catch(console.error); };
+  let hello = false;
+  ws.onmessage = (e) => {
+    if (state.ws !== ws) return;
+    const f = JSON.parse(e.data);
+    if (f.type === "hello") hello = true;
+    // one frame after the other: an error for a resend must not pass its accepted
+    state.frames = state.frames.then(() => onFrame(f)).catch(console.error);
+  };
   ws.onclose = (e) => {
     if (state.ws !== ws) return;
     state.ws = null;
     state.live = false;
+    // a handshake refused (401: the device removed, the token expired) looks like
+    // 1006 here: REST tells, and a 401 there logs out
+    if (!hello) api("GET", "/devices").catch(() => {});
     if (e.code === 4003) return loggedOut("logged out (this device was removed or the token expired)");
     if (e.code === 4001) return setConn("open in another window");
     if (state.stopped) return;
+    state.urlIndex++; // that node may be gone: the next one
     setConn(navigator.onLine ? "reconnecting" : "offline");
     // full jitter: a uniform wait up to min(15 s, 0.5 s × 2^attempt)
     const wait = Math.random() * Math.min(15000, 500 * 2 ** Math.min(state.attempt++, 10));
@@ -167,7 +185,7 @@ async function onFrame(f) {
       state.attempt = 0;
       setConn("online");
       await flushOutbox(); // resent with their ids: stored once
-      if (state.peer) await sendReads(state.peer);
+      if (state.peer) sendReads(state.peer);
       break;
     case "accepted": {
       const m = await findMine(f.id);
@@ -179,7 +197,9 @@ async function onFrame(f) {
       if (m && m.status === "sending") {
         if (RETRIED.has(f.code)) {
           await saveMessage({ ...m, retryAt: Date.now() + 2000 });
-          setTimeout(() => flushOutbox(), 2100);
+          if (!state.retry) { // one timer for every refused send
+            state.retry = setTimeout(() => { state.retry = null; flushOutbox(); }, 2100);
+          }
         } else {
           await saveMessage({ ...m, status: "failed", error: f.message });
         }
@@ -224,7 +244,10 @@ async function onMessage(f) {
   if (isNew && !mine && merged.status === "received" && !(peer === state.peer && visible())) {
     await bumpUnread(peer, 1);
   }
-  if (peer === state.peer) await sendReads(peer);
+  if (peer === state.peer) {
+    await render(); // drawn, then read
+    sendReads(peer);
+  }
 }
 
 async function onReceipt(f) {
@@ -245,15 +268,23 @@ async function onReceipt(f) {
 }
 
 // Read receipts for what the open conversation shows, while the page is visible.
-async function sendReads(peer) {
-  if (!visible() || !state.live) return;
-  const unread = (await messagesOf(peer)).filter((m) => !m.mine && m.status === "received");
+// One at a time (each id is named once), and only for messages drawn on the screen.
+function sendReads(peer) {
+  state.reading = state.reading.then(() => readsNow(peer)).catch(console.error);
+  return state.reading;
+}
+
+async function readsNow(peer) {
+  if (!visible() || !state.live || peer !== state.peer) return;
+  const drawn = new Set([...$("messages").querySelectorAll("li.theirs")].map((li) => li.dataset.id));
+  const unread = (await messagesOf(peer)).filter((m) => !m.mine && m.status === "received" && drawn.has(m.id));
   for (let i = 0; i < unread.length; i += 100) {
     const part = unread.slice(i, i + 100);
     if (!sendFrame({ type: "read", to: peer, ids: part.map((m) => m.id) })) return;
     for (const m of part) await saveMessage({ ...m, status: "read" });
   }
-  await saveContact({ mobile: peer, unread: 0 });
+  const left = (await messagesOf(peer)).filter((m) => !m.mine && m.status === "received").length;
+  await saveContact({ mobile: peer, unread: left });
 }
 
 const visible = () => document.visibilityState === "visible";
@@ -340,7 +371,7 @@ async function openConversation(peer) {
   await render();
   const ol = $("messages");
   ol.scrollTop = ol.scrollHeight;
-  await sendReads(peer);
+  sendReads(peer);
   refreshPeer();
 }
 
@@ -409,13 +440,39 @@ async function loadBlocks() {
   } catch (e) { /* offline: the last known list stays */ }
 }
 
-function deviceName() {
-  let name = sessionStorage.getItem("chatnode.device");
-  if (!name) {
-    name = "Browser tab " + newId().slice(0, 6);
-    sessionStorage.setItem("chatnode.device", name);
+// Each open tab is a device. Names come from a pool kept per user in this browser: a
+// tab takes the first name no other open tab holds (a Web Lock, released when the tab
+// closes), so a browser uses as many devices as it has tabs open at once, not one per
+// tab ever opened.
+async function deviceName(mobile) {
+  const key = "chatnode.devices." + mobile;
+  const pool = JSON.parse(localStorage.getItem(key) || "[]");
+  const mine = sessionStorage.getItem("chatnode.device");
+  if (mine && state.lock) return mine; // this tab holds its name already
+  const names = mine ? [mine, ...pool.filter((n) => n !== mine)] : pool;
+  for (const name of names) {
+    if (await holdName(mobile, name)) return keep(name);
   }
+  const name = "Browser tab " + newId().slice(0, 6);
+  localStorage.setItem(key, JSON.stringify([...pool, name]));
+  await holdName(mobile, name);
+  return keep(name);
+}
+
+function keep(name) {
+  sessionStorage.setItem("chatnode.device", name);
   return name;
+}
+
+function holdName(mobile, name) {
+  if (!navigator.locks) return Promise.resolve(true); // no Web Locks: a name per tab
+  return new Promise((resolve) => {
+    navigator.locks.request(`chatnode.device.${mobile}.${name}`, { ifAvailable: true }, (lock) => {
+      if (!lock) { resolve(false); return undefined; }
+      resolve(true);
+      return new Promise((release) => { state.lock = release; }); // held while the tab lives
+    });
+  });
 }
 
 async function login(signup) {
@@ -427,8 +484,9 @@ async function login(signup) {
       const name = $("name").value.trim() || mobile;
       await api("POST", "/auth/signup", { name, mobileNo: mobile, password });
     }
-    const d = await api("POST", "/auth/login", { mobileNo: mobile, password, device: deviceName() });
-    sessionStorage.setItem("chatnode.session", JSON.stringify({ token: d.token, mobile, deviceId: d.deviceId }));
+    const d = await api("POST", "/auth/login", { mobileNo: mobile, password, device: await deviceName(mobile) });
+    const device = sessionStorage.getItem("chatnode.device");
+    sessionStorage.setItem("chatnode.session", JSON.stringify({ token: d.token, mobile, deviceId: d.deviceId, device }));
     await start();
   } catch (e) {
     $("login-error").textContent = e.code === "too_many_devices"
@@ -451,6 +509,14 @@ function loggedOut(why) {
   if (state.ws) state.ws.close(1000);
   state.ws = null;
   state.token = null;
+  state.peer = null;
+  state.live = false;
+  if (state.lock) state.lock(); // this tab's device name is free for another tab
+  state.lock = null;
+  $("conversation").hidden = true;
+  document.body.classList.remove("in-conversation");
+  $("messages").replaceChildren();
+  $("contacts").replaceChildren();
   sessionStorage.removeItem("chatnode.session");
   $("chat").hidden = true;
   $("login").hidden = false;
@@ -465,6 +531,7 @@ async function start() {
   }
   Object.assign(state, { token: saved.token, mobile: saved.mobile, deviceId: saved.deviceId, stopped: false });
   state.db = await openDb(saved.mobile);
+  if (!state.lock && saved.device) await holdName(saved.mobile, saved.device); // a reload
   $("login").hidden = true;
   $("chat").hidden = false;
   $("me").textContent = saved.mobile;

@@ -85,6 +85,15 @@ async def test_names_make_devices_and_a_name_again_is_the_same_device(api_a: Api
     assert names == {"default": names["default"], "phone": phone, "laptop": laptop}
 
 
+async def test_a_name_trimmed_or_in_another_unicode_form_is_the_same_device(api_a: Api) -> None:
+    user = await new_user(api_a)
+    _, first = await device_token(api_a, user, "caf\u00e9")  # é as one code point
+    _, again = await device_token(api_a, user, " cafe\u0301 ")  # e and a combining accent
+    assert first == again
+    status, answer, _ = await api_a.call("GET", "/devices", token=user.token)
+    assert status == 200 and "caf\u00e9" in [d["name"] for d in answer["data"]]
+
+
 async def test_hello_and_token_name_the_device(api_a: Api, cluster: tuple[NodeProc, ...]) -> None:
     user = await new_user(api_a)
     token, device = await device_token(api_a, user, "tablet")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,17 @@ async def test_two_users_chat_in_real_browsers(
         await pa.wait_for_selector(bubble("hi alice", False), timeout=WAIT_MS)
         await status_of(pb, "hi alice", "read")
 
+        # bob goes back to his contacts: alice's next message is delivered, not read,
+        # until he opens the conversation again
+        await pb.click("#back")
+        await send(pa, "read me later")
+        await status_of(pa, "read me later", "delivered")
+        await pa.wait_for_timeout(1000)
+        await status_of(pa, "read me later", "delivered")  # still: bob has not seen it
+        await pb.wait_for_selector(f"#contacts li[data-mobile='{alice}'] .badge", timeout=WAIT_MS)
+        await pb.click(f"#contacts li[data-mobile='{alice}']")
+        await status_of(pa, "read me later", "read")
+
         # bob's network is cut; alice's sends are accepted (one tick) and wait for him
         await ctx_b.set_offline(True)
         await pb.wait_for_selector("#offline-bar:text('offline')", timeout=WAIT_MS)
@@ -129,7 +141,10 @@ async def test_two_users_chat_in_real_browsers(
         await ctx_b.set_offline(False)  # back: everything once, in order, then read
         for i in range(3):
             await status_of(pa, f"while you were away {i}", "read")
-        expected = ["hello bob", "hi alice"] + [f"while you were away {i}" for i in range(3)]
+        await pb.wait_for_selector(bubble("while you were away 2", False), timeout=WAIT_MS)
+        expected = ["hello bob", "hi alice", "read me later"] + [
+            f"while you were away {i}" for i in range(3)
+        ]
         assert await bodies(pb) == expected
         await pb.screenshot(path=str(SHOTS / "bob-phone-after-reconnect.png"))
 
@@ -169,3 +184,75 @@ async def test_two_users_chat_in_real_browsers(
     finally:
         await ctx_a.close()
         await ctx_b.close()
+
+
+@pytest.fixture
+def doomed_nodes(stack: Stack, workdir: Path) -> Iterator[tuple[NodeProc, NodeProc]]:
+    """Two nodes serving the app, each naming both sockets (as `chatnode dev` does)."""
+    a = NodeProc(stack, "web-doomed", workdir, CHATNODE_WEB_DIR=str(WEB_DIR))
+    b = NodeProc(stack, "web-survivor", workdir, CHATNODE_WEB_DIR=str(WEB_DIR))
+    sockets = f"{a.ws},{b.ws}"
+    a.env["CHATNODE_WEB_SOCKETS"] = b.env["CHATNODE_WEB_SOCKETS"] = sockets
+    a.start()
+    b.start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+async def test_a_node_killed_mid_conversation_loses_and_doubles_nothing(
+    browser: Any, doomed_nodes: tuple[NodeProc, NodeProc]
+) -> None:
+    """Alice's page and socket are on the node that dies (SIGKILL): her app moves its
+    socket to the other node; what she sent meanwhile and what Bob sent her arrive
+    once, in order, and her ticks end at read."""
+    doomed, survivor = doomed_nodes
+    alice, bob = new_mobile(), new_mobile()
+    ctx_a, ctx_b = await browser.new_context(), await browser.new_context()
+    try:
+        pa, pb = await ctx_a.new_page(), await ctx_b.new_page()
+        await sign_up(pa, doomed.http + "/", alice, "Alice")
+        await sign_up(pb, survivor.http + "/", bob, "Bob")
+        await open_chat(pb, alice)
+        await open_chat(pa, bob)
+        await send(pa, "before")
+        await status_of(pa, "before", "read")
+        doomed.signal(signal.SIGKILL)
+        await pa.wait_for_selector("#offline-bar:not(:empty)", timeout=WAIT_MS)
+        await send(pb, "while your node was down")
+        await status_of(pb, "while your node was down", "accepted")  # stored first
+        await send(pa, "during 1")  # into alice's outbox while she has no socket, or
+        await send(pa, "during 2")  # just after she got one: stored after bob's anyway
+        await pa.wait_for_selector("#conn[data-state=online]", timeout=WAIT_MS)
+        for text in ("during 1", "during 2"):
+            await status_of(pa, text, "read")
+        await pa.wait_for_selector(bubble("while your node was down", False), timeout=WAIT_MS)
+        await pb.wait_for_selector(bubble("during 2", False), timeout=WAIT_MS)
+        # both sides in the order the server stored them
+        stored = ["before", "while your node was down", "during 1", "during 2"]
+        assert await bodies(pb) == stored
+        assert await bodies(pa) == stored
+    finally:
+        await ctx_a.close()
+        await ctx_b.close()
+
+
+async def test_the_app_is_served_with_its_policy_and_nothing_else(
+    web_nodes: tuple[NodeProc, NodeProc],
+) -> None:
+    import aiohttp
+
+    node = web_nodes[0]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(node.http + "/") as r:
+            assert r.status == 200 and r.content_type == "text/html"
+            csp = r.headers["Content-Security-Policy"]
+            assert "script-src" not in csp and "default-src 'self'" in csp
+            assert f"ws://127.0.0.1:{node.ws_port}" in csp and "connect-src 'self' ws: " not in csp
+        async with http.get(node.http + "/config.js") as r:
+            assert f'"wsPort":{node.ws_port}' in await r.text()
+        for path in ("/pyproject.toml", "/..%2Fpyproject.toml", "/web/app.js", "/README.md"):
+            async with http.get(node.http + path) as r:
+                assert r.status == 404, path
+        async with http.get(node.http + "/", headers={"Host": "evil; script-src *"}) as r:
+            assert "script-src" not in r.headers["Content-Security-Policy"]
