@@ -42,6 +42,24 @@ def frames_seen(output: str) -> list[tuple[str, dict[str, Any]]]:
     return [(who, json.loads(raw)) for who, raw in FRAME_LINE.findall(output)]
 
 
+async def run(argv: list[str]) -> str:
+    """Run a command at the top of the repo (at most 45 s); its output, once it
+    exited 0."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        async with asyncio.timeout(45):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    output = out.decode(errors="replace")
+    assert proc.returncode == 0, output
+    return output
+
+
 def test_quickstart_urls_are_the_ones_scripts_dev_prints() -> None:
     from chatnode.__main__ import _parser
 
@@ -68,25 +86,7 @@ async def test_quickstart_message_is_accepted_and_delivered_across_nodes(
             "PASSWORD": "quickstart-password",
         },
     )
-    proc = await asyncio.create_subprocess_exec(
-        "bash",
-        "-euo",
-        "pipefail",
-        "-c",
-        script,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        async with asyncio.timeout(45):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    output = out.decode(errors="replace")
-    assert proc.returncode == 0, output
+    output = await run(["bash", "-euo", "pipefail", "-c", script])
     assert output.count('"success":true,"message":"signed up"') == 2, output
 
     seen = frames_seen(output)
@@ -130,21 +130,5 @@ async def test_the_python_quickstart_gets_its_delivered_receipt(
             .replace("+15550000002", bob)
         )
         async with cn.Connection(b.ws, bob_login.token, on_message=lambda m: None):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                script,
-                cwd=ROOT,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-            try:
-                async with asyncio.timeout(45):
-                    out, _ = await proc.communicate()
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-    output = out.decode(errors="replace")
-    assert proc.returncode == 0, output
+            output = await run([sys.executable, "-c", script])
     assert "Receipt(" in output and "status='delivered'" in output and bob in output, output
