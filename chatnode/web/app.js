@@ -14,7 +14,7 @@ const MAX_CONTACTS = 200;
 const $ = (id) => document.getElementById(id);
 const state = {
   token: null, mobile: null, deviceId: null, db: null, ws: null, live: false,
-  attempt: 0, urlIndex: 0, timer: null, frames: Promise.resolve(), retry: null, reading: Promise.resolve(), peer: null, blocked: new Set(), typingUntil: 0,
+  typing: new Map(), attempt: 0, urlIndex: 0, timer: null, frames: Promise.resolve(), retry: null, reading: Promise.resolve(), peer: null, blocked: new Set(), typingUntil: 0,
   typingSent: 0, typingStop: null, seq: 0, stopped: false, peerSeen: "",
 };
 
@@ -186,6 +186,7 @@ async function onFrame(f) {
       setConn("online");
       await flushOutbox(); // resent with their ids: stored once
       if (state.peer) sendReads(state.peer);
+      refreshContacts();
       break;
     case "accepted": {
       const m = await findMine(f.id);
@@ -216,13 +217,14 @@ async function onFrame(f) {
       await onReceipt(f);
       sendFrame({ type: "ack", msgIds: [f.msgId] });
       break;
-    case "typing":
-      if (f.from === state.peer) {
-        state.typingUntil = f.state === "start" ? Date.now() + 6000 : 0;
-        showPeerStatus();
-        if (f.state === "start") setTimeout(showPeerStatus, 6100);
-      }
-      return;
+    case "typing": // shown for 6 s at most: a lost "stop" does not stick
+      if (f.state === "start") state.typing.set(f.from, Date.now() + 6000);
+      else state.typing.delete(f.from);
+      if (state.typing.size > MAX_CONTACTS) state.typing.delete(state.typing.keys().next().value);
+      if (f.from === state.peer) state.typingUntil = state.typing.get(f.from) || 0;
+      showPeerStatus();
+      if (f.state === "start") setTimeout(() => { showPeerStatus(); render(); }, 6100);
+      break;
   }
   await render();
 }
@@ -315,7 +317,8 @@ async function render() {
     const li = el("li", c.mobile === state.peer ? "contact open" : "contact");
     li.dataset.mobile = c.mobile;
     li.append(el("span", "name", c.name ? `${c.name} (${c.mobile})` : c.mobile));
-    li.append(el("small", "seen", c.lastSeen === "online" ? "online" : ""));
+    const typing = (state.typing.get(c.mobile) || 0) > Date.now();
+    li.append(el("small", "seen", typing ? "typing…" : seenText(c.lastSeen, true)));
     if (c.unread) li.append(el("span", "badge", String(c.unread)));
     li.onclick = () => openConversation(c.mobile);
     return li;
@@ -342,12 +345,34 @@ async function render() {
   $("block").textContent = state.blocked.has(state.peer) ? "Unblock" : "Block";
 }
 
+// "online", "last seen …" (today: the time only when `short`), or "" (never seen, or
+// they blocked you).
+function seenText(lastSeen, short) {
+  if (lastSeen === "online") return "online";
+  if (!lastSeen) return "";
+  const d = new Date(lastSeen);
+  const today = d.toDateString() === new Date().toDateString();
+  return "last seen " + (short && today ? when(d.getTime()) : d.toLocaleString());
+}
+
 function showPeerStatus() {
   const s = $("peer-status");
-  if (Date.now() < state.typingUntil) s.textContent = "typing…";
-  else if (state.peerSeen === "online") s.textContent = "online";
-  else if (state.peerSeen) s.textContent = "last seen " + new Date(state.peerSeen).toLocaleString();
-  else s.textContent = "";
+  s.textContent = Date.now() < state.typingUntil ? "typing…" : seenText(state.peerSeen, false);
+}
+
+// Last seen of every contact now and then (at most MAX_REFRESHED a round: each is a
+// look-up, and look-ups are limited per user).
+const MAX_REFRESHED = 30;
+async function refreshContacts() {
+  if (!state.token || !state.live) return;
+  const cs = (await contacts()).slice(0, MAX_REFRESHED);
+  for (const c of cs) {
+    try {
+      const d = (await api("GET", "/profile/lastseen?mobileNo=" + encodeURIComponent(c.mobile))).data;
+      await saveContact({ mobile: c.mobile, name: d.username, lastSeen: d.lastSeen || "" });
+    } catch (e) { return; } // offline, or limited: the next round
+  }
+  await render();
 }
 
 let toastTimer = null;
@@ -362,7 +387,7 @@ function toast(text) {
 
 async function openConversation(peer) {
   state.peer = peer;
-  state.typingUntil = 0;
+  state.typingUntil = state.typing.get(peer) || 0;
   state.peerSeen = "";
   $("conversation").hidden = false;
   document.body.classList.add("in-conversation");
@@ -585,6 +610,7 @@ document.addEventListener("DOMContentLoaded", () => {
   window.addEventListener("online", () => { state.attempt = 0; connect(); });
   document.addEventListener("visibilitychange", () => { if (state.peer) sendReads(state.peer); });
   setInterval(refreshPeer, 5000);
+  setInterval(refreshContacts, 30000);
   setInterval(() => { if (state.live) flushOutbox(10000); }, 10000);
   start().catch((e) => { $("login-error").textContent = String(e); $("login").hidden = false; });
 });

@@ -114,7 +114,11 @@ async def test_two_users_chat_in_real_browsers(
         # bob has the conversation open and visible: delivered, then read
         await pb.wait_for_selector(bubble("hello bob", False), timeout=WAIT_MS)
         await status_of(pa, "hello bob", "read")
-        await send(pb, "hi alice")
+        await pb.type("#text", "hi alice", delay=20)  # the contact list shows it too
+        await pa.wait_for_selector(
+            f"#contacts li[data-mobile='{bob}'] .seen:text('typing…')", timeout=WAIT_MS
+        )
+        await pb.press("#text", "Enter")
         await pa.wait_for_selector(bubble("hi alice", False), timeout=WAIT_MS)
         await status_of(pb, "hi alice", "read")
 

@@ -236,3 +236,14 @@ def test_bad_number_error_does_not_echo_secrets() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env(env)
     assert SECRET not in str(info.value)
+
+
+def test_the_web_folder_needs_an_index_and_its_sockets_are_websocket_urls(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match="CHATNODE_WEB_DIR"):
+        Settings.from_env({"CHATNODE_WEB_DIR": str(tmp_path)})
+    (tmp_path / "index.html").write_text("<!doctype html>")
+    sockets = " ws://127.0.0.1:8765/ws, wss://chat.example/ws "
+    s = Settings.from_env({"CHATNODE_WEB_DIR": str(tmp_path), "CHATNODE_WEB_SOCKETS": sockets})
+    assert s.web_socket_urls == ["ws://127.0.0.1:8765/ws", "wss://chat.example/ws"]
+    with pytest.raises(ConfigError, match="CHATNODE_WEB_SOCKETS"):
+        Settings.from_env({"CHATNODE_WEB_SOCKETS": "http://127.0.0.1:8765/ws"})
