@@ -217,7 +217,7 @@ def add_web(app: web.Application, folder: Path, ws_port: int, sockets: Sequence[
 
     async def serve(request: web.Request) -> web.Response:
         body, kind = files[request.path]
-        host = request.url.host or ""  # the name the browser used for this node
+        host = request.url.host_subcomponent or ""  # as the browser wrote it ([::1])
         if not HOST_NAME.fullmatch(host):
             host = "127.0.0.1"
         own = f"ws://{host}:{ws_port} wss://{host}:{ws_port}"

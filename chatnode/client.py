@@ -584,6 +584,12 @@ class Connection:
                 await self.close()
                 raise
 
+    def _not_in_a_handler(self, what: str) -> None:
+        """Handlers run on the task that reads the socket: waiting there for an answer
+        would wait for ever (the answer is not read until the handler returns)."""
+        if self._runner is not None and asyncio.current_task() is self._runner:
+            raise RuntimeError(f"{what}() cannot wait inside a handler: use queue()")
+
     def _ran(self, task: asyncio.Task[None]) -> None:
         """The loop ended: a bug in it ends the connection for good, and says so."""
         if not task.cancelled() and task.exception() is not None:
@@ -675,6 +681,7 @@ class Connection:
         done = self._accepted.get(id)
         if done is not None:
             return done
+        self._not_in_a_handler("accepted")
         out = self._outbox.get(id)
         if out is None:
             raise KeyError(f"no send with id {id!r} waits")
@@ -733,17 +740,23 @@ class Connection:
         key = (id, status)
         if key in self._receipts:
             return self._receipts[key]
+        if self.closed_by is not None:
+            raise self.closed_by
+        self._not_in_a_handler("receipt_for")
         fut = self._receipt_waiters.get(key)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
             self._receipt_waiters[key] = fut
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        finally:
-            if self._receipt_waiters.get(key) is fut:
+        finally:  # (a timed-out future stays for other callers, bounded below)
+            if fut.done() and self._receipt_waiters.get(key) is fut:
                 del self._receipt_waiters[key]
-                if not fut.done():
-                    fut.cancel()
+            while len(self._receipt_waiters) > self.max_outbox:
+                old = self._receipt_waiters.pop(next(iter(self._receipt_waiters)))
+                if not old.done():
+                    old.set_exception(TimeoutError("too many receipts waited for"))
+                    _consume(old)
 
     # -- receiving
 
@@ -771,7 +784,13 @@ class Connection:
             event = getter.result()
             if isinstance(event, Message | Receipt):
                 self._unacked.append(event.msg_id)
-            yield event
+            try:
+                yield event
+            except GeneratorExit:  # the loop left early: its last entry was not handled
+                if isinstance(event, Message | Receipt) and event.msg_id in self._unacked:
+                    self._unacked.remove(event.msg_id)
+                    self._pending.discard(event.msg_id)
+                raise
 
     async def _ack_handed(self) -> None:
         if not self._unacked:

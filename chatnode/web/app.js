@@ -43,6 +43,7 @@ function tx(store, mode, fn) {
     Promise.resolve(fn(t.objectStore(store))).then((v) => { out = v; });
     t.oncomplete = () => resolve(out);
     t.onerror = () => reject(t.error);
+    t.onabort = () => reject(t.error || new Error("IndexedDB transaction aborted"));
   });
 }
 
@@ -162,7 +163,7 @@ function connect() {
 }
 
 function sendFrame(frame) {
-  if (!state.ws || !state.live) return false;
+  if (!state.ws || !state.live || state.ws.readyState !== WebSocket.OPEN) return false;
   state.ws.send(JSON.stringify(frame));
   return true;
 }
@@ -181,6 +182,7 @@ async function flushOutbox(olderThan = 0) {
 async function onFrame(f) {
   switch (f.type) {
     case "hello":
+      if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return; // a stale hello
       state.live = true;
       state.attempt = 0;
       setConn("online");
@@ -474,6 +476,7 @@ async function deviceName(mobile) {
   const pool = JSON.parse(localStorage.getItem(key) || "[]");
   const mine = sessionStorage.getItem("chatnode.device");
   if (mine && state.lock) return mine; // this tab holds its name already
+  if (!navigator.locks) return keep(mine || "Browser tab " + newId().slice(0, 6)); // a name per tab
   const names = mine ? [mine, ...pool.filter((n) => n !== mine)] : pool;
   for (const name of names) {
     if (await holdName(mobile, name)) return keep(name);
@@ -556,7 +559,14 @@ async function start() {
   }
   Object.assign(state, { token: saved.token, mobile: saved.mobile, deviceId: saved.deviceId, stopped: false });
   state.db = await openDb(saved.mobile);
-  if (!state.lock && saved.device) await holdName(saved.mobile, saved.device); // a reload
+  // a reload takes its name back; a duplicated tab (sessionStorage copied) cannot, and
+  // logs in as a device of its own instead of closing the original's socket
+  if (!state.lock && saved.device && !(await holdName(saved.mobile, saved.device))) {
+    sessionStorage.removeItem("chatnode.session");
+    sessionStorage.removeItem("chatnode.device");
+    $("login").hidden = false;
+    return;
+  }
   $("login").hidden = true;
   $("chat").hidden = false;
   $("me").textContent = saved.mobile;
