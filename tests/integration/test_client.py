@@ -76,8 +76,7 @@ class Proxy:
 
 @pytest.fixture
 async def proxy(cluster: tuple[NodeProc, NodeProc]) -> AsyncIterator[tuple[Proxy, str]]:
-    port = int(cluster[1].ws.rsplit(":", 1)[1].split("/")[0])
-    p = Proxy(port)
+    p = Proxy(cluster[1].ws_port)
     url = await p.start()
     yield p, url
     await p.stop()

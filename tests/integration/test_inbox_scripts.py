@@ -427,19 +427,21 @@ async def two_devices_and_a_message(batcher: Batcher, redis: aioredis.Redis) -> 
     return bob, await send(batcher, alice, bob, "c0")
 
 
+async def ack_as(batcher: Batcher, owner: str, device: str, msg_id: str) -> Any:
+    """`device`'s ack of one entry (lua.ACK_DEVICE): how many entries it deleted."""
+    return await batcher.script(lua.ACK_DEVICE, *inbox.ack_device_call(owner, device, [msg_id]))
+
+
 async def test_an_entry_leaves_once_every_listed_device_is_done_with_it(
     batcher: Batcher, redis: aioredis.Redis
 ) -> None:
     bob, stored = await two_devices_and_a_message(batcher, redis)
     for device in ("", "7"):  # each device reads it through its own group
         await batcher.run(*inbox.pending_call(bob, device, ">"))
-    ack = inbox.ack_device_call(bob, "", [stored.msg_id])
-    assert await batcher.script(lua.ACK_DEVICE, *ack) == 0  # device 7 still holds it
+    assert await ack_as(batcher, bob, "", stored.msg_id) == 0  # device 7 still holds it
     first = inbox.first_acks_call(bob, "7", [stored.msg_id])
     assert await batcher.script(lua.FIRST_ACKS, *first) == []  # the default acked it first
-    assert (
-        await batcher.script(lua.ACK_DEVICE, *inbox.ack_device_call(bob, "7", [stored.msg_id])) == 1
-    )
+    assert await ack_as(batcher, bob, "7", stored.msg_id) == 1
     assert await redis.xlen(keys.inbox(bob)) == 0
 
 
@@ -448,9 +450,7 @@ async def test_an_entry_not_yet_read_by_a_device_waits_for_it(
 ) -> None:
     bob, stored = await two_devices_and_a_message(batcher, redis)
     await batcher.run(*inbox.pending_call(bob, "", ">"))  # only the default device read it
-    assert (
-        await batcher.script(lua.ACK_DEVICE, *inbox.ack_device_call(bob, "", [stored.msg_id])) == 0
-    )
+    assert await ack_as(batcher, bob, "", stored.msg_id) == 0
     assert await redis.xlen(keys.inbox(bob)) == 1
 
 
@@ -464,12 +464,10 @@ async def test_an_ack_after_a_device_was_linked_keeps_what_the_new_device_needs(
     await redis.set(keys.account(bob), keys.account_value([""]))
     first, second = await send(batcher, alice, bob, "c1"), await send(batcher, alice, bob, "c2")
     await batcher.run(*inbox.pending_call(bob, "", ">"))  # the default device read both
-    ack = inbox.ack_device_call(bob, "", [first.msg_id])
-    assert await batcher.script(lua.ACK_DEVICE, *ack) == 1  # alone: deleted at once
+    assert await ack_as(batcher, bob, "", first.msg_id) == 1  # alone: deleted at once
     args = [keys.account(bob), keys.inbox(bob), keys.loading(bob)]
     assert await batcher.script(lua.ADD_DEVICE, args, ["7", keys.group("7"), bob]) == 2
-    ack = inbox.ack_device_call(bob, "", [second.msg_id])
-    assert await batcher.script(lua.ACK_DEVICE, *ack) == 0  # device 7 has not read it
+    assert await ack_as(batcher, bob, "", second.msg_id) == 0  # device 7 has not read it
     entries = await batcher.run(*inbox.pending_call(bob, "7", ">"))
     assert [e[0] for e in entries[0][1]] == [second.msg_id]  # the new device gets it
 

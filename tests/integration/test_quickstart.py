@@ -122,10 +122,9 @@ async def test_the_python_quickstart_gets_its_delivered_receipt(
         for mobile in (alice, bob):
             await api.signup("Quick", mobile, "correct-horse-42")
         bob_login = await api.login(bob, "correct-horse-42")
-        ws_port = a.ws.rsplit(":", 1)[1].split("/")[0]
         script = (
             code.replace("http://127.0.0.1:8080", a.http)
-            .replace("ws_port=8765", f"ws_port={ws_port}")
+            .replace("ws_port=8765", f"ws_port={a.ws_port}")
             .replace("+15550000001", alice)
             .replace("+15550000002", bob)
         )
