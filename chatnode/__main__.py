@@ -141,9 +141,13 @@ def dev(args: argparse.Namespace) -> int:
         env.setdefault("CHATNODE_JWT_SECRET", secrets.token_hex(32))
         env.setdefault("CHATNODE_LOG_FORMAT", "console")
         env.setdefault("CHATNODE_WEB_DIR", str(WEB_DIR))  # the web app at `/`
-        # its socket goes to any node when the one that served the page is away
+        # its socket and its REST go to any node when the one that served the page is
+        # away, and each node lets the pages the others served call it
         sockets = [f"ws://127.0.0.1:{args.ws_port + i}/ws" for i in range(args.nodes)]
+        apis = ",".join(f"http://127.0.0.1:{args.http_port + i}" for i in range(args.nodes))
         env.setdefault("CHATNODE_WEB_SOCKETS", ",".join(sockets))
+        env.setdefault("CHATNODE_WEB_APIS", apis)
+        env.setdefault("CHATNODE_CORS_ORIGINS", apis)
         settings = Settings.from_env(env)
         if migrate(settings) != 0:
             return 1

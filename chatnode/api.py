@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from chatnode import accounts, apiauth, blocks, logs, openapi, presence
 from chatnode.apibase import (
@@ -65,6 +66,39 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("http_failed", path=request.path)
         return fail(Code.INTERNAL, "internal error", 500)
+
+
+# Cross-origin requests (CORS) from the origins in CHATNODE_CORS_ORIGINS only: the web
+# app served by another node (or another web server) calls this API with its bearer
+# token, never with cookies, so nothing is sent on a browser's own authority.
+CORS_METHODS = "GET, POST, DELETE"
+CORS_HEADERS = "Authorization, Content-Type"
+CORS_MAX_AGE_S = 600
+
+
+def cors_middleware(origins: frozenset[str]) -> Middleware:
+    """Answers a preflight from an allowed origin itself, and marks every answer to one
+    (errors included) as readable by it; any other origin gets no CORS header, so its
+    browser keeps the answer from its page."""
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin", "")
+        if origin not in origins:
+            return await handler(request)
+        allowed = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            preflight = {
+                "Access-Control-Allow-Methods": CORS_METHODS,
+                "Access-Control-Allow-Headers": CORS_HEADERS,
+                "Access-Control-Max-Age": str(CORS_MAX_AGE_S),
+            }
+            return web.Response(status=204, headers={**allowed, **preflight})
+        response = await handler(request)
+        response.headers.update(allowed)
+        return response
+
+    return cors
 
 
 # -- blocks and profile ------------------------------------------------------------
@@ -146,11 +180,18 @@ def build(
     web_dir: str = "",
     ws_port: int = 0,
     web_sockets: Sequence[str] = (),
+    web_apis: Sequence[str] = (),
+    cors_origins: Sequence[str] = (),
 ) -> web.Application:
     """The API; `with_metrics` False leaves /metrics to another port (metrics_app);
     `web_dir` (CHATNODE_WEB_DIR): the web app at `/`, its socket on `ws_port` and then
-    on `web_sockets` (CHATNODE_WEB_SOCKETS)."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
+    on `web_sockets` (CHATNODE_WEB_SOCKETS), its REST on this node and then on
+    `web_apis` (CHATNODE_WEB_APIS); `cors_origins` (CHATNODE_CORS_ORIGINS): the pages
+    that may call this API from another origin."""
+    middlewares: list[Middleware] = [errors_middleware]
+    if cors_origins:
+        middlewares.insert(0, cors_middleware(frozenset(cors_origins)))  # errors too
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[SERVICES] = services
     app.router.add_post("/auth/signup", apiauth.signup)
     app.router.add_post("/auth/signin", apiauth.signup)
@@ -168,7 +209,7 @@ def build(
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_json)
     if web_dir:
-        add_web(app, Path(web_dir), ws_port, web_sockets)
+        add_web(app, Path(web_dir), ws_port, web_sockets, web_apis)
     return app
 
 
@@ -183,10 +224,11 @@ WEB_TYPES = {
     ".json": "application/json",
     ".webmanifest": "application/manifest+json",
 }
-# The app's own files, and sockets to this node and CHATNODE_WEB_SOCKETS only (the
-# {sockets} of the policy, filled in per request); no inline script.
+# The app's own files, and sockets to this node and CHATNODE_WEB_SOCKETS and the APIs of
+# CHATNODE_WEB_APIS only (the {others} of the policy, filled in per request); no inline
+# script.
 WEB_CSP = (
-    "default-src 'self'; connect-src 'self' {sockets}; img-src 'self' data:; "
+    "default-src 'self'; connect-src 'self' {others}; img-src 'self' data:; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 HOST_NAME = re.compile(r"[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
@@ -197,23 +239,29 @@ WEB_HEADERS = {
 }
 
 
-def add_web(app: web.Application, folder: Path, ws_port: int, sockets: Sequence[str] = ()) -> None:
+def add_web(
+    app: web.Application,
+    folder: Path,
+    ws_port: int,
+    sockets: Sequence[str] = (),
+    apis: Sequence[str] = (),
+) -> None:
     """A static web app (CHATNODE_WEB_DIR) at `/`: index.html at `/`, each file at the
     top of the folder at its own name (read once, here: no path from a request ever
     reaches the file system), and `/config.js` telling the app this node's WebSocket
-    port and the other sockets to try when it is away (`sockets`). Any web server can
-    serve the same folder, whose own config.js then points the app at `/ws` on the
-    page's host."""
+    port and the other sockets (`sockets`) and APIs (`apis`) to try when it is away.
+    Any web server can serve the same folder, whose own config.js then points the app
+    at `/ws` and the API on the page's host."""
     files: dict[str, tuple[bytes, str]] = {}
     for path in sorted(folder.iterdir()):
         kind = WEB_TYPES.get(path.suffix)
         if path.is_file() and kind is not None:
             files["/" + path.name] = (path.read_bytes(), kind)
     files["/"] = files["/index.html"]
-    config = orjson.dumps({"wsPort": ws_port, "sockets": list(sockets)})
+    config = orjson.dumps({"wsPort": ws_port, "sockets": list(sockets), "apis": list(apis)})
     files["/config.js"] = (b"window.CHATNODE = " + config + b";\n", WEB_TYPES[".js"])
 
-    others = " ".join(sockets)
+    others = " ".join([*sockets, *apis])
 
     async def serve(request: web.Request) -> web.Response:
         body, kind = files[request.path]
@@ -221,7 +269,7 @@ def add_web(app: web.Application, folder: Path, ws_port: int, sockets: Sequence[
         if not HOST_NAME.fullmatch(host):
             host = "127.0.0.1"
         own = f"ws://{host}:{ws_port} wss://{host}:{ws_port}"
-        csp = WEB_CSP.format(sockets=f"{own} {others}".strip())
+        csp = WEB_CSP.format(others=f"{own} {others}".strip())
         headers = {**WEB_HEADERS, "Content-Security-Policy": csp}
         return web.Response(body=body, content_type=kind, headers=headers)
 

@@ -208,6 +208,8 @@ class Node:
                 web_dir=s.web_dir,
                 ws_port=s.ws_port,
                 web_sockets=s.web_socket_urls,
+                web_apis=s.web_api_urls,
+                cors_origins=s.cors_origin_list,
             ),
             s.http_port,
         )

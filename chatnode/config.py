@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from chatnode import netaddr
 
@@ -124,6 +125,10 @@ class Settings:
     web_dir: str = ""
     # comma-separated ws:// or wss:// URLs the web app also tries (the other nodes)
     web_sockets: str = ""
+    # comma-separated http(s):// API bases the web app's REST also tries (the other nodes)
+    web_apis: str = ""
+    # comma-separated origins (scheme://host[:port]) whose pages may call this API (CORS)
+    cors_origins: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -142,13 +147,30 @@ class Settings:
 
     @property
     def web_socket_urls(self) -> list[str]:
-        return [u.strip() for u in self.web_sockets.split(",") if u.strip()]
+        return _listed(self.web_sockets)
+
+    @property
+    def web_api_urls(self) -> list[str]:
+        return [u.rstrip("/") for u in _listed(self.web_apis)]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [u.rstrip("/") for u in _listed(self.cors_origins)]
 
     def validate(self) -> None:
         if self.web_dir and not (Path(self.web_dir) / "index.html").is_file():
             raise ConfigError("CHATNODE_WEB_DIR must be a folder with an index.html")
         if any(not u.startswith(("ws://", "wss://")) for u in self.web_socket_urls):
             raise ConfigError("CHATNODE_WEB_SOCKETS must be ws:// or wss:// URLs, comma-separated")
+        if any(not _is_origin(u) for u in self.web_api_urls):
+            raise ConfigError(
+                "CHATNODE_WEB_APIS must be http:// or https:// URLs of a host (no path), "
+                "comma-separated"
+            )
+        if any(not _is_origin(u) for u in self.cors_origin_list):
+            raise ConfigError(
+                "CHATNODE_CORS_ORIGINS must be origins (http(s)://host[:port]), comma-separated"
+            )
         self._validate_numbers()
 
     def _validate_numbers(self) -> None:
@@ -226,3 +248,24 @@ def _convert(name: str, raw: str, kind: Any) -> Any:
     except ValueError:
         raise ConfigError(f"CHATNODE_{name.upper()} must be a number, got {raw!r}") from None
     return raw
+
+
+def _listed(raw: str) -> list[str]:
+    """A comma-separated setting's entries, blanks dropped."""
+    return [u.strip() for u in raw.split(",") if u.strip()]
+
+
+def _is_origin(url: str) -> bool:
+    """http(s)://host[:port] and nothing more, as a browser writes an Origin header."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and parts.path in ("", "/")
+        and not (parts.query or parts.fragment or parts.username or parts.password)
+        and url == url.strip()
+    )

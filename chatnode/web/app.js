@@ -14,7 +14,7 @@ const MAX_CONTACTS = 200;
 const $ = (id) => document.getElementById(id);
 const state = {
   token: null, mobile: null, deviceId: null, db: null, ws: null, live: false,
-  typing: new Map(), attempt: 0, urlIndex: 0, timer: null, frames: Promise.resolve(), retry: null, reading: Promise.resolve(), peer: null, blocked: new Set(), typingUntil: 0,
+  typing: new Map(), attempt: 0, urlIndex: 0, apiIndex: 0, timer: null, frames: Promise.resolve(), retry: null, reading: Promise.resolve(), peer: null, blocked: new Set(), typingUntil: 0,
   typingSent: 0, typingStop: null, seq: 0, stopped: false, peerSeen: "",
 };
 
@@ -87,17 +87,32 @@ const newId = () => {
 
 // -- REST ---------------------------------------------------------------------------
 
+const API_TIMEOUT_MS = 10000;
+
+// The page's own API first, then the other nodes' (CHATNODE_WEB_APIS, which let this
+// page call them: CHATNODE_CORS_ORIGINS). A request that cannot reach one (refused,
+// timed out) goes to the next; the one that answered is tried first next time.
+function apiBases() {
+  const own = CFG.api || "";
+  return [own, ...(CFG.apis || []).filter((u) => u !== own && u !== location.origin)];
+}
+
 async function api(method, path, body) {
   const headers = { "Content-Type": "application/json" };
   if (state.token) headers.Authorization = "Bearer " + state.token;
+  const bases = apiBases();
   let resp;
-  try {
-    resp = await fetch((CFG.api || "") + path, {
-      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-    });
-  } catch (e) {
-    throw Object.assign(new Error("cannot reach the server"), { code: "offline" });
+  for (let i = 0; i < bases.length && !resp; i++) {
+    const at = (state.apiIndex + i) % bases.length;
+    try {
+      resp = await fetch(bases[at] + path, {
+        method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+        signal: AbortSignal.timeout(API_TIMEOUT_MS),
+      });
+      state.apiIndex = at;
+    } catch (e) { /* that node is away: the next */ }
   }
+  if (!resp) throw Object.assign(new Error("cannot reach the server"), { code: "offline" });
   const data = await resp.json().catch(() => ({}));
   if (!resp.ok) { // {"success": false, "error": {"code", "message"}}
     const err = data.error || {};

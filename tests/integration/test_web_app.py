@@ -31,18 +31,25 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 15_000
+BROWSER_HERE = os.path.exists(CHROMIUM) or bool(os.environ.get("CHATNODE_REQUIRE_BROWSER"))
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM) and not os.environ.get("CHATNODE_REQUIRE_BROWSER"),
-    reason="no chromium here (scripts/test installs Debian's)",
-)
+
+def app_nodes(stack: Stack, workdir: Path, *names: str) -> tuple[NodeProc, ...]:
+    """Nodes serving the app, each naming every node's socket and API, and letting the
+    pages of every node call it (as `chatnode dev` does); not started."""
+    nodes = tuple(NodeProc(stack, name, workdir, CHATNODE_WEB_DIR=str(WEB_DIR)) for name in names)
+    apis = ",".join(n.http for n in nodes)
+    for n in nodes:
+        n.env["CHATNODE_WEB_SOCKETS"] = ",".join(n.ws for n in nodes)
+        n.env["CHATNODE_WEB_APIS"] = n.env["CHATNODE_CORS_ORIGINS"] = apis
+    return nodes
 
 
 @pytest.fixture(scope="module")
 def web_nodes(stack: Stack, workdir: Path) -> Iterator[tuple[NodeProc, NodeProc]]:
-    env = {"CHATNODE_WEB_DIR": str(WEB_DIR)}
-    a = NodeProc(stack, "web-a", workdir, **env).start()
-    b = NodeProc(stack, "web-b", workdir, **env).start()
+    a, b = app_nodes(stack, workdir, "web-a", "web-b")
+    a.start()
+    b.start()
     yield a, b
     a.stop()
     b.stop()
@@ -50,6 +57,8 @@ def web_nodes(stack: Stack, workdir: Path) -> Iterator[tuple[NodeProc, NodeProc]
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Any]:
+    if not BROWSER_HERE:
+        pytest.skip("no chromium here (scripts/test installs Debian's)")
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
@@ -203,11 +212,7 @@ async def test_two_users_chat_in_real_browsers(
 
 @pytest.fixture
 def doomed_nodes(stack: Stack, workdir: Path) -> Iterator[tuple[NodeProc, NodeProc]]:
-    """Two nodes serving the app, each naming both sockets (as `chatnode dev` does)."""
-    a = NodeProc(stack, "web-doomed", workdir, CHATNODE_WEB_DIR=str(WEB_DIR))
-    b = NodeProc(stack, "web-survivor", workdir, CHATNODE_WEB_DIR=str(WEB_DIR))
-    sockets = f"{a.ws},{b.ws}"
-    a.env["CHATNODE_WEB_SOCKETS"] = b.env["CHATNODE_WEB_SOCKETS"] = sockets
+    a, b = app_nodes(stack, workdir, "web-doomed", "web-survivor")
     a.start()
     b.start()
     yield a, b
@@ -248,6 +253,17 @@ async def test_a_node_killed_mid_conversation_loses_and_doubles_nothing(
         stored = ["before", "while your node was down", "during 1", "during 2"]
         assert await bodies(pb) == stored
         assert await bodies(pa) == stored
+        # REST moves too: her page's node is gone, its API with it; a block goes to the
+        # other node's (CORS), and holds: bob's next message does not reach her
+        await pa.click("#block")
+        await pa.wait_for_selector("#block:text('Unblock')", timeout=WAIT_MS)
+        await send(pb, "after her block")
+        await status_of(pb, "after her block", "accepted")
+        await pa.click("#block")
+        await pa.wait_for_selector("#block:text('Block')", timeout=WAIT_MS)
+        await send(pb, "after her unblock")
+        await pa.wait_for_selector(bubble("after her unblock", False), timeout=WAIT_MS)
+        assert "after her block" not in await bodies(pa)
     finally:
         await ctx_a.close()
         await ctx_b.close()
@@ -272,3 +288,42 @@ async def test_the_app_is_served_with_its_policy_and_nothing_else(
                 assert r.status == 404, path
         async with http.get(node.http + "/", headers={"Host": "evil; script-src *"}) as r:
             assert "script-src" not in r.headers["Content-Security-Policy"]
+
+
+async def test_the_api_answers_other_origins_only_when_listed(
+    web_nodes: tuple[NodeProc, NodeProc],
+) -> None:
+    """CHATNODE_CORS_ORIGINS: the page another node served may call this node's API
+    (preflight, answers, errors); any other origin gets no CORS header. The app learns
+    the other APIs from config.js (CHATNODE_WEB_APIS), and its policy allows them."""
+    import aiohttp
+
+    node, other = web_nodes
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    async with aiohttp.ClientSession() as http:
+        async with http.options(
+            node.http + "/block-action/block", headers={"Origin": other.http, **preflight}
+        ) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == other.http
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        async with http.get(
+            node.http + "/profile/lastseen?mobileNo=1", headers={"Origin": other.http}
+        ) as r:
+            assert r.status == 401  # no token: the error is readable by that page too
+            assert r.headers["Access-Control-Allow-Origin"] == other.http
+        evil = "http://evil.example"
+        async with http.options(
+            node.http + "/block-action/block", headers={"Origin": evil, **preflight}
+        ) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers and r.status == 404
+        async with http.get(node.http + "/healthz", headers={"Origin": evil}) as r:
+            assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+        async with http.get(node.http + "/config.js") as r:
+            assert f'"apis":["{node.http}","{other.http}"]' in await r.text()
+        async with http.get(node.http + "/") as r:
+            assert other.http in r.headers["Content-Security-Policy"]

@@ -247,3 +247,24 @@ def test_the_web_folder_needs_an_index_and_its_sockets_are_websocket_urls(tmp_pa
     assert s.web_socket_urls == ["ws://127.0.0.1:8765/ws", "wss://chat.example/ws"]
     with pytest.raises(ConfigError, match="CHATNODE_WEB_SOCKETS"):
         Settings.from_env({"CHATNODE_WEB_SOCKETS": "http://127.0.0.1:8765/ws"})
+
+
+def test_web_apis_and_cors_origins_are_origins() -> None:
+    apis = "http://127.0.0.1:8080/, https://chat.example.com"
+    s = Settings.from_env({"CHATNODE_WEB_APIS": apis, "CHATNODE_CORS_ORIGINS": apis})
+    assert (
+        s.web_api_urls
+        == s.cors_origin_list
+        == ["http://127.0.0.1:8080", "https://chat.example.com"]
+    )
+    for bad in (
+        "ws://127.0.0.1:8080",
+        "http://127.0.0.1:8080/api",
+        "http://h:99999",
+        "http://",
+        "h:80",
+    ):
+        with pytest.raises(ConfigError, match="CHATNODE_WEB_APIS"):
+            Settings.from_env({"CHATNODE_WEB_APIS": bad})
+        with pytest.raises(ConfigError, match="CHATNODE_CORS_ORIGINS"):
+            Settings.from_env({"CHATNODE_CORS_ORIGINS": bad})
