@@ -227,6 +227,11 @@ ERRORS: dict[str, type[ChatError]] = {
 
 # Send errors after which the same frame goes again later (PROTOCOL.md, `send`).
 RETRIED = frozenset({"unavailable", "rate_limited", "inbox_full"})
+# Async callbacks of events nobody waits for (state, typing, presence, accepted, errors)
+# running at once; past this, such an event's callback is skipped (logged), as events()
+# drops them when full. close() waits this long for those still running.
+MAX_CALLBACK_TASKS = 1000
+CALLBACK_DRAIN_S = 5.0
 
 # Close codes after which the client stops (PROTOCOL.md, "Close codes"); the rest
 # reconnect: 1012 at once, 1008 after the longest back-off, 1011, 1006 and others with
@@ -558,6 +563,7 @@ class Connection:
         self._receipts: OrderedDict[tuple[str, str], Receipt] = OrderedDict()
         self._ws: ClientConnection | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._callbacks: set[asyncio.Task[Any]] = set()  # async callbacks still running
         self._live = asyncio.Event()
         self._closed = asyncio.Event()
         self._wake = asyncio.Event()  # something for the pump to write
@@ -609,7 +615,8 @@ class Connection:
             raise self.closed_by
 
     async def close(self) -> None:
-        """Close for good: the socket closes with 1000, sends waiting fail with Closed."""
+        """Close for good: the socket closes with 1000, sends waiting fail with Closed;
+        async callbacks still running get CALLBACK_DRAIN_S to end, then are cancelled."""
         self._finish(Closed("closed by the client"))
         ws = self._ws
         if ws is not None:
@@ -620,6 +627,12 @@ class Connection:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
+        running = [t for t in self._callbacks if t is not asyncio.current_task()]
+        if running:
+            _, late = await asyncio.wait(running, timeout=CALLBACK_DRAIN_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     def _finish(self, why: Closed) -> None:
         if self.closed_by is not None:
@@ -819,10 +832,30 @@ class Connection:
         """A non-entry event: to its callback, or to events() (dropped when that is full:
         state changes and typing are not worth blocking the socket for)."""
         if handler is not None:
-            _call(handler, event)
+            self._call(handler, event)
             return
         with contextlib.suppress(asyncio.QueueFull):
             self._events.put_nowait(event)
+
+    def _call(self, handler: Handler, value: Any) -> None:
+        """A callback that nobody waits for; an async one runs as a task of its own,
+        kept (at most MAX_CALLBACK_TASKS) until it ends or close() ends it. What it
+        raises is the application's: logged, never the connection's end."""
+        try:
+            result = handler(value)
+        except Exception:
+            log.exception("a chatnode.client callback raised")
+            return
+        if not asyncio.iscoroutine(result):
+            return
+        if len(self._callbacks) >= MAX_CALLBACK_TASKS:
+            result.close()
+            log.warning("chatnode.client callbacks are behind: skipped for %r", value)
+            return
+        task = asyncio.ensure_future(result)
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
+        task.add_done_callback(_logged)
 
     async def _entry(self, event: Message | Receipt, handler: Handler | None) -> None:
         if event.msg_id in self._seen:  # again (a lost ack, a reconnect): ack it again
@@ -981,7 +1014,7 @@ class Connection:
         if len(self._accepted) > self.max_outbox:
             self._accepted.popitem(last=False)
         if self._handlers.accepted is not None:
-            _call(self._handlers.accepted, done)
+            self._call(self._handlers.accepted, done)
 
     def _on_error(self, f: dict[str, Any]) -> None:
         """An error frame: to on_error; if it answers a send of the outbox, that send
@@ -1039,18 +1072,13 @@ def _text(frame: dict[str, Any]) -> str:
     return orjson.dumps(frame).decode()
 
 
-def _call(handler: Handler, value: Any) -> None:
-    """A callback that nobody waits for (an async one runs as a task of its own). What
-    it raises is the application's: logged, never the connection's end."""
-    try:
-        result = handler(value)
-        if asyncio.iscoroutine(result):
-            asyncio.ensure_future(result).add_done_callback(_consume)
-    except Exception:
-        log.exception("a chatnode.client callback raised")
-
-
 def _consume(fut: asyncio.Future[Any]) -> None:
     """Nobody may wait for a send's future: its exception is not worth a warning."""
     if not fut.cancelled():
         fut.exception()
+
+
+def _logged(task: asyncio.Task[Any]) -> None:
+    """What an async callback raised is the application's: logged, never the end."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a chatnode.client callback raised", exc_info=task.exception())

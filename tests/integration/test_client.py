@@ -270,3 +270,45 @@ def test_full_jitter_stays_within_its_cap() -> None:
     assert all(0 <= w <= 15.0 for w in waits)
     assert max(cn.backoff_s(0, 0.25, 15.0) for _ in range(200)) <= 0.25
     assert max(waits) > 7.5  # it does grow toward the cap
+
+
+async def test_close_waits_for_async_callbacks_then_cancels_the_late_ones(
+    api: cn.Api, cluster: tuple[NodeProc, NodeProc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async callback nobody waits for (here on_state) is kept while it runs: close()
+    lets the `closed` state's callback finish, and cancels one that outlives
+    CALLBACK_DRAIN_S instead of leaving it behind."""
+    monkeypatch.setattr(cn, "CALLBACK_DRAIN_S", 0.5)
+    _, login = await user(api)
+    seen: list[str] = []
+    finished: list[str] = []
+    cancelled: list[str] = []
+
+    async def on_state(event: Any) -> None:
+        state = event.state.value
+        seen.append(state)
+        try:
+            await asyncio.sleep(0.2 if state == "closed" else 0)
+            if state == "closed":
+                finished.append(state)
+        except asyncio.CancelledError:
+            cancelled.append(state)
+            raise
+
+    conn = cn.Connection(cluster[0].ws, login.token, on_state=on_state)
+    await conn.start()
+    await conn.close()
+    assert finished == ["closed"] and not conn._callbacks
+
+    async def never_ends(event: Any) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(event.state.value)
+            raise
+
+    conn = cn.Connection(cluster[0].ws, login.token, on_state=never_ends)
+    await conn.start()
+    async with asyncio.timeout(5):  # 0.5 s to drain, then cancelled
+        await conn.close()
+    assert "closed" in cancelled and not conn._callbacks
