@@ -432,23 +432,35 @@ end
 # KEYS: inbox, account. ARGV: the acking device's group, then entry ids. Every ack:
 # XACK for this device; XDEL of the entries every other listed device is done with too
 # (without the account, every other group the stream has). When the account lists this
-# device alone, XDEL and XACK at once, with no look at the groups. One script, so a
-# device linked at any moment (lua.ADD_DEVICE, in the same slot) is seen before an
-# entry it still needs is deleted. Returns how many were deleted.
+# device alone, XDEL and XACK at once, with no look at the groups: that test comes
+# first, before the functions the other case needs are made (every ack of a one-device
+# user takes it). One script, so a device linked at any moment (lua.ADD_DEVICE, in the
+# same slot) is seen before an entry it still needs is deleted. Returns how many were
+# deleted.
 ACK_DEVICE = _script(
-    keys.LUA_ROUTES
+    """
+local own = ARGV[1]
+local acct = redis.call('GET', KEYS[2])
+if acct and string.sub(own, 1, #'$GROUP') == '$GROUP' then
+  -- keys.account_value: DEVICES_MARK then the device keys ('0': the default device);
+  -- a value without the mark means the default device alone
+  local k = string.sub(own, #'$GROUP' + 1)
+  local solo
+  if string.sub(acct, 1, 1) == '\1' then solo = string.sub(acct, 2) == (k == '' and '0' or k)
+  else solo = k == '' end
+  if solo then  -- the only device: nobody else needs them
+    local gone = redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+    redis.call('XACK', KEYS[1], own, unpack(ARGV, 2))
+    return gone
+  end
+end
+"""
+    + keys.LUA_ROUTES
     + LUA_ACKED
     + """
-local own = ARGV[1]
 local ids = {}
 for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-local acct = redis.call('GET', KEYS[2])
 local others = groups_but(acct, own)
-if acct and #others == 0 then  -- the only device: nobody else needs them
-  local gone = redis.call('XDEL', KEYS[1], unpack(ids))
-  redis.call('XACK', KEYS[1], own, unpack(ids))
-  return gone
-end
 redis.call('XACK', KEYS[1], own, unpack(ids))
 local last, pending = groups_of(KEYS[1])
 if not acct then  -- not known now: every group the stream has must be done

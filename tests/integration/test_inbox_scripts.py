@@ -472,6 +472,31 @@ async def test_an_ack_after_a_device_was_linked_keeps_what_the_new_device_needs(
     assert [e[0] for e in entries[0][1]] == [second.msg_id]  # the new device gets it
 
 
+@pytest.mark.parametrize(
+    ("listed", "acker", "deleted"),
+    [
+        (None, "", 1),  # a value from before devices: the default device alone
+        (None, "7", 0),  # ... so device 7 is not alone: the default has not read it
+        (["7"], "7", 1),  # a named device alone
+        (["7"], "", 0),  # a device the list lacks is not alone
+        (["", "7"], "7", 0),
+    ],
+)
+async def test_an_ack_deletes_at_once_only_when_the_acking_device_is_the_only_one_listed(
+    batcher: Batcher, redis: aioredis.Redis, listed: list[str] | None, acker: str, deleted: int
+) -> None:
+    """ACK_DEVICE's first test (the only device: XDEL with no look at the groups) against
+    each form of the account value."""
+    alice, bob = await user(redis), await user(redis)  # bob's value: a name (no list)
+    if listed is not None:
+        await redis.set(keys.account(bob), keys.account_value(listed))
+    await redis.xgroup_create(keys.inbox(bob), keys.group("7"), "0", mkstream=True)
+    stored = await send(batcher, alice, bob, "c9")
+    await batcher.run(*inbox.pending_call(bob, acker, ">"))
+    assert await ack_as(batcher, bob, acker, stored.msg_id) == deleted
+    assert await redis.xlen(keys.inbox(bob)) == 1 - deleted
+
+
 async def test_adding_a_device_to_a_value_from_before_devices_drops_it_for_a_reload(
     batcher: Batcher, redis: aioredis.Redis
 ) -> None:
