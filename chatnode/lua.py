@@ -445,8 +445,9 @@ if acct and string.sub(own, 1, #'$GROUP') == '$GROUP' then
   -- keys.account_value: DEVICES_MARK then the device keys ('0': the default device);
   -- a value without the mark means the default device alone
   local k = string.sub(own, #'$GROUP' + 1)
-  local solo
-  if string.sub(acct, 1, 1) == '\1' then solo = string.sub(acct, 2) == (k == '' and '0' or k)
+  local solo = false
+  if k == '0' or string.find(k, ',', 1, true) then  -- no device key: the general path
+  elseif string.sub(acct, 1, 1) == '\1' then solo = string.sub(acct, 2) == (k == '' and '0' or k)
   else solo = k == '' end
   if solo then  -- the only device: nobody else needs them
     local gone = redis.call('XDEL', KEYS[1], unpack(ARGV, 2))

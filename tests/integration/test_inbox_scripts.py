@@ -480,6 +480,7 @@ async def test_an_ack_after_a_device_was_linked_keeps_what_the_new_device_needs(
         (["7"], "7", 1),  # a named device alone
         (["7"], "", 0),  # a device the list lacks is not alone
         (["", "7"], "7", 0),
+        ([""], "0", 0),  # '0' names the default device in the value, never a device key
     ],
 )
 async def test_an_ack_deletes_at_once_only_when_the_acking_device_is_the_only_one_listed(
@@ -490,7 +491,8 @@ async def test_an_ack_deletes_at_once_only_when_the_acking_device_is_the_only_on
     alice, bob = await user(redis), await user(redis)  # bob's value: a name (no list)
     if listed is not None:
         await redis.set(keys.account(bob), keys.account_value(listed))
-    await redis.xgroup_create(keys.inbox(bob), keys.group("7"), "0", mkstream=True)
+    for device in {"7", acker} - {""}:
+        await redis.xgroup_create(keys.inbox(bob), keys.group(device), "0", mkstream=True)
     stored = await send(batcher, alice, bob, "c9")
     await batcher.run(*inbox.pending_call(bob, acker, ">"))
     assert await ack_as(batcher, bob, acker, stored.msg_id) == deleted
