@@ -79,23 +79,29 @@ CORS_MAX_AGE_S = 600
 def cors_middleware(origins: frozenset[str]) -> Middleware:
     """Answers a preflight from an allowed origin itself, and marks every answer to one
     (errors included) as readable by it; any other origin gets no CORS header, so its
-    browser keeps the answer from its page."""
+    browser keeps the answer from its page. Every answer varies with Origin."""
 
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin", "")
-        if origin not in origins:
-            return await handler(request)
-        allowed = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        if (
+            origin in origins
+            and request.method == "OPTIONS"
+            and ("Access-Control-Request-Method" in request.headers)
+        ):
             preflight = {
+                "Access-Control-Allow-Origin": origin,
                 "Access-Control-Allow-Methods": CORS_METHODS,
                 "Access-Control-Allow-Headers": CORS_HEADERS,
                 "Access-Control-Max-Age": str(CORS_MAX_AGE_S),
+                "Vary": "Origin",
             }
-            return web.Response(status=204, headers={**allowed, **preflight})
+            return web.Response(status=204, headers=preflight)
         response = await handler(request)
-        response.headers.update(allowed)
+        if origin in origins:
+            response.headers["Access-Control-Allow-Origin"] = origin
+        vary = response.headers.get("Vary")
+        response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
         return response
 
     return cors

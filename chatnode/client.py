@@ -227,7 +227,7 @@ ERRORS: dict[str, type[ChatError]] = {
 
 # Send errors after which the same frame goes again later (PROTOCOL.md, `send`).
 RETRIED = frozenset({"unavailable", "rate_limited", "inbox_full"})
-# Async callbacks of events nobody waits for (state, typing, presence, accepted, errors)
+# Async callbacks of events nobody waits for (state, typing, accepted, errors)
 # running at once; past this, such an event's callback is skipped (logged), as events()
 # drops them when full. close() waits this long for those still running.
 MAX_CALLBACK_TASKS = 1000
@@ -628,11 +628,16 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
         running = [t for t in self._callbacks if t is not asyncio.current_task()]
-        if running:
+        if not running:
+            return
+        late: set[asyncio.Task[Any]] = set(running)
+        try:
             _, late = await asyncio.wait(running, timeout=CALLBACK_DRAIN_S)
+        finally:  # close() itself cancelled: those left are cancelled all the same
             for task in late:
                 task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        if late:  # one that ignores its cancel is left behind, not waited for forever
+            await asyncio.wait(late, timeout=CALLBACK_DRAIN_S)
 
     def _finish(self, why: Closed) -> None:
         if self.closed_by is not None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from chatnode import netaddr
 
@@ -164,12 +164,13 @@ class Settings:
             raise ConfigError("CHATNODE_WEB_SOCKETS must be ws:// or wss:// URLs, comma-separated")
         if any(not _is_origin(u) for u in self.web_api_urls):
             raise ConfigError(
-                "CHATNODE_WEB_APIS must be http:// or https:// URLs of a host (no path), "
-                "comma-separated"
+                "CHATNODE_WEB_APIS must be origins as browsers write them (http(s)://host[:port],"
+                " lower case, no default port, no path), comma-separated"
             )
         if any(not _is_origin(u) for u in self.cors_origin_list):
             raise ConfigError(
-                "CHATNODE_CORS_ORIGINS must be origins (http(s)://host[:port]), comma-separated"
+                "CHATNODE_CORS_ORIGINS must be origins as browsers write them (http(s)://host[:port],"
+                " lower case, no default port), comma-separated"
             )
         self._validate_numbers()
 
@@ -250,22 +251,23 @@ def _convert(name: str, raw: str, kind: Any) -> Any:
     return raw
 
 
+ORIGIN = re.compile(
+    r"(?P<scheme>https?)://(?:[a-z0-9](?:[a-z0-9.\-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+
+
 def _listed(raw: str) -> list[str]:
     """A comma-separated setting's entries, blanks dropped."""
     return [u.strip() for u in raw.split(",") if u.strip()]
 
 
 def _is_origin(url: str) -> bool:
-    """http(s)://host[:port] and nothing more, as a browser writes an Origin header."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises on a bad port)
-    except ValueError:
+    """scheme://host[:port] exactly as a browser writes an Origin header: lower case, a
+    host name or address with nothing else in it, no default port, no path."""
+    m = ORIGIN.fullmatch(url)
+    if m is None:
         return False
-    return (
-        parts.scheme in ("http", "https")
-        and bool(parts.hostname)
-        and parts.path in ("", "/")
-        and not (parts.query or parts.fragment or parts.username or parts.password)
-        and url == url.strip()
-    )
+    port = m["port"]
+    default = {"http": "80", "https": "443"}[m["scheme"]]
+    return port is None or (port != default and 0 < int(port) < 65536)

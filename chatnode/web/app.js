@@ -90,30 +90,44 @@ const newId = () => {
 const API_TIMEOUT_MS = 10000;
 
 // The page's own API first, then the other nodes' (CHATNODE_WEB_APIS, which let this
-// page call them: CHATNODE_CORS_ORIGINS). A request that cannot reach one (refused,
-// timed out) goes to the next; the one that answered is tried first next time.
+// page call them: CHATNODE_CORS_ORIGINS). A request that cannot reach one (refused, no
+// network) goes to the next, and the one that answered is tried first next time. A GET
+// that timed out goes to the next too; a POST or DELETE that timed out does not (that
+// node may be slow, not gone, and may still carry it out).
 function apiBases() {
   const own = CFG.api || "";
   return [own, ...(CFG.apis || []).filter((u) => u !== own && u !== location.origin)];
 }
 
+function timeoutSignal(ms) { // AbortSignal.timeout where the browser lacks it
+  if (AbortSignal.timeout) return AbortSignal.timeout(ms);
+  const c = new AbortController();
+  setTimeout(() => c.abort(), ms);
+  return c.signal;
+}
+
+const offline = () => Object.assign(new Error("cannot reach the server"), { code: "offline" });
+
 async function api(method, path, body) {
   const headers = { "Content-Type": "application/json" };
   if (state.token) headers.Authorization = "Bearer " + state.token;
   const bases = apiBases();
-  let resp;
+  let resp, data;
   for (let i = 0; i < bases.length && !resp; i++) {
     const at = (state.apiIndex + i) % bases.length;
+    const signal = timeoutSignal(API_TIMEOUT_MS);
     try {
       resp = await fetch(bases[at] + path, {
-        method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-        signal: AbortSignal.timeout(API_TIMEOUT_MS),
+        method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal,
       });
       state.apiIndex = at;
-    } catch (e) { /* that node is away: the next */ }
+    } catch (e) { // that node is away: the next, unless a write may have gone through
+      if (signal.aborted && method !== "GET") throw offline();
+      continue;
+    }
+    data = await resp.json().catch(() => null); // every answer is the JSON envelope
   }
-  if (!resp) throw Object.assign(new Error("cannot reach the server"), { code: "offline" });
-  const data = await resp.json().catch(() => ({}));
+  if (!resp || data === null) throw offline();
   if (!resp.ok) { // {"success": false, "error": {"code", "message"}}
     const err = data.error || {};
     if (resp.status === 401 && state.token && path !== "/auth/login") loggedOut("please log in again");

@@ -323,6 +323,7 @@ async def test_the_api_answers_other_origins_only_when_listed(
             assert "Access-Control-Allow-Origin" not in r.headers and r.status == 404
         async with http.get(node.http + "/healthz", headers={"Origin": evil}) as r:
             assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+            assert r.headers["Vary"] == "Origin"  # a cache keeps answers apart by origin
         async with http.get(node.http + "/config.js") as r:
             assert f'"apis":["{node.http}","{other.http}"]' in await r.text()
         async with http.get(node.http + "/") as r:

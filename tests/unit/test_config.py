@@ -250,20 +250,30 @@ def test_the_web_folder_needs_an_index_and_its_sockets_are_websocket_urls(tmp_pa
 
 
 def test_web_apis_and_cors_origins_are_origins() -> None:
-    apis = "http://127.0.0.1:8080/, https://chat.example.com"
+    apis = "http://127.0.0.1:8080/, https://chat.example.com, http://[::1]:8081"
     s = Settings.from_env({"CHATNODE_WEB_APIS": apis, "CHATNODE_CORS_ORIGINS": apis})
     assert (
         s.web_api_urls
         == s.cors_origin_list
-        == ["http://127.0.0.1:8080", "https://chat.example.com"]
+        == [
+            "http://127.0.0.1:8080",
+            "https://chat.example.com",
+            "http://[::1]:8081",
+        ]
     )
-    for bad in (
+    bad_origins = (
         "ws://127.0.0.1:8080",
         "http://127.0.0.1:8080/api",
         "http://h:99999",
         "http://",
         "h:80",
-    ):
+        "http://x;script-src *",  # would widen the page's policy
+        "http://a\nb",
+        "HTTPS://H",  # a browser's Origin is lower case
+        "https://h:443",  # ... and has no default port
+        "http://h:0",
+    )
+    for bad in bad_origins:
         with pytest.raises(ConfigError, match="CHATNODE_WEB_APIS"):
             Settings.from_env({"CHATNODE_WEB_APIS": bad})
         with pytest.raises(ConfigError, match="CHATNODE_CORS_ORIGINS"):
