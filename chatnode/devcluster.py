@@ -347,12 +347,20 @@ class RedisCluster:
     # -- slot migration and shard restart
 
     def migrate_slots(
-        self, count: int, src_port: int, dst_port: int, timeout: float = 60.0, batch: int = 200
+        self,
+        count: int,
+        src_port: int,
+        dst_port: int,
+        timeout: float = 60.0,
+        batch: int = 200,
+        ask_window_s: float = 0.0,
     ) -> list[int]:
         """Move src's lowest `count` slots to dst key by key, as redis-cli reshards:
         IMPORTING on dst, MIGRATING on src, MIGRATE ... REPLACE KEYS in batches, SETSLOT
         NODE on every primary; the slots moved. Clients writing meanwhile meet ASK and
-        TRYAGAIN. It opens its own connections: run it in a thread (asyncio.to_thread)
+        TRYAGAIN. `ask_window_s`: how long each slot stays with its keys moved and its
+        owner not yet changed (the window in which src answers ASK; a few round trips
+        when 0). It opens its own connections: run it in a thread (asyncio.to_thread)
         beside an event loop."""
         deadline = time.monotonic() + timeout
         owned = [s for a, b in self._myself(src_port).slots for s in range(a, b + 1)]
@@ -373,6 +381,7 @@ class RedisCluster:
                 while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
                     args = ("", 0, 10_000, "REPLACE", "KEYS", *keys)
                     src.execute_command("MIGRATE", "127.0.0.1", dst_port, *args)
+                time.sleep(ask_window_s)
                 for client in (dst, src, *rest):
                     client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         return owned[:count]
