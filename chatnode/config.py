@@ -151,27 +151,26 @@ class Settings:
 
     @property
     def web_api_urls(self) -> list[str]:
-        return [u.rstrip("/") for u in _listed(self.web_apis)]
+        return _origins(self.web_apis)
 
     @property
     def cors_origin_list(self) -> list[str]:
-        return [u.rstrip("/") for u in _listed(self.cors_origins)]
+        return _origins(self.cors_origins)
 
     def validate(self) -> None:
         if self.web_dir and not (Path(self.web_dir) / "index.html").is_file():
             raise ConfigError("CHATNODE_WEB_DIR must be a folder with an index.html")
         if any(not u.startswith(("ws://", "wss://")) for u in self.web_socket_urls):
             raise ConfigError("CHATNODE_WEB_SOCKETS must be ws:// or wss:// URLs, comma-separated")
-        if any(not _is_origin(u) for u in self.web_api_urls):
-            raise ConfigError(
-                "CHATNODE_WEB_APIS must be origins as browsers write them (http(s)://host[:port],"
-                " lower case, no default port, no path), comma-separated"
-            )
-        if any(not _is_origin(u) for u in self.cors_origin_list):
-            raise ConfigError(
-                "CHATNODE_CORS_ORIGINS must be origins as browsers write them (http(s)://host[:port],"
-                " lower case, no default port), comma-separated"
-            )
+        for name, origins in (
+            ("WEB_APIS", self.web_api_urls),
+            ("CORS_ORIGINS", self.cors_origin_list),
+        ):
+            if any(not _is_origin(u) for u in origins):
+                raise ConfigError(
+                    f"CHATNODE_{name} must be origins as browsers write them (http(s)://"
+                    "host[:port], lower case, no default port, no path), comma-separated"
+                )
         self._validate_numbers()
 
     def _validate_numbers(self) -> None:
@@ -260,6 +259,11 @@ ORIGIN = re.compile(
 def _listed(raw: str) -> list[str]:
     """A comma-separated setting's entries, blanks dropped."""
     return [u.strip() for u in raw.split(",") if u.strip()]
+
+
+def _origins(raw: str) -> list[str]:
+    """A comma-separated setting of origins, a trailing slash dropped from each."""
+    return [u.rstrip("/") for u in _listed(raw)]
 
 
 def _is_origin(url: str) -> bool:

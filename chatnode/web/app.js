@@ -391,6 +391,14 @@ function showPeerStatus() {
   s.textContent = Date.now() < state.typingUntil ? "typing…" : seenText(state.peerSeen, false);
 }
 
+// A user's name and last seen, kept as a contact under the number the server answers
+// with; 404 for a number with no account.
+async function lookUp(mobile) {
+  const d = (await api("GET", "/profile/lastseen?mobileNo=" + encodeURIComponent(mobile))).data;
+  await saveContact({ mobile: d.mobileNo, name: d.username, lastSeen: d.lastSeen || "" });
+  return d;
+}
+
 // Last seen of every contact now and then (at most MAX_REFRESHED a round: each is a
 // look-up, and look-ups are limited per user).
 const MAX_REFRESHED = 30;
@@ -399,8 +407,7 @@ async function refreshContacts() {
   const cs = (await contacts()).slice(0, MAX_REFRESHED);
   for (const c of cs) {
     try {
-      const d = (await api("GET", "/profile/lastseen?mobileNo=" + encodeURIComponent(c.mobile))).data;
-      await saveContact({ mobile: c.mobile, name: d.username, lastSeen: d.lastSeen || "" });
+      await lookUp(c.mobile);
     } catch (e) { return; } // offline, or limited: the next round
   }
   await render();
@@ -435,8 +442,7 @@ async function refreshPeer() {
   const peer = state.peer;
   if (!peer || !state.token) return;
   try {
-    const d = (await api("GET", "/profile/lastseen?mobileNo=" + encodeURIComponent(peer))).data;
-    await saveContact({ mobile: peer, name: d.username, lastSeen: d.lastSeen || "" });
+    const d = await lookUp(peer);
     if (peer === state.peer) {
       $("peer-name").textContent = `${d.username} (${peer})`;
       state.peerSeen = d.lastSeen || "";
@@ -617,8 +623,7 @@ document.addEventListener("DOMContentLoaded", () => {
     e.preventDefault();
     const number = $("contact-number").value.trim();
     try {
-      const d = (await api("GET", "/profile/lastseen?mobileNo=" + encodeURIComponent(number))).data;
-      await saveContact({ mobile: d.mobileNo, name: d.username, lastSeen: d.lastSeen || "" });
+      const d = await lookUp(number);
       $("contact-number").value = "";
       await openConversation(d.mobileNo);
     } catch (err) {
