@@ -14,7 +14,7 @@ const MAX_CONTACTS = 200;
 const $ = (id) => document.getElementById(id);
 const state = {
   token: null, mobile: null, deviceId: null, db: null, ws: null, live: false,
-  typing: new Map(), attempt: 0, urlIndex: 0, apiIndex: 0, timer: null, frames: Promise.resolve(), retry: null, reading: Promise.resolve(), peer: null, blocked: new Set(), typingUntil: 0,
+  typing: new Map(), attempt: 0, urlIndex: 0, apiIndex: 0, timer: null, frames: Promise.resolve(), outgoing: Promise.resolve(), retry: null, reading: Promise.resolve(), peer: null, blocked: new Set(), typingUntil: 0,
   typingSent: 0, typingStop: null, seq: 0, stopped: false, peerSeen: "",
 };
 
@@ -197,15 +197,25 @@ function sendFrame(frame) {
   return true;
 }
 
+// Every send frame goes through this one queue, so a new message never overtakes older
+// ones an outbox flush is still reading from IndexedDB (the server stores in the order
+// a socket delivers).
+function outgoing(step) {
+  state.outgoing = state.outgoing.then(step).catch(console.error);
+  return state.outgoing;
+}
+
 // Sends not accepted yet, oldest first, with their ids (stored once however often they
 // go). `olderThan`: only those written that long ago (the periodic retry).
-async function flushOutbox(olderThan = 0) {
-  const waiting = (await outbox()).sort((a, b) => a.seq - b.seq);
-  const now = Date.now();
-  for (const m of waiting) {
-    if ((m.retryAt && m.retryAt > now) || now - m.ts < olderThan) continue;
-    sendFrame({ type: "send", id: m.id, to: m.peer, body: m.body });
-  }
+function flushOutbox(olderThan = 0) {
+  return outgoing(async () => {
+    const waiting = (await outbox()).sort((a, b) => a.seq - b.seq);
+    const now = Date.now();
+    for (const m of waiting) {
+      if ((m.retryAt && m.retryAt > now) || now - m.ts < olderThan) continue;
+      sendFrame({ type: "send", id: m.id, to: m.peer, body: m.body });
+    }
+  });
 }
 
 async function onFrame(f) {
@@ -458,7 +468,7 @@ async function send(body) {
   };
   m.id = m.key.split("|")[2];
   await saveMessage(m); // in the outbox first: resent after a reconnect, same id
-  sendFrame({ type: "send", id: m.id, to: peer, body });
+  outgoing(() => sendFrame({ type: "send", id: m.id, to: peer, body }));
   stopTyping();
   await render();
   $("messages").scrollTop = $("messages").scrollHeight;
