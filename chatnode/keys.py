@@ -202,12 +202,6 @@ def parse_route(value: str | None) -> tuple[str, str] | None:
     return node, rest.partition("|")[0]
 
 
-# Lua shared by the scripts that read or write routes (inbox.py, presence.py).
-# ours(cur, mine): the route value `cur` belongs to the session whose route is `mine`.
-# push(inbox, route, owner): if the route is live, read what is new in the inbox through
-# the consumer group (so Redis records it as delivered and unacked) and publish it to
-# the node holding the owner, tagged with the live token. Never raises: it runs after
-# the XADD, and a script that fails after its XADD would make a retry store twice.
 # Lua for scripts that read an inbox's group: the id of the last entry its consumer
 # read (an entry after it was never delivered), or nil when the group is missing.
 LUA_DELIVERED = f"""
@@ -254,35 +248,73 @@ end
 local function group_of(k) return '{GROUP}' .. k end
 """
 
+# push's `before`: with `upto`, only entries up to it (those after may not be on a
+# replica yet)
+_LUA_UPTO = """if upto then
+      local last = delivered_upto(inbox, group)
+      if not last then return end
+      count = #redis.call('XRANGE', inbox, '(' .. last, upto, 'COUNT', 100)
+      if count == 0 then return end
+    end"""
+
+
+def lua_channel(node: str, key: str) -> str:
+    """A Lua expression: keys.node_channel of the node named by the Lua expression `node`
+    in the slot of the key `key` (its hash tag)."""
+    return f"'{NODE_CHANNEL_PREFIX}' .. {node} .. ':' .. string.match({key}, '^{{[^}}]*}}')"
+
+
+def lua_default_alone(acct: str) -> str:
+    """A Lua expression: the account value `acct` (not nil) lists the default device
+    alone (account_value: a value without DEVICES_MARK, or the mark and `0`)."""
+    return f"(string.byte({acct}) ~= 1 or {acct} == '\\1' .. '0')"
+
+
+def lua_push(inbox: str, route: str, owner: str, group: str, before: str = "") -> str:
+    """Lua statements: if `route` is live, read what is new in `inbox` through `group`
+    (so Redis records it as delivered and unacked) and publish it to the node holding
+    the route, tagged with its live token (channel.PUSH). Never raises: it runs after an
+    XADD, and a script that fails after its XADD would make a retry store twice. The
+    arguments are Lua expressions; `before` runs once the route is known live, and may
+    set `count` (how many to read: 100 unless it does) or return.
+
+    Scripts inline this where the recipient has the default device alone (no function
+    is made: making one costs Redis time on every call); `push` in LUA_ROUTES wraps it
+    for the others."""
+    return f"""
+if {route} then
+  local node, token = string.match({route}, '^([^|]+)|[^|]+|(.+)$')
+  if node then
+    local count = '100'
+    {before}
+    local res = redis.pcall('XREADGROUP', 'GROUP', {group}, '{CONSUMER}', 'COUNT', count,
+                            'STREAMS', {inbox}, '>')
+    if type(res) == 'table' and res[1] then
+      redis.pcall('SPUBLISH', {lua_channel("node", inbox)},
+                  '{channel.PUSH}|' .. {owner} .. '|' .. token .. '|' .. cjson.encode(res[1][2]))
+    end
+  end
+end
+"""
+
+
+# Lua shared by the scripts that read or write routes (inbox.py, presence.py).
+# ours(cur, mine): the route value `cur` belongs to the session whose route is `mine`.
+# push(inbox, route, owner, upto, group): lua_push as a function, with `upto` (NUDGE).
 LUA_ROUTES = (
     LUA_DELIVERED
     + LUA_DEVICES
     + f"""
 local function channel(node, key)  -- keys.node_channel: the node's channel in key's slot
-  return '{NODE_CHANNEL_PREFIX}' .. node .. ':' .. string.match(key, '^{{[^}}]*}}')
+  return {lua_channel("node", "key")}
 end
 local function ours(cur, mine)
   return cur ~= false and cur ~= nil
     and (cur == mine or string.sub(cur, 1, #mine + 1) == mine .. '|')
 end
 local function push(inbox, route, owner, upto, group)
-  if not route then return end
-  local node, token = string.match(route, '^([^|]+)|[^|]+|(.+)$')
-  if not node then return end
   group = group or '{GROUP}'
-  local count = 100
-  if upto then  -- only entries up to `upto`: those after may not be on a replica yet
-    local last = delivered_upto(inbox, group)
-    if not last then return end
-    count = #redis.call('XRANGE', inbox, '(' .. last, upto, 'COUNT', 100)
-    if count == 0 then return end
-  end
-  local res = redis.pcall('XREADGROUP', 'GROUP', group, '{CONSUMER}', 'COUNT', count,
-                          'STREAMS', inbox, '>')
-  if type(res) == 'table' and res[1] then
-    redis.pcall('SPUBLISH', channel(node, inbox),
-                '{channel.PUSH}|' .. owner .. '|' .. token .. '|' .. cjson.encode(res[1][2]))
-  end
+{lua_push("inbox", "route", "owner", "group", _LUA_UPTO)}
 end
 -- push to every device of the account value `acct`; `first` is the default device's
 -- route when the caller read it already (false: it has none)

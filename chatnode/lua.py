@@ -65,8 +65,7 @@ def _script(source: str, waits: bool = True) -> Script:
 # key is gone; the counts get their TTL when a sender's count starts (not at every
 # message: one command less).
 SEND = _script(
-    keys.LUA_ROUTES
-    + """
+    """
 local seen = redis.call('MGET', KEYS[1], KEYS[4], KEYS[5])
 if not seen[1] then return {'unknown'} end
 local prior = seen[2]
@@ -86,14 +85,27 @@ end
 local id = redis.call('XADD', KEYS[3], '*', 'k', 'm', 'f', ARGV[1], 'i', ARGV[2],
                       'b', ARGV[3], 't', ARGV[4])
 redis.call('SET', KEYS[4], id .. '|' .. ARGV[4], 'EX', ARGV[6])
-local count = redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+local count = redis.call('HINCRBY', KEYS[6], ARGV[1], '1')
 if count == 1 then
   redis.call('EXPIRE', KEYS[6], ARGV[6])
 elseif count > tonumber(ARGV[10]) then
   redis.call('HSET', KEYS[6], ARGV[1], ARGV[10])
 end
-if ARGV[9] == '1' then push_all(KEYS[3], seen[1], ARGV[7], nil, seen[3]) end
-return {'ok', id, ARGV[4], 'new'}
+local stored = {'ok', id, ARGV[4], 'new'}
+if ARGV[9] ~= '1' then return stored end
+if """
+    + keys.lua_default_alone("seen[1]")
+    + """ then
+"""
+    + keys.lua_push("KEYS[3]", "seen[3]", "ARGV[7]", "'$GROUP'")
+    + """
+  return stored
+end
+"""
+    + keys.LUA_ROUTES
+    + """
+push_all(KEYS[3], seen[1], ARGV[7], nil, seen[3])
+return stored
 """
 )
 
@@ -234,8 +246,7 @@ return back
 # ARGV: by, status, comma-joined client ids, ts, owner, a bound on the inbox's length, and
 # the answer past it ('full', or 'dropped': not stored, and the caller goes on).
 RECEIPT = _script(
-    keys.LUA_ROUTES
-    + """
+    """
 local known = redis.call('MGET', KEYS[1], KEYS[4])
 if not known[1] then return {'unknown'} end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
@@ -243,6 +254,17 @@ if hit[1] == 1 or hit[2] == 1 then return {'dropped'} end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then return {ARGV[7]} end
 redis.call('XADD', KEYS[3], '*', 'k', 'r', 's', ARGV[2], 'f', ARGV[1], 'i', ARGV[3],
            't', ARGV[4])
+if """
+    + keys.lua_default_alone("known[1]")
+    + """ then
+"""
+    + keys.lua_push("KEYS[3]", "known[2]", "ARGV[5]", "'$GROUP'")
+    + """
+  return {'ok'}
+end
+"""
+    + keys.LUA_ROUTES
+    + """
 push_all(KEYS[3], known[1], ARGV[5], nil, known[2])
 return {'ok'}
 """
@@ -441,19 +463,19 @@ ACK_DEVICE = _script(
     """
 local own = ARGV[1]
 local acct = redis.call('GET', KEYS[2])
-if acct and string.sub(own, 1, #'$GROUP') == '$GROUP' then
-  -- keys.account_value: DEVICES_MARK then the device keys ('0': the default device);
-  -- a value without the mark means the default device alone
-  local k = string.sub(own, #'$GROUP' + 1)
-  local solo = false
-  if k == '0' or string.find(k, ',', 1, true) then  -- no device key: the general path
-  elseif string.sub(acct, 1, 1) == '\1' then solo = string.sub(acct, 2) == (k == '' and '0' or k)
-  else solo = k == '' end
-  if solo then  -- the only device: nobody else needs them
-    local gone = redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
-    redis.call('XACK', KEYS[1], own, unpack(ARGV, 2))
-    return gone
-  end
+local solo = false
+if not acct then
+elseif own == '$GROUP' then solo = """
+    + keys.lua_default_alone("acct")
+    + """
+elseif string.sub(own, 1, #'$GROUP') == '$GROUP' then  -- a named device: listed alone?
+  local k = string.sub(own, #'$GROUP' + 1)  -- ('0' or a comma: no device key, the general path)
+  solo = k ~= '0' and not string.find(k, ',', 1, true) and acct == '\1' .. k
+end
+if solo then  -- the only device: nobody else needs them
+  local gone = redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+  redis.call('XACK', KEYS[1], own, unpack(ARGV, 2))
+  return gone
 end
 """
     + keys.LUA_ROUTES
