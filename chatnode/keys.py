@@ -327,3 +327,24 @@ local function push_all(inbox, acct, owner, upto, first)
 end
 """
 )
+
+
+def lua_push_all(inbox: str, acct: str, route: str, owner: str, reply: str) -> str:
+    """Lua statements that end a script storing an entry: push it to each device the
+    account value `acct` lists, then return `reply` (Lua expressions; `route` is the
+    default device's route, read already). When `acct` lists the default device alone,
+    the push is lua_push inline and the script returns before LUA_ROUTES' functions
+    are made: making them costs Redis time on every call that reaches them."""
+    return (
+        f"""
+if {lua_default_alone(acct)} then
+{lua_push(inbox, route, owner, f"'{GROUP}'")}
+  return {reply}
+end
+"""
+        + LUA_ROUTES
+        + f"""
+push_all({inbox}, {acct}, {owner}, nil, {route})
+return {reply}
+"""
+    )

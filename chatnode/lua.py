@@ -93,20 +93,8 @@ elseif count > tonumber(ARGV[10]) then
 end
 local stored = {'ok', id, ARGV[4], 'new'}
 if ARGV[9] ~= '1' then return stored end
-if """
-    + keys.lua_default_alone("seen[1]")
-    + """ then
 """
-    + keys.lua_push("KEYS[3]", "seen[3]", "ARGV[7]", "'$GROUP'")
-    + """
-  return stored
-end
-"""
-    + keys.LUA_ROUTES
-    + """
-push_all(KEYS[3], seen[1], ARGV[7], nil, seen[3])
-return stored
-"""
+    + keys.lua_push_all("KEYS[3]", "seen[1]", "seen[3]", "ARGV[7]", "stored")
 )
 
 # KEYS: the owner's inbox, account, default device's route. ARGV: owner, a bound on the
@@ -115,15 +103,13 @@ return stored
 # unless the inbox is past the bound or Redis does not know the owner (then dropped: a
 # copy is a courtesy, the message itself is in the recipient's inbox). 1 if stored.
 OWN = _script(
-    keys.LUA_ROUTES
-    + """
+    """
 local known = redis.call('MGET', KEYS[2], KEYS[3])
 if not known[1] then return 0 end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
-push_all(KEYS[1], known[1], ARGV[1], nil, known[2])
-return 1
 """
+    + keys.lua_push_all("KEYS[1]", "known[1]", "known[2]", "ARGV[1]", "1")
 )
 
 # KEYS: inbox, account of the owner. ARGV: owner, a msgId. With replica acks, SEND
@@ -254,20 +240,8 @@ if hit[1] == 1 or hit[2] == 1 then return {'dropped'} end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then return {ARGV[7]} end
 redis.call('XADD', KEYS[3], '*', 'k', 'r', 's', ARGV[2], 'f', ARGV[1], 'i', ARGV[3],
            't', ARGV[4])
-if """
-    + keys.lua_default_alone("known[1]")
-    + """ then
 """
-    + keys.lua_push("KEYS[3]", "known[2]", "ARGV[5]", "'$GROUP'")
-    + """
-  return {'ok'}
-end
-"""
-    + keys.LUA_ROUTES
-    + """
-push_all(KEYS[3], known[1], ARGV[5], nil, known[2])
-return {'ok'}
-"""
+    + keys.lua_push_all("KEYS[3]", "known[1]", "known[2]", "ARGV[5]", "{'ok'}")
 )
 
 # KEYS: inbox, route (of this device). ARGV: our route, the live token to take, count,
