@@ -32,14 +32,14 @@ READ_COUNT = 200
 UNREAD_MAX = 10_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per message; a frozen __init__ costs ~5x
 class Stored:
     msg_id: str
     ts: int
     new: bool = field(default=False, compare=False)  # stored now (not a resend's answer)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per message; a frozen __init__ costs ~5x
 class Entry:
     """One inbox entry as read, with its frame already encoded."""
 
@@ -96,7 +96,7 @@ def stored(reply: Any) -> Stored | None:
     raise Unavailable(f"unexpected reply {status!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per message; a frozen __init__ costs ~5x
 class Receipt:
     """A receipt for `owner` (who sent the messages): `by` got or read `ids`."""
 
