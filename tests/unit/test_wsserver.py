@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import random
 from typing import Any, cast
 
 import pytest
@@ -15,7 +16,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from chatnode.wsserver import Conn, Server
+from chatnode.wsserver import Conn, Server, text_frame
 
 
 class Transport:
@@ -299,3 +300,87 @@ async def test_closing_every_socket_goes_on_past_sockets_whose_write_eof_raises(
     assert [f.opcode for f in server_frames(cast(Transport, live.transport).data)] == [Opcode.PING]
     srv.sweep(conns[1].deadline + 0.1)  # the closes that did not finish are aborted
     assert transports[1].aborted and transports[3].aborted
+
+
+# -- the short way for plain frames (Conn._fast_frames, text_frame)
+
+
+async def test_plain_frames_take_the_short_way_and_the_first_other_ends_it() -> None:
+    conn, t, h = await opened()
+    assert conn._fast  # nothing was read after the request: the parser stands at a frame
+    conn.data_received(
+        client_frame(Opcode.TEXT, b"one")
+        + client_frame(Opcode.PING, b"p")
+        + b"".join(client_frame(Opcode.BINARY, bytes([i])) for i in range(3))
+    )
+    conn.data_received(client_frame(Opcode.TEXT, "é".encode() * 100))  # 2-byte length
+    assert conn._fast and h.messages == ["one", b"\x00", b"\x01", b"\x02", "é" * 100]
+    (pong,) = server_frames(t.data)
+    assert pong.opcode is Opcode.PONG and pong.data == b"p"
+    frame = client_frame(Opcode.TEXT, b"cut by tcp")
+    conn.data_received(frame[:5])  # a frame cut short: websockets from here on
+    assert not conn._fast
+    conn.data_received(frame[5:] + client_frame(Opcode.TEXT, b"next"))
+    assert h.messages[-2:] == ["cut by tcp", "next"]
+
+
+async def test_bytes_read_after_the_request_keep_websockets_parsing() -> None:
+    """A client that sent a frame before the 101 (the RFC says it waits): websockets'
+    parser may stand inside a frame, so every frame goes to it."""
+    h = Handler()
+    conn = Conn(server(h))
+    t = Transport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    frame = client_frame(Opcode.TEXT, b"early")
+    conn.data_received(request_bytes() + frame[:6])  # a header, no payload yet
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert t.data.startswith(b"HTTP/1.1 101 ") and not conn._fast
+    conn.data_received(frame[6:] + client_frame(Opcode.TEXT, b"then"))
+    assert h.messages == ["early", "then"]  # read whole, by websockets
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_any_stream_in_any_pieces_is_read_as_websockets_reads_it(seed: int) -> None:
+    """Random frames (plain, fragmented, control), then maybe one that ends the socket
+    (too big, bad UTF-8, a close), cut into random reads: the same messages, the same
+    writes, the same end as websockets alone. (With two faults in one read the close
+    code may differ: websockets parses the whole read before UTF-8 is checked.)"""
+    rng = random.Random(seed)
+    stream = b""
+    for _ in range(rng.randrange(1, 30)):
+        kind = rng.choice(["text", "text", "binary", "ping", "pong", "frag"])
+        if kind == "text":
+            text = rng.choice(["x", "é", "{}"]) * rng.randrange(0, 300)
+            stream += client_frame(Opcode.TEXT, text.encode())
+        elif kind == "binary":
+            stream += client_frame(Opcode.BINARY, rng.randbytes(rng.randrange(0, 200)))
+        elif kind in ("ping", "pong"):
+            op = Opcode.PING if kind == "ping" else Opcode.PONG
+            stream += client_frame(op, rng.randbytes(rng.randrange(0, 20)))
+        else:
+            stream += client_frame(Opcode.TEXT, b"a", fin=False) + client_frame(Opcode.CONT, b"b")
+    stream += rng.choice(
+        [
+            b"",
+            client_frame(Opcode.BINARY, b"z" * 1500),  # over max_size
+            client_frame(Opcode.TEXT, b"\xff"),
+            client_frame(Opcode.CLOSE, Close(1000, "").serialize()),
+        ]
+    )
+    cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(0, 8))))
+    reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    seen = []
+    for fast in (True, False):
+        conn, t, h = await opened()
+        conn._fast = fast
+        for read in reads:
+            conn.data_received(read)
+        seen.append((h.messages, t.data.split(b"\r\n\r\n", 1)[1], len(h.closed), conn.ws.state))
+    assert seen[0] == seen[1]
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_a_text_frame_is_written_as_websockets_writes_it(size: int) -> None:
+    payload = b"y" * size
+    assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
