@@ -13,7 +13,11 @@ are written here (`text_frame`). At the first read that holds anything else (a c
 a fragment, a frame cut by TCP, a frame the RFC refuses, or once the socket is
 closing), the rest of the read and every later one go to websockets, whose parser
 then stands where a frame starts. That holds only from a handshake after which no byte
-was read before the 101 answer (`_pre`).
+was read before the 101 answer (`_pre`). One difference remains: frames are handled as
+they are parsed, so after a frame that fails the socket (bad UTF-8) or that the handler
+answers by closing it, the rest of that read gets no answer (websockets, which parses a
+whole read before its frames are handled, would still answer a ping in it, or echo its
+close frame); a read's pongs go out in one write.
 """
 
 from __future__ import annotations
@@ -219,36 +223,22 @@ class Conn(asyncio.Protocol):
         at = 0
         limit = self.server.max_size
         ws = self.ws
+        pinged = False
         while at < end and ws.state is State.OPEN:  # (closing: websockets takes the rest)
-            if end - at < 6:
+            found = _plain_frame(data, at, end, limit)
+            if found is None:
                 break
-            head, size = data[at], data[at + 1]
-            op = head & 0x0F
-            if head & 0xF0 != 0x80 or not size & 0x80:  # not final, RSV bits, unmasked
-                break
-            size &= 0x7F
-            start = at + 6
-            if size == 126:
-                start += 2
-                if start > end:
-                    break
-                size = (data[at + 2] << 8) | data[at + 3]
-            elif size == 127:
-                break  # 64 KiB or more: websockets
-            if not (op == _TEXT or op == _BINARY or (op in _PING_PONG and size <= 125)):
-                break
-            stop = start + size
-            if size > limit or stop > end:
-                break
-            payload = apply_mask(data[start:stop], data[start - 4 : start])
-            at = stop
+            op, start, at = found
+            payload = apply_mask(data[start:at], data[start - 4 : start])
             if op == _TEXT or op == _BINARY:
                 self._deliver(Opcode.TEXT if op == _TEXT else Opcode.BINARY, payload)
             elif op == _PONG:
                 self.ping_sent = 0.0
-            else:  # a ping: the pong websockets would send
+            else:  # a ping: the pong websockets would send, written with the others
                 ws.send_pong(payload)
-                self._write_out()
+                pinged = True
+        if pinged:
+            self._write_out()  # one write for a read's pongs, however many pings
         if at < end:
             self._fast = False
         return data[at:]
@@ -305,6 +295,7 @@ class Conn(asyncio.Protocol):
         self.ws.send_response(response)
         self._write_out()
         if response.status_code != 101:
+            self._pre = None
             return
         self.deadline = 0.0
         self.next_ping = time.monotonic() + self.server.heartbeat_s
@@ -345,6 +336,31 @@ class Conn(asyncio.Protocol):
         except (OSError, RuntimeError) as exc:
             log.debug("ws_write_eof_failed", error=type(exc).__name__)
             transport.abort()
+
+
+def _plain_frame(data: bytes, at: int, end: int, limit: int) -> tuple[int, int, int] | None:
+    """(opcode, payload start, payload end) of the client frame at `at` in `data` if it
+    is whole in data[:end], final, masked, with no RSV bit, under 64 KiB and `limit`, and
+    text, binary, or a ping or pong of at most 125 bytes; else None."""
+    if end - at < 6:
+        return None
+    head, size = data[at], data[at + 1]
+    op = head & 0x0F
+    if head & 0xF0 != 0x80 or not size & 0x80:  # not final, RSV bits, unmasked
+        return None
+    size &= 0x7F
+    start = at + 6
+    if size == 126:  # (its two length bytes are there: at least six bytes are)
+        start += 2
+        size = (data[at + 2] << 8) | data[at + 3]
+    elif size == 127:
+        return None  # 64 KiB or more: websockets
+    if not (op == _TEXT or op == _BINARY or (op in _PING_PONG and size <= 125)):
+        return None
+    stop = start + size
+    if size > limit or stop > end:
+        return None
+    return op, start, stop
 
 
 def text_frame(payload: bytes) -> bytes:
