@@ -51,6 +51,9 @@ HANDSHAKE_BACKLOG = 1024
 KEEPALIVE_TIMEOUT = 1011
 INVALID_DATA = 1007
 MAX_HANDSHAKE_BYTES = 16_384  # a handshake read past this never takes the short way
+# a socket with this much unsent is aborted (_write_out): twice the gateway's close for not
+# reading (core.answers.OUT_BUFFER_MAX), which only pongs and close frames can pass
+MAX_BUFFERED = 8 * 1024 * 1024
 _FIN_TEXT = 0x81
 _TEXT, _BINARY, _PONG = Opcode.TEXT.value, Opcode.BINARY.value, Opcode.PONG.value
 _PING_PONG = (Opcode.PING.value, _PONG)
@@ -310,14 +313,22 @@ class Conn(asyncio.Protocol):
             self.close(1011, "internal error")
 
     def _write_out(self) -> None:
+        """Write what websockets has to send. A peer that sends and never reads (a flood
+        of pings, each owed a pong) would grow the write buffer without end: past
+        max_buffered the socket is aborted."""
         writes = self.ws.data_to_send()
-        if not writes or self.transport is None:
+        transport = self.transport
+        if not writes or transport is None or transport.is_closing():
             return
         data = b"".join(writes)
         if data:
-            self.transport.write(data)
+            transport.write(data)
+            if transport.get_write_buffer_size() > self.server.max_buffered:
+                log.info("ws_not_reading", address=self.address)
+                transport.abort()
+                return
         if writes[-1] == b"":  # the protocol is done: half-close, then the peer closes
-            self._half_close(self.transport)
+            self._half_close(transport)
             if not self.deadline:
                 self.deadline = time.monotonic() + self.server.close_timeout
 
@@ -384,6 +395,7 @@ class Server:
         max_size: int,
         heartbeat_s: float,
         write_high: int,
+        max_buffered: int = MAX_BUFFERED,
         open_timeout: float = OPEN_TIMEOUT_S,
         close_timeout: float = CLOSE_TIMEOUT_S,
     ) -> None:
@@ -391,6 +403,7 @@ class Server:
         self.max_size = max_size
         self.heartbeat_s = heartbeat_s
         self.write_high = write_high
+        self.max_buffered = max_buffered
         self.open_timeout = open_timeout
         self.close_timeout = close_timeout
         self.conns: set[Conn] = set()

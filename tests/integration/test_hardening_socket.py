@@ -4,8 +4,11 @@ test names the attack and the bound that now holds it, on real nodes and a real 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
+from websockets.frames import Frame, Opcode
 
 from chatnode import keys
 from tests.integration.harness import (
@@ -257,6 +261,60 @@ async def test_a_reader_that_never_acks_holds_a_bounded_window(
                     await b.send({"type": "ack", "msgIds": [frame["msgId"]]})
         assert len(order) == 3000
         assert order == sorted(order, key=stream_id)
+    finally:
+        node.stop()
+
+
+def flood_pings(port: int, token: str, most_bytes: int, most_s: float) -> tuple[int, str]:
+    """Open a socket with a tiny receive buffer and send 125-byte pings on it, reading
+    nothing after the 101, until `most_bytes` or `most_s`. Bytes sent and how it ended:
+    "reset" (the node dropped the socket), "stalled" (it stopped reading) or "open"."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    try:
+        sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        batch = Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 500
+        sent = 0
+        deadline = time.monotonic() + most_s
+        while sent < most_bytes and time.monotonic() < deadline:
+            sock.sendall(batch)
+            sent += len(batch)
+        return sent, "open"
+    except (ConnectionResetError, BrokenPipeError):
+        return sent, "reset"
+    except TimeoutError:
+        return sent, "stalled"
+    finally:
+        sock.close()
+
+
+async def test_a_peer_that_floods_pings_and_never_reads_is_dropped(
+    stack: Stack, workdir: Path, http: aiohttp.ClientSession
+) -> None:
+    """The attack: send pings and never read the pongs, so the node's write buffer for
+    the socket grows with every ping. Now the node drops the socket once twice
+    OUT_BUFFER_MAX (8 MiB) waits to be written (the node's keepalive, which would close
+    it too, is set out of the way)."""
+    node = NodeProc(stack, f"pings-{time.monotonic_ns()}", workdir, CHATNODE_HEARTBEAT_S="60")
+    node.start()
+    try:
+        user = await new_user(Api(http, node.http))
+        sent, end = await asyncio.to_thread(flood_pings, node.ws_port, user.token, 64 << 20, 30)
+        assert end == "reset", (sent, end)
+        assert sent < 32 << 20  # 8 MiB buffered in the node, and what the kernel holds
+        async with connected(node.ws, user.token) as c:  # the node serves on
+            assert c.hello["type"] == "hello"
     finally:
         node.stop()
 

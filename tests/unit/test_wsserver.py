@@ -504,3 +504,37 @@ async def test_a_long_handshake_is_not_kept_and_never_takes_the_short_way() -> N
 def test_a_text_frame_is_written_as_websockets_writes_it(size: int) -> None:
     payload = b"y" * size
     assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+class Unread(Transport):
+    """A transport whose peer never reads: everything written stays buffered."""
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.data)
+
+    def write(self, data: bytes) -> None:
+        assert not self.aborted, "written after the abort"
+        super().write(data)
+
+
+@pytest.mark.parametrize("short_way", [True, False])
+async def test_a_peer_that_floods_pings_and_never_reads_is_aborted(short_way: bool) -> None:
+    """Each ping is owed a pong; a peer that never reads them is aborted once
+    max_buffered bytes wait, by the short way and by websockets alike."""
+    h = Handler()
+    conn = Conn(server(h, max_buffered=10_000))
+    t = Unread()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    conn.data_received(request_bytes())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    if not short_way:  # a fragment hands every later read to websockets
+        conn.data_received(client_frame(Opcode.TEXT, b"part", fin=False))
+    assert conn._fast is short_way
+    pings = client_frame(Opcode.PING, b"p" * 125) * 10  # 1,270 bytes of pongs owed
+    reads = 0
+    while not t.aborted and reads < 100:
+        conn.data_received(pings)
+        reads += 1
+    assert t.aborted and reads == 8  # the 101 and 8 x 1,270 bytes: past the bound
+    conn.data_received(pings)  # read before the transport reports the loss: not written
