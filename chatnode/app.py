@@ -29,7 +29,7 @@ from chatnode import (
 )
 from chatnode.cluster import Cluster
 from chatnode.config import REPLICA_ACKS_AUTO, Settings
-from chatnode.core.answers import OUT_BUFFER_LOW
+from chatnode.core.answers import OUT_BUFFER_LOW, OUT_BUFFER_MAX
 from chatnode.frames import MAX_FRAME_BYTES
 from chatnode.gateway import Gateway
 from chatnode.health import REQUIRED_EVICTION_POLICY, Health
@@ -220,6 +220,7 @@ class Node:
             max_size=MAX_FRAME_BYTES,
             heartbeat_s=s.heartbeat_s,
             write_high=OUT_BUFFER_LOW,
+            max_buffered=OUT_BUFFER_MAX,  # the gateway's own check, for any write
         )
         try:
             await self._ws_server.start(s.host, s.ws_port)

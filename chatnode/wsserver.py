@@ -50,10 +50,17 @@ CLOSE_TIMEOUT_S = 2.0
 HANDSHAKE_BACKLOG = 1024
 KEEPALIVE_TIMEOUT = 1011
 INVALID_DATA = 1007
+POLICY = 1008
 MAX_HANDSHAKE_BYTES = 16_384  # a handshake read past this never takes the short way
-# a socket with this much unsent is aborted (_write_out): twice the gateway's close for not
-# reading (core.answers.OUT_BUFFER_MAX), which only pongs and close frames can pass
-MAX_BUFFERED = 8 * 1024 * 1024
+# unsent bytes: past this the sweep closes a socket (1008); past twice this, the write
+# that crosses it aborts the socket (the app passes core.answers.OUT_BUFFER_MAX)
+MAX_BUFFERED = 4 * 1024 * 1024
+NOT_READING = "client is not reading"
+# pings and pongs a peer may send: a burst, then so many a second (each costs a parse and
+# a pong, and no frame limit of the gateway's sees them)
+CONTROL_BURST = 100
+CONTROL_RATE = 10.0
+TOO_MANY_CONTROLS = "too many pings"
 _FIN_TEXT = 0x81
 _TEXT, _BINARY, _PONG = Opcode.TEXT.value, Opcode.BINARY.value, Opcode.PONG.value
 _PING_PONG = (Opcode.PING.value, _PONG)
@@ -81,6 +88,8 @@ class Conn(asyncio.Protocol):
     """One client socket."""
 
     __slots__ = (
+        "_controls",
+        "_controls_at",
         "_fast",
         "_parts",
         "_pre",
@@ -108,6 +117,8 @@ class Conn(asyncio.Protocol):
         self._parts: list[bytes] | None = None  # a fragmented message, with its opcode first
         self._pre: bytearray | None = bytearray()  # what was read before the 101 answer
         self._fast = False  # reads are parsed here (_fast_frames) until one is not
+        self._controls = float(CONTROL_BURST)  # pings and pongs the peer may still send
+        self._controls_at = 0.0  # when they were counted (monotonic)
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -232,13 +243,15 @@ class Conn(asyncio.Protocol):
             if found is None:
                 break
             op, start, at = found
-            payload = apply_mask(data[start:at], data[start - 4 : start])
             if op == _TEXT or op == _BINARY:
+                payload = apply_mask(data[start:at], data[start - 4 : start])
                 self._deliver(Opcode.TEXT if op == _TEXT else Opcode.BINARY, payload)
+            elif not self._control():
+                break  # closing: websockets takes the rest
             elif op == _PONG:
                 self.ping_sent = 0.0
             else:  # a ping: the pong websockets would send, written with the others
-                ws.send_pong(payload)
+                ws.send_pong(apply_mask(data[start:at], data[start - 4 : start]))
                 pinged = True
         if pinged:
             self._write_out()  # one write for a read's pongs, however many pings
@@ -260,10 +273,30 @@ class Conn(asyncio.Protocol):
                 if frame.fin:
                     parts, self._parts = self._parts, None
                     self._deliver(Opcode(parts[0][0]), b"".join(parts[1:]))
+        elif op is Opcode.PING:
+            self._control()  # (websockets has answered it already)
         elif op is Opcode.PONG:
-            self.ping_sent = 0.0
+            if self._control():
+                self.ping_sent = 0.0
         elif op is Opcode.CLOSE:
             self.deadline = time.monotonic() + self.server.close_timeout
+
+    def _control(self) -> bool:
+        """Count a ping or pong from the peer: past CONTROL_BURST, then CONTROL_RATE a
+        second, the socket is closed (1008), and aborted if it is closing already."""
+        now = time.monotonic()
+        tokens = self._controls + (now - self._controls_at) * CONTROL_RATE
+        self._controls = min(tokens, float(CONTROL_BURST))
+        self._controls_at = now
+        if self._controls >= 1.0:
+            self._controls -= 1.0
+            return True
+        if self.ws.state is State.OPEN:
+            log.info("ws_too_many_pings", address=self.address)
+            self.close(POLICY, TOO_MANY_CONTROLS)
+        else:
+            self.abort()
+        return False
 
     def _deliver(self, op: Opcode, data: bytes) -> None:
         if self.session is None:
@@ -313,9 +346,9 @@ class Conn(asyncio.Protocol):
             self.close(1011, "internal error")
 
     def _write_out(self) -> None:
-        """Write what websockets has to send. A peer that sends and never reads (a flood
-        of pings, each owed a pong) would grow the write buffer without end: past
-        max_buffered the socket is aborted."""
+        """Write what websockets has to send. What it writes by itself (pongs, close
+        frames) goes around the gateway's check on its own writes: past twice
+        max_buffered the socket is aborted (the sweep closes it past max_buffered)."""
         writes = self.ws.data_to_send()
         transport = self.transport
         if not writes or transport is None or transport.is_closing():
@@ -323,7 +356,7 @@ class Conn(asyncio.Protocol):
         data = b"".join(writes)
         if data:
             transport.write(data)
-            if transport.get_write_buffer_size() > self.server.max_buffered:
+            if transport.get_write_buffer_size() > 2 * self.server.max_buffered:
                 log.info("ws_not_reading", address=self.address)
                 transport.abort()
                 return
@@ -430,10 +463,13 @@ class Server:
                 log.exception("ws_sweep_failed")
 
     def sweep(self, now: float) -> None:
-        """Keepalive pings, and the deadlines of handshakes, pongs and closes."""
+        """Keepalive pings, the deadlines of handshakes, pongs and closes, and sockets
+        with more than max_buffered unsent (whatever wrote it)."""
         for conn in list(self.conns):
             if conn.deadline and now > conn.deadline:
                 conn.abort()  # a handshake or a close that took too long
+            elif conn.ws.state is State.OPEN and conn.buffered() > self.max_buffered:
+                conn.close(POLICY, NOT_READING)
             elif conn.next_ping and now >= conn.next_ping and conn.ws.state is State.OPEN:
                 conn.next_ping = now + self.heartbeat_s
                 if conn.ping_sent:

@@ -17,7 +17,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from chatnode.wsserver import Conn, Server, text_frame
+from chatnode.wsserver import CONTROL_BURST, CONTROL_RATE, Conn, Server, text_frame
 
 
 class Transport:
@@ -448,9 +448,9 @@ class Writes:
 async def test_a_read_of_many_pings_is_answered_in_one_write() -> None:
     conn, t, _ = await opened()
     writes = Writes(t)
-    conn.data_received(client_frame(Opcode.PING, b"") * 1000)
+    conn.data_received(client_frame(Opcode.PING, b"") * CONTROL_BURST)
     assert writes.count == 1 and conn._fast
-    assert [f.opcode for f in server_frames(t.data)] == [Opcode.PONG] * 1000
+    assert [f.opcode for f in server_frames(t.data)] == [Opcode.PONG] * CONTROL_BURST
 
 
 async def test_a_handshake_read_in_pieces_still_takes_the_short_way() -> None:
@@ -506,6 +506,23 @@ def test_a_text_frame_is_written_as_websockets_writes_it(size: int) -> None:
     assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
 
 
+async def opened_on_its_way(
+    short_way: bool, t: Transport | None = None, **kw: Any
+) -> tuple[Conn, Transport, Handler]:
+    """An open socket, on the short way or (after a fragment) on websockets' parser."""
+    h = Handler()
+    conn = Conn(server(h, **kw))
+    t = t or Transport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    conn.data_received(request_bytes())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    if not short_way:  # a fragment hands every later read to websockets
+        conn.data_received(client_frame(Opcode.TEXT, b"part", fin=False))
+    assert conn._fast is short_way
+    return conn, t, h
+
+
 class Unread(Transport):
     """A transport whose peer never reads: everything written stays buffered."""
 
@@ -519,18 +536,9 @@ class Unread(Transport):
 
 @pytest.mark.parametrize("short_way", [True, False])
 async def test_a_peer_that_floods_pings_and_never_reads_is_aborted(short_way: bool) -> None:
-    """Each ping is owed a pong; a peer that never reads them is aborted once
+    """Each ping is owed a pong; a peer that never reads them is aborted once twice
     max_buffered bytes wait, by the short way and by websockets alike."""
-    h = Handler()
-    conn = Conn(server(h, max_buffered=10_000))
-    t = Unread()
-    conn.connection_made(t)  # type: ignore[arg-type]
-    conn.data_received(request_bytes())
-    for _ in range(5):
-        await asyncio.sleep(0)
-    if not short_way:  # a fragment hands every later read to websockets
-        conn.data_received(client_frame(Opcode.TEXT, b"part", fin=False))
-    assert conn._fast is short_way
+    conn, t, _ = await opened_on_its_way(short_way, Unread(), max_buffered=5_000)
     pings = client_frame(Opcode.PING, b"p" * 125) * 10  # 1,270 bytes of pongs owed
     reads = 0
     while not t.aborted and reads < 100:
@@ -538,3 +546,46 @@ async def test_a_peer_that_floods_pings_and_never_reads_is_aborted(short_way: bo
         reads += 1
     assert t.aborted and reads == 8  # the 101 and 8 x 1,270 bytes: past the bound
     conn.data_received(pings)  # read before the transport reports the loss: not written
+
+
+@pytest.mark.parametrize("short_way", [True, False])
+@pytest.mark.parametrize("op", [Opcode.PING, Opcode.PONG])
+async def test_pings_or_pongs_past_the_burst_close_the_socket(short_way: bool, op: Opcode) -> None:
+    """CONTROL_BURST pings or pongs pass; the next closes the socket with 1008 (no pong
+    for it on the short way); more while it closes abort it."""
+    conn, t, _ = await opened_on_its_way(short_way)
+    conn.data_received(client_frame(op, b"") * CONTROL_BURST)
+    assert conn.ws.state is State.OPEN
+    conn.data_received(client_frame(op, b""))
+    assert conn.close_reason == (1008, "too many pings")
+    pongs = [f for f in server_frames(t.data) if f.opcode is Opcode.PONG]
+    assert len(pongs) == (CONTROL_BURST if op is Opcode.PING else 0) + (
+        1 if op is Opcode.PING and not short_way else 0  # websockets answers before
+    )
+    assert not t.aborted
+    conn.data_received(client_frame(op, b""))
+    assert t.aborted
+
+
+async def test_pings_come_back_at_the_rate() -> None:
+    """Spent, the budget refills at CONTROL_RATE a second."""
+    conn, _, _ = await opened_on_its_way(True)
+    conn.data_received(client_frame(Opcode.PING, b"") * CONTROL_BURST)
+    conn._controls_at -= 5.0  # five seconds later
+    conn.data_received(client_frame(Opcode.PING, b"") * int(5 * CONTROL_RATE))
+    assert conn.ws.state is State.OPEN
+    conn.data_received(client_frame(Opcode.PING, b""))
+    assert conn.close_reason == (1008, "too many pings")
+
+
+async def test_the_sweep_closes_a_socket_with_more_than_max_buffered_unsent() -> None:
+    """Whatever wrote it (here the gateway's frames, which the peer does not read), a
+    socket with more than max_buffered unsent is closed by the next sweep."""
+    conn, _, h = await opened_on_its_way(True, Unread(), max_buffered=5_000)
+    srv = conn.server
+    conn.send_texts([b"x" * 1000] * 4)
+    srv.sweep(0.0)
+    assert conn.ws.state is State.OPEN  # under 5,000
+    conn.send_texts([b"x" * 1000])
+    srv.sweep(0.0)
+    assert conn.close_reason == (1008, "client is not reading") and len(h.closed) == 1
