@@ -28,7 +28,7 @@ from chatnode.redisio import Redis, ignore
 from chatnode.routing import Router
 from chatnode.slowpath import SlowPath
 from chatnode.tasks import TaskSet
-from chatnode.wsserver import Conn
+from chatnode.wsserver import NOT_READING, Conn
 
 log = logs.get(__name__)
 
@@ -245,7 +245,7 @@ class Gateway:
             s.core.close(CloseCode.INTERNAL, "write failed")
             return
         if s.conn.buffered() > OUT_BUFFER_MAX:
-            s.core.close(CloseCode.POLICY, "client is not reading")
+            s.core.close(CloseCode.POLICY, NOT_READING)
         else:
             s.core.written()
 

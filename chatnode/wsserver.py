@@ -37,6 +37,7 @@ from websockets.server import ServerProtocol
 from websockets.speedups import apply_mask
 
 from chatnode import logs
+from chatnode.errors import CloseCode
 from chatnode.tasks import TaskSet
 
 log = logs.get(__name__)
@@ -50,12 +51,11 @@ CLOSE_TIMEOUT_S = 2.0
 HANDSHAKE_BACKLOG = 1024
 KEEPALIVE_TIMEOUT = 1011
 INVALID_DATA = 1007
-POLICY = 1008
 MAX_HANDSHAKE_BYTES = 16_384  # a handshake read past this never takes the short way
 # unsent bytes: past this the sweep closes a socket (1008); past twice this, the write
 # that crosses it aborts the socket (the app passes core.answers.OUT_BUFFER_MAX)
 MAX_BUFFERED = 4 * 1024 * 1024
-NOT_READING = "client is not reading"
+NOT_READING = "client is not reading"  # (the gateway's close for it too)
 # pings and pongs a peer may send: a burst, then so many a second (each costs a parse and
 # a pong, and no frame limit of the gateway's sees them)
 CONTROL_BURST = 100
@@ -293,7 +293,7 @@ class Conn(asyncio.Protocol):
             return True
         if self.ws.state is State.OPEN:
             log.info("ws_too_many_pings", address=self.address)
-            self.close(POLICY, TOO_MANY_CONTROLS)
+            self.close(CloseCode.POLICY, TOO_MANY_CONTROLS)
         else:
             self.abort()
         return False
@@ -469,7 +469,7 @@ class Server:
             if conn.deadline and now > conn.deadline:
                 conn.abort()  # a handshake or a close that took too long
             elif conn.ws.state is State.OPEN and conn.buffered() > self.max_buffered:
-                conn.close(POLICY, NOT_READING)
+                conn.close(CloseCode.POLICY, NOT_READING)
             elif conn.next_ping and now >= conn.next_ping and conn.ws.state is State.OPEN:
                 conn.next_ping = now + self.heartbeat_s
                 if conn.ping_sent:
