@@ -37,6 +37,7 @@ from websockets.server import ServerProtocol
 from websockets.speedups import apply_mask
 
 from chatnode import logs
+from chatnode.bucket import Bucket
 from chatnode.errors import CloseCode
 from chatnode.tasks import TaskSet
 
@@ -89,7 +90,6 @@ class Conn(asyncio.Protocol):
 
     __slots__ = (
         "_controls",
-        "_controls_at",
         "_fast",
         "_parts",
         "_pre",
@@ -117,8 +117,7 @@ class Conn(asyncio.Protocol):
         self._parts: list[bytes] | None = None  # a fragmented message, with its opcode first
         self._pre: bytearray | None = bytearray()  # what was read before the 101 answer
         self._fast = False  # reads are parsed here (_fast_frames) until one is not
-        self._controls = float(CONTROL_BURST)  # pings and pongs the peer may still send
-        self._controls_at = 0.0  # when they were counted (monotonic)
+        self._controls: Bucket | None = None  # pings and pongs metered (from the first)
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -285,11 +284,9 @@ class Conn(asyncio.Protocol):
         """Count a ping or pong from the peer: past CONTROL_BURST, then CONTROL_RATE a
         second, the socket is closed (1008), and aborted if it is closing already."""
         now = time.monotonic()
-        tokens = self._controls + (now - self._controls_at) * CONTROL_RATE
-        self._controls = min(tokens, float(CONTROL_BURST))
-        self._controls_at = now
-        if self._controls >= 1.0:
-            self._controls -= 1.0
+        if self._controls is None:
+            self._controls = Bucket(CONTROL_RATE, CONTROL_BURST, now)
+        if self._controls.take(now):
             return True
         if self.ws.state is State.OPEN:
             log.info("ws_too_many_pings", address=self.address)

@@ -12,33 +12,13 @@ from __future__ import annotations
 
 import math
 
+from chatnode.bucket import Bucket
 from chatnode.config import Settings
 
 MAX_INVALID_FRAMES = 20  # in a burst; then the socket closes with 1008
 INVALID_REFILL_PER_S = 0.2  # one more invalid frame forgiven every 5 s
 # Frame bytes metered with frames: CHATNODE_FRAME_RATE and _BURST times this many bytes.
 BYTES_PER_FRAME = 2048
-
-
-class Bucket:
-    """A token bucket: `rate` tokens a second, at most `burst` saved up."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
-
-    def take(self, now: float, cost: float = 1) -> bool:
-        """Take `cost` tokens if there are that many."""
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return True
-        return False
 
 
 class Meter:

@@ -571,7 +571,8 @@ async def test_pings_come_back_at_the_rate() -> None:
     """Spent, the budget refills at CONTROL_RATE a second."""
     conn, _, _ = await opened_on_its_way(True)
     conn.data_received(client_frame(Opcode.PING, b"") * CONTROL_BURST)
-    conn._controls_at -= 5.0  # five seconds later
+    assert conn._controls is not None
+    conn._controls.stamp -= 5.0  # five seconds later
     conn.data_received(client_frame(Opcode.PING, b"") * int(5 * CONTROL_RATE))
     assert conn.ws.state is State.OPEN
     conn.data_received(client_frame(Opcode.PING, b""))
