@@ -1,7 +1,8 @@
 """The Redis Streams inbox: enqueue (the send script), receipts, read, ack.
 
-Each user's inbox is one stream with one consumer group. An entry stays until the
-user's device acks it (XDEL + XACK). Scripts touch only the owner's hash-tagged keys.
+Each user's inbox is one stream with one consumer group per device. An entry stays
+until every device of the user has acked it (XACK; then XDEL or XTRIM, lua.ACK_DEVICE
+or lua.TRIM). Scripts touch only the owner's hash-tagged keys.
 
 Delivery has two phases. A session that connects catches up: it reads its pending
 entries (`0`), then new ones (`>`); the read that finds nothing new also turns its route

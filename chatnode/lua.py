@@ -49,6 +49,110 @@ def _script(source: str, waits: bool = True) -> Script:
     return Script(source, waits)
 
 
+# Lua: trim_acked(inbox, acct, ids) deletes, of the entries `ids` (any order), those
+# every group an entry waits for is done with (delivered to it and not pending in it:
+# one XPENDING over the ids' range per group with entries pending), then the head of
+# the inbox every such group is done with (before its first pending entry, or else
+# the entry after its last-delivered id: one XTRIM MINID), and returns how many went.
+# The groups an entry waits for are those of the devices the account value `acct`
+# lists (a listed device with no group is done with nothing), or, with no account,
+# every group the stream has: as lua.ACK_DEVICE. It reads them in the same script that
+# deletes, so a device linked at any moment keeps what it has not read. lua.TRIM runs
+# it on the ids a session acked with a plain XACK; a store whose inbox is full runs
+# it on the first FULL_SCAN entries before refusing (_when_full).
+FULL_SCAN = 256
+LUA_TRIM = (
+    keys.LUA_DELIVERED
+    + keys.LUA_DEVICES
+    + """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function before(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+local function waited_by(inbox, acct)
+  local last, pending = groups_of(inbox)
+  if not acct then return last, pending end
+  local l, p = {}, {}
+  for _, k in ipairs(devices(acct)) do
+    local g = group_of(k)
+    l[g], p[g] = last[g] or false, pending[g] or 0
+  end
+  return l, p
+end
+local function done_ids(inbox, last, pending, ids)
+  local out = {}
+  if next(last) == nil or #ids == 0 then return out end
+  local lo, hi = ids[1], ids[1]
+  for _, id in ipairs(ids) do
+    if before(id, lo) then lo = id end
+    if before(hi, id) then hi = id end
+  end
+  local held = {}  -- group -> set of its pending ids in [lo, hi]
+  for g, n in pairs(pending) do
+    if n > 0 and last[g] then
+      local set = {}
+      for _, e in ipairs(redis.call('XPENDING', inbox, g, lo, hi, n)) do set[e[1]] = true end
+      held[g] = set
+    end
+  end
+  for _, id in ipairs(ids) do
+    local done = true
+    for g, upto in pairs(last) do
+      if not upto or before(upto, id) or (held[g] and held[g][id]) then done = false; break end
+    end
+    if done then out[#out + 1] = id end
+  end
+  return out
+end
+local function trim_head(inbox, last, pending)
+  local lms, lseq = nil, nil
+  for g, upto in pairs(last) do
+    if not upto then return 0 end  -- a listed device with no group needs them all
+    local ms, seq
+    if pending[g] > 0 then  -- its first pending entry
+      ms, seq = id_parts(redis.call('XPENDING', inbox, g)[2])
+    else  -- the entry after its last-delivered one
+      ms, seq = id_parts(upto)
+      seq = seq + 1
+    end
+    if not lms or ms < lms or (ms == lms and seq < lseq) then lms, lseq = ms, seq end
+  end
+  if not lms then return 0 end
+  return redis.call('XTRIM', inbox, 'MINID', string.format('%d-%d', lms, lseq))
+end
+local function trim_acked(inbox, acct, ids)
+  local last, pending = waited_by(inbox, acct)
+  local gone, n = done_ids(inbox, last, pending, ids), 0
+  if #gone > 0 then n = redis.call('XDEL', inbox, unpack(gone)) end
+  return n + trim_head(inbox, last, pending)
+end
+"""
+)
+
+
+def _when_full(inbox: str, acct: str, limit: str, refuse: str) -> str:
+    """Lua statements: `refuse` (a return) if the inbox `inbox` holds `limit` entries or
+    more once what every device is done with has gone (LUA_TRIM over its first
+    FULL_SCAN entries and its head, run only when the length alone reaches the limit;
+    `acct` is the account value). Lua expressions."""
+    return f"""
+if redis.call('XLEN', {inbox}) >= tonumber({limit}) then
+{LUA_TRIM}
+  local scan = {{}}
+  for _, e in ipairs(redis.call('XRANGE', {inbox}, '-', '+', 'COUNT', {FULL_SCAN})) do
+    scan[#scan + 1] = e[1]
+  end
+  trim_acked({inbox}, {acct}, scan)
+  if redis.call('XLEN', {inbox}) >= tonumber({limit}) then {refuse} end
+end
+"""
+
+
 # KEYS: account, blocks, inbox, dedupe, route, unread counts (keys.unread) of the
 # recipient.
 # ARGV: sender, client id, body, ts, inbox limit, dedupe ttl, recipient, dedupe window,
@@ -75,7 +179,9 @@ if prior then
 end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[2] == 1 then return {'blocked'} end
-if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[5]) then return {'full'} end
+"""
+    + _when_full("KEYS[3]", "seen[1]", "ARGV[5]", "return {'full'}")
+    + """
 if hit[1] == 1 then
   local id = redis.call('XADD', KEYS[3], '*', 'k', '')
   redis.call('XDEL', KEYS[3], id)
@@ -106,7 +212,9 @@ OWN = _script(
     """
 local known = redis.call('MGET', KEYS[2], KEYS[3])
 if not known[1] then return 0 end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+"""
+    + _when_full("KEYS[1]", "known[1]", "ARGV[2]", "return 0")
+    + """
 redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 """
     + keys.lua_push_all("KEYS[1]", "known[1]", "known[2]", "ARGV[1]", "1")
@@ -131,20 +239,21 @@ return 1
 # key of each client id the read frame names (sender = the frame's `to`, recipient = the
 # reader). ARGV: the sender, the reading device's group, then per id 1 if it is out on
 # the reader's socket now, else 0. An id may get a read receipt if its message was
-# stored for the reader and was delivered: out on the socket, pending in the group (read
-# for delivery, e.g. on a socket before a reconnect), or acked (gone from the stream);
-# and if it had no read receipt yet. Those are marked read, and each leaves the sender's
-# count (SEND counted it) while the count lasts. Ids of sends a block dropped, and ids
-# read already, are passed over in silence, like receipts across a block. An id with no
-# record (its key expired: acked more than the dedupe window ago, or never sent) is
-# taken on trust while the sender's count of messages stored and not read lasts, one
-# each, less the sender's messages not delivered yet (after the group's last-delivered
-# id: the count holds them too, and a read must not stand for one of them); with more
-# than TRUST_SCAN entries waiting, or no group, nothing is taken on trust. The server
-# cannot tell which message such an id names any more, only that there is one. Returns
-# {ids with no record and nothing left to count them against, ids stored but never
-# delivered, indexes of the ids to receipt (1-based, in frame order), how many the count
-# gave}.
+# stored for the reader and was delivered: out on the socket, read by the device's group
+# (at or before its last-delivered id: pending in it, e.g. on a socket before a
+# reconnect, or acked by it and not yet trimmed), or gone from the stream (acked by
+# every device); and if it had no read receipt yet. Those are marked read, and each
+# leaves the sender's count (SEND counted it) while the count lasts. Ids of sends a
+# block dropped, and ids read already, are passed over in silence, like receipts across
+# a block. An id with no record (its key expired: acked more than the dedupe window ago,
+# or never sent) is taken on trust while the sender's count of messages stored and not
+# read lasts, one each, less the sender's messages not delivered yet (after the group's
+# last-delivered id: the count holds them too, and a read must not stand for one of
+# them); with more than TRUST_SCAN entries waiting, or no group, nothing is taken on
+# trust. The server cannot tell which message such an id names any more, only that there
+# is one. Returns {ids with no record and nothing left to count them against, ids stored
+# but never delivered, indexes of the ids to receipt (1-based, in frame order), how many
+# the count gave}.
 READ = _script(
     keys.LUA_DELIVERED
     + """
@@ -152,6 +261,15 @@ local fresh, gone, undelivered = {}, {}, 0
 local left = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local took = 0
 local group = ARGV[2]
+local upto = nil  -- the group's last-delivered id (false: no group), read once if needed
+local function delivered(id)  -- to the group: pending in it, or acked by it
+  if upto == nil then upto = delivered_upto(KEYS[1], group) or false end
+  if not upto then return false end
+  local am, as = string.match(id, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(upto, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as <= bs)
+end
 for i = 3, #KEYS do
   local v = redis.call('GET', KEYS[i])
   local id, rest = nil, nil
@@ -159,12 +277,7 @@ for i = 3, #KEYS do
   if not id then
     gone[#gone + 1] = i - 2
   elseif not string.find(rest, '|[br]') then
-    local out = ARGV[i] == '1'
-    if not out then
-      local held = redis.pcall('XPENDING', KEYS[1], group, id, id, 1)
-      out = type(held) == 'table' and held[1] ~= nil
-    end
-    if out or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
+    if ARGV[i] == '1' or delivered(id) or redis.call('XRANGE', KEYS[1], id, id)[1] == nil then
       redis.call('SET', KEYS[i], v .. '|r', 'KEEPTTL')
       fresh[#fresh + 1] = i - 2
       if took < left then took = took + 1 end
@@ -237,7 +350,9 @@ local known = redis.call('MGET', KEYS[1], KEYS[4])
 if not known[1] then return {'unknown'} end
 local hit = redis.call('SMISMEMBER', KEYS[2], ARGV[1], '<' .. ARGV[1])
 if hit[1] == 1 or hit[2] == 1 then return {'dropped'} end
-if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then return {ARGV[7]} end
+"""
+    + _when_full("KEYS[3]", "known[1]", "ARGV[6]", "return {ARGV[7]}")
+    + """
 redis.call('XADD', KEYS[3], '*', 'k', 'r', 's', ARGV[2], 'f', ARGV[1], 'i', ARGV[3],
            't', ARGV[4])
 """
@@ -475,6 +590,20 @@ if #gone > 0 then redis.call('XDEL', KEYS[1], unpack(gone)) end
 return #gone
 """,
     waits=False,  # a lost ack redelivers the same msgIds: nothing to wait for
+)
+
+# KEYS: inbox, account. ARGV: entry ids a session acked with a plain XACK
+# (core.acks). LUA_TRIM: XDEL of those every device is done with, then XTRIM of the
+# head every device is done with (what an earlier session acked and did not trim:
+# its TRIM was lost, or its node died). Sent at the redelivery sweep after plain
+# XACKs, when the socket ends, and when core.socket.TRIM_BATCH ids wait. Returns how
+# many went.
+TRIM = _script(
+    LUA_TRIM
+    + """
+return trim_acked(KEYS[1], redis.call('GET', KEYS[2]), ARGV)
+""",
+    waits=False,  # lost in a failover, the entries stay acked: a later trim takes them
 )
 
 # KEYS: inbox, account. ARGV: the acking device's group, then entry ids. Read only:

@@ -53,8 +53,8 @@ class SlowPath:
                 return await store_message(
                     batcher, load, sender, frame, ts, limit, window, self.push
                 )
-            case FetchEntries(owner, msg_ids):
-                return await fetch(batcher, owner, msg_ids)
+            case FetchEntries(owner, msg_ids, device):
+                return await fetch(batcher, owner, msg_ids, device)
             case StoreReceipts(acker, receipts, ack_ids, messages, device):
                 for receipt in receipts:
                     try:
@@ -115,12 +115,25 @@ async def store_receipt(batcher: Redis, load: Loader, receipt: inbox.Receipt, li
         raise InboxFull()
 
 
-async def fetch(batcher: Redis, mobile: str, msg_ids: list[str]) -> list[inbox.Entry]:
-    """The entries of `mobile`'s inbox with these ids (those still there), one pipeline."""
-    replies = await asyncio.gather(
-        *(batcher.call("XRANGE", keys.inbox(mobile), m, m) for m in msg_ids)
-    )
-    return [inbox.decode(item[0], item[1]) for reply in replies for item in reply or ()]
+async def fetch(
+    batcher: Redis, mobile: str, msg_ids: list[str], device: str = keys.DEFAULT_DEVICE
+) -> list[inbox.Entry]:
+    """The entries of `mobile`'s inbox with these ids that are pending in `device`'s
+    group (delivered to it, not acked yet), one pipeline. An entry acked already (by a
+    plain XACK, still in the stream until its trim; or acked by this device while
+    another still holds it) is left out, as is one never delivered to the device."""
+    box, group = keys.inbox(mobile), keys.group(device)
+    held = [batcher.call("XPENDING", box, group, m, m, 1) for m in msg_ids]
+    found = [batcher.call("XRANGE", box, m, m) for m in msg_ids]
+    replies = await asyncio.gather(*held, *found, return_exceptions=True)
+    for reply in replies:
+        if isinstance(reply, BaseException) and not inbox.lost_group(reply):
+            raise reply
+    out: list[inbox.Entry] = []
+    for mine, reply in zip(replies[: len(msg_ids)], replies[len(msg_ids) :], strict=True):
+        if mine and not isinstance(mine, BaseException) and not isinstance(reply, BaseException):
+            out.extend(inbox.decode(item[0], item[1]) for item in reply or ())
+    return out
 
 
 async def ack(

@@ -8,7 +8,7 @@ and carries out the actions. Nothing here opens a socket, awaits, or reads the c
 except through `Node.clock`, so the unit tests drive a core with plain calls.
 
     socket.py    SocketCore: lifecycle, frames in, limits, send, typing
-    acks.py      Acks: ack frames (receipts first, then XDEL/XACK) and read receipts
+    acks.py      Acks: ack frames (receipts first, then XACK; trimmed later) and read receipts
     meter.py     Meter: the socket's rate limits, invalid frames, refusals in a row
     lane.py      SlowLane: frames whose work may need PostgreSQL, one at a time
     delivery.py  Delivery: catch-up -> live -> lagging, redelivery

@@ -1,7 +1,8 @@
 """Acks and read receipts on one socket.
 
-An ack stores the delivered receipts first, then removes the entries (XDEL, XACK): an
-entry leaves the inbox only once its receipt is stored, so a receipt that cannot be
+An ack stores the delivered receipts first, then acks the entries (XACK; they leave the
+stream with it or at the next trim): an entry is acked only once its receipt is
+stored, so a receipt that cannot be
 stored leaves the entry to be delivered, and acked, again. The acked messages' dedupe
 keys are shortened to the dedupe window with them. A read receipt names only messages
 its sender delivered to this user, each once (lua.READ; past the dedupe window, as many
@@ -14,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from chatnode import frames, inbox, logs, lua
+from chatnode import frames, inbox, keys, logs, lua
 from chatnode.core.actions import (
     Call,
     CheckKnown,
@@ -66,7 +67,7 @@ class Acks:
         core.delivery.acked()  # room for more entries on this socket
         ids = ledger.acking_now([e for e, _ in done])
         if unknown:
-            job = FetchEntries(core.mobile, unknown)
+            job = FetchEntries(core.mobile, unknown, core.device_key)
             core.lane.add(answer, None, job, lambda r: self._fetched(done, ids, r))
             return
         if not done:  # every id is being acked already
@@ -119,24 +120,35 @@ class Acks:
             core.emit(Call(args, functools.partial(stored, receipt), lua.RECEIPT, argv))
 
     def _remove(self, done: list[Acked], ids: list[str], answer: Answer) -> None:
-        """This device's ack of entries whose receipts are stored (lua.ACK_DEVICE: XACK,
-        and XDEL of what no other device still needs), and the acked messages' dedupe
-        keys shortened (inbox.shorten). Nobody waits for them (no answer unless the ack
-        fails): they ride with other work."""
+        """This device's ack of entries whose receipts are stored, and the acked
+        messages' dedupe keys shortened (inbox.shorten). Nobody waits for them (no
+        answer unless the ack fails): they ride with other work. A session that knows
+        of one device sends a plain XACK, and the entries leave the stream at its next
+        trim (lua.TRIM, SocketCore.trim), which reads every group in the script that
+        deletes: a device linked meanwhile keeps what it has not read. With several,
+        lua.ACK_DEVICE: XACK, and XDEL of what no other device still needs."""
         core = self.core
+
+        plain = core.solo
 
         def removed(reply: Any) -> None:
             core.ledger.acked(ids)
             if isinstance(reply, Exception):
                 self._unacked_again(done)
                 core.refuse(Code.UNAVAILABLE, ACK_FAILED, None, answer)
-            else:
-                core.meter.refused = 0  # an ack that went through ends a run of refusals
-                core.node.metrics.acked += len(done)
-                core.answers.give(answer, None)
+                return
+            core.meter.refused = 0  # an ack that went through ends a run of refusals
+            core.node.metrics.acked += len(done)
+            core.answers.give(answer, None)
+            if plain:  # the entries leave at a trim after this XACK
+                core.trimmed_later(ids)
 
-        args, argv = inbox.ack_device_call(core.mobile, core.device_key, ids)
-        core.emit(Call(args, removed, lua.ACK_DEVICE, argv, True))
+        if plain:
+            group = keys.group(core.device_key)
+            core.emit(Call(("XACK", keys.inbox(core.mobile), group, *ids), removed, None, (), True))
+        else:
+            args, argv = inbox.ack_device_call(core.mobile, core.device_key, ids)
+            core.emit(Call(args, removed, lua.ACK_DEVICE, argv, True))
         messages = inbox.acked_messages(e for e, _ in done)
         for command in inbox.shorten(core.mobile, messages, core.settings.dedupe_window_s):
             core.emit(Call(command, None, None, (), True))

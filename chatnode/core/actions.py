@@ -89,10 +89,12 @@ class StoreMessage:
 
 @dataclass(frozen=True, slots=True)
 class FetchEntries:
-    """The entries of the owner's inbox with these ids, those still there."""
+    """The entries of the owner's inbox with these ids, those pending in the device's
+    group (delivered to it, not acked yet)."""
 
     owner: str
     msg_ids: list[str]
+    device: str = ""  # the acking device (keys.device_key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from chatnode.errors import ChatError, CloseCode, Code
 log = logs.get(__name__)
 
 MAX_HELD_FRAMES = 64  # frames waiting on a claim or a slow operation; then reading pauses
+TRIM_BATCH = 512  # ids acked with a plain XACK that one lua.TRIM takes at most
 
 UNAVAILABLE = "Redis is unavailable, try again"
 
@@ -65,6 +66,7 @@ class SocketCore:
         "settings",
         "sid",
         "solo",
+        "to_trim",
         "wire",
     )
 
@@ -88,6 +90,7 @@ class SocketCore:
         self.device_key = device_key  # in Redis names: '' for `default` (keys.device_key)
         self.session = keys.session(mobile, device_key)  # this device's name on the node
         self.solo = False  # the user's only device (CLAIM says): its acks are the first
+        self.to_trim: list[str] = []  # ids acked with a plain XACK since the last lua.TRIM
         self.heard = False  # the device count came since (not from CLAIM)
         self.jti = jti
         self.expires_at = expires_at  # the token's exp: the socket closes with 4003 after it
@@ -183,6 +186,7 @@ class SocketCore:
         if saved is not None:
             value, ttl = saved
             self.emit(Call(("SET", keys.send_tokens(self.mobile), value, "EX", ttl)))
+        self.trim()
         args, argv = lua.release_call(self.mobile, self.device_key, self.route, self.now_ms())
         self.emit(Call(args, self._released, lua.RELEASE, argv))
 
@@ -356,3 +360,30 @@ class SocketCore:
     def tick(self, now: float) -> None:
         """The redelivery sweep."""
         self.delivery.tick(now, self.wire.paused)
+        self.trim()
+
+    def trimmed_later(self, ids: list[str]) -> None:
+        """Entries a plain XACK acked: they leave the inbox at the next trim; at once
+        if TRIM_BATCH ids wait, or if the socket has ended (no sweep comes for it)."""
+        self.to_trim.extend(ids)
+        if self.closed or len(self.to_trim) >= TRIM_BATCH:
+            self.trim()
+
+    def trim(self) -> None:
+        """Entries acked with a plain XACK leave the inbox (lua.TRIM): at each
+        redelivery sweep, when the socket ends, and as trimmed_later says. A trim that
+        fails gives its ids back to the next one while the socket lasts (at most
+        TRIM_BATCH wait: past that the oldest are left to a later head trim)."""
+        if not self.to_trim:
+            return
+        ids, self.to_trim = self.to_trim, []
+
+        def trimmed(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                log.warning("trim_failed", user=self.mobile, error=type(reply).__name__)
+                if not self.closed:
+                    self.to_trim = (ids + self.to_trim)[-TRIM_BATCH:]
+
+        self.emit(
+            Call((keys.inbox(self.mobile), keys.account(self.mobile)), trimmed, lua.TRIM, ids)
+        )

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -504,3 +504,13 @@ async def auth_event_kinds(database_url: str, mobile: str) -> list[tuple[str, st
     finally:
         await conn.close()
     return [(r["kind"], r["node"]) for r in rows]
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], want: Any, timeout: float = 10) -> Any:
+    """Await `probe()` every 0.1 s until it gives `want` or `timeout` passes; its last
+    value (for the caller's assert). For state a node settles on its own, such as
+    acked entries leaving the stream at the session's next trim."""
+    deadline = time.monotonic() + timeout
+    while (value := await probe()) != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return value

@@ -524,3 +524,165 @@ async def test_a_claim_of_a_device_the_list_lacks_is_refused(
     assert await presence.refresh(batcher, bob, "", "n1|s2", 60, 2) == [1, 1]
     await redis.set(keys.account(bob), keys.account_value(["7"]))  # the default device went
     assert await presence.refresh(batcher, bob, "", "n1|s2", 60, 3) == [3, 1]
+
+
+# -- plain acks and TRIM: what a one-device session acks leaves at the next trim
+
+
+async def trim(batcher: Batcher, owner: str, *acked: str) -> Any:
+    """lua.TRIM of the ids `acked` (and the head): how many entries went."""
+    return await batcher.script(lua.TRIM, [keys.inbox(owner), keys.account(owner)], list(acked))
+
+
+async def plain_ack(batcher: Batcher, owner: str, device: str, *msg_ids: str) -> Any:
+    """A one-device session's ack (core.acks): XACK alone."""
+    return await batcher.run("XACK", keys.inbox(owner), keys.group(device), *msg_ids)
+
+
+async def test_trim_deletes_the_prefix_every_group_is_done_with(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """Before the first entry a group still needs: its first pending one, or the one
+    after its last-delivered id. An acked entry behind a pending one waits for it."""
+    alice, bob = await user(redis), await user(redis)
+    ids = [(await send(batcher, alice, bob, f"t{i}")).msg_id for i in range(5)]
+    assert await trim(batcher, bob) == 0  # delivered to no one yet
+    await batcher.run(*inbox.pending_call(bob, "", ">"))
+    await plain_ack(batcher, bob, "", ids[0], ids[1], ids[3])
+    assert await trim(batcher, bob) == 2
+    assert [e[0] for e in await redis.xrange(keys.inbox(bob))] == ids[2:]
+    await plain_ack(batcher, bob, "", ids[2])
+    assert await trim(batcher, bob) == 2  # ids[3] too, acked earlier
+    assert [e[0] for e in await redis.xrange(keys.inbox(bob))] == ids[4:]
+    await redis.xgroup_create(keys.inbox(bob), keys.group("7"), "0")  # a device linked now
+    await redis.set(keys.account(bob), keys.account_value(["", "7"]))
+    await plain_ack(batcher, bob, "", ids[4])
+    assert await trim(batcher, bob) == 0  # group 7 has not read it
+    await batcher.run(*inbox.pending_call(bob, "7", ">"))
+    assert await trim(batcher, bob) == 0  # pending in group 7
+    await plain_ack(batcher, bob, "7", ids[4])
+    assert await trim(batcher, bob) == 1
+    assert await redis.xlen(keys.inbox(bob)) == 0
+    await redis.delete(keys.inbox(bob))
+    await redis.xadd(keys.inbox(bob), {"k": "r"})
+    assert await trim(batcher, bob, "1-1") == 0  # no group: nothing is known to be done
+    await redis.delete(keys.inbox(bob))
+    assert await trim(batcher, bob) == 0  # no stream
+
+
+async def test_a_plain_ack_after_a_device_was_linked_keeps_what_the_new_device_needs(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """A session that still believes it is the only device acks with XACK alone; the
+    trim reads the groups in the same script that deletes, so what the new device has
+    not read stays, whatever the acking session has heard."""
+    alice, bob = await user(redis), await user(redis)
+    await redis.set(keys.account(bob), keys.account_value([""]))
+    first, second = await send(batcher, alice, bob, "c1"), await send(batcher, alice, bob, "c2")
+    await batcher.run(*inbox.pending_call(bob, "", ">"))  # the default device read both
+    await plain_ack(batcher, bob, "", first.msg_id)
+    assert await trim(batcher, bob) == 1
+    args = [keys.account(bob), keys.inbox(bob), keys.loading(bob)]
+    assert await batcher.script(lua.ADD_DEVICE, args, ["7", keys.group("7"), bob]) == 2
+    await plain_ack(batcher, bob, "", second.msg_id)  # it has not heard of device 7
+    assert await trim(batcher, bob) == 0
+    entries = await batcher.run(*inbox.pending_call(bob, "7", ">"))
+    assert [e[0] for e in entries[0][1]] == [second.msg_id]  # the new device gets it
+    assert await ack_as(batcher, bob, "7", second.msg_id) == 1  # done by both: it goes
+
+
+async def test_a_full_inbox_first_trims_what_is_acked(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """Entries acked and not yet trimmed do not count against the inbox limit: a send
+    or a receipt that finds the inbox full trims first."""
+    alice, bob = await user(redis), await user(redis)
+    for i in range(100):  # the limit `send` passes
+        await redis.xadd(keys.inbox(bob), {"k": "r", "i": str(i)})
+    entries = await batcher.run(*inbox.pending_call(bob, "", ">"))
+    ids = [e[0] for e in entries[0][1]]
+    with pytest.raises(InboxFull):
+        await send(batcher, alice, bob, "f0")
+    await plain_ack(batcher, bob, "", ids[1])  # behind ids[0], still pending
+    stored = await send(batcher, alice, bob, "f1")  # room: the acked entry went
+    assert stored is not None and await redis.xlen(keys.inbox(bob)) == 100
+    read_receipt = inbox.Receipt(bob, alice, "read", ["x"], 1)
+    reply = await batcher.script(lua.RECEIPT, *read_receipt.call(100))
+    assert reply == ["full"]  # nothing acked to trim
+    await plain_ack(batcher, bob, "", ids[0], ids[2])
+    assert await batcher.script(lua.RECEIPT, *read_receipt.call(100)) == ["ok"]
+    assert await redis.xlen(keys.inbox(bob)) == 99
+    assert await redis.xrange(keys.inbox(bob), count=1) == await redis.xrange(
+        keys.inbox(bob), ids[3], ids[3]
+    )  # what is left starts at the first entry still pending
+
+
+async def test_a_read_of_an_acked_message_not_yet_trimmed_gets_its_receipt(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    alice, bob = await user(redis), await user(redis)
+    msg_ids = await delivered(batcher, redis, alice, bob, 2)
+    await plain_ack(batcher, bob, "", msg_ids[0])  # still in the stream: acked by the group
+    assert await read(batcher, bob, alice, ["r0"]) == (0, 0, ["r0"], 1)
+    assert await trim(batcher, bob, msg_ids[0]) == 1
+    assert await redis.xlen(keys.inbox(bob)) == 1
+    assert await read(batcher, bob, alice, ["r1"]) == (0, 0, ["r1"], 1)  # pending
+
+
+async def test_an_ack_of_an_id_acked_already_finds_nothing_to_ack_again(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """slowpath.fetch (the ids a socket did not deliver itself) gives only entries
+    pending in the device's group: not one acked and not yet trimmed (its ack again
+    would store a second `delivered`), nor one never delivered to the device."""
+    alice, bob = await user(redis), await user(redis)
+    msg_ids = await delivered(batcher, redis, alice, bob, 2)
+    await plain_ack(batcher, bob, "", msg_ids[0])
+    assert [e.msg_id for e in await slowpath.fetch(batcher, bob, msg_ids)] == [msg_ids[1]]
+    later = await send(batcher, alice, bob, "r9")  # stored, not read for delivery
+    assert await slowpath.fetch(batcher, bob, [later.msg_id]) == []
+    assert await slowpath.fetch(batcher, bob, msg_ids, "7") == []  # no such group
+    assert await slowpath.fetch(batcher, new_mobile(), ["1-0"]) == []  # no such stream
+
+
+async def test_trim_deletes_the_acked_ids_it_is_given_behind_a_pending_entry(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """The ids a session acked go even behind an entry still pending (acked out of
+    order), once every group is done with them; an id a group has not read, or holds
+    pending, stays."""
+    alice, bob = await user(redis), await user(redis)
+    ids = [(await send(batcher, alice, bob, f"o{i}")).msg_id for i in range(4)]
+    await batcher.run(*inbox.pending_call(bob, "", ">"))
+    await plain_ack(batcher, bob, "", ids[1], ids[2])
+    await redis.set(keys.account(bob), keys.account_value(["", "7"]))  # a device linked
+    assert await trim(batcher, bob, ids[1], ids[2]) == 0  # 7 has no group yet: it needs all
+    await redis.xgroup_create(keys.inbox(bob), keys.group("7"), "0")
+    assert await trim(batcher, bob, ids[1], ids[2]) == 0
+    await batcher.run(*inbox.pending_call(bob, "7", ">"))  # device 7 read them all
+    await plain_ack(batcher, bob, "7", ids[0], ids[2], ids[3])
+    assert await trim(batcher, bob, ids[1], ids[2]) == 1  # 7 holds ids[1]
+    assert [e[0] for e in await redis.xrange(keys.inbox(bob))] == [ids[0], ids[1], ids[3]]
+    await redis.set(keys.account(bob), keys.account_value([""]))  # 7 removed
+    await plain_ack(batcher, bob, "", ids[0])
+    assert await trim(batcher, bob, ids[0]) == 2  # and ids[1], at the head now
+    assert [e[0] for e in await redis.xrange(keys.inbox(bob))] == [ids[3]]  # still pending
+
+
+async def test_a_group_no_listed_device_owns_holds_nothing_back(
+    batcher: Batcher, redis: aioredis.Redis
+) -> None:
+    """A group left by a device the account no longer lists (its removal raced) does not
+    keep acked entries in the inbox, nor fill it: as lua.ACK_DEVICE, only the listed
+    devices count."""
+    alice, bob = await user(redis), await user(redis)
+    await redis.xgroup_create(keys.inbox(bob), keys.group("9"), "0")  # listed nowhere
+    ids = [(await send(batcher, alice, bob, f"n{i}")).msg_id for i in range(3)]
+    await batcher.run(*inbox.pending_call(bob, "", ">"))
+    await plain_ack(batcher, bob, "", ids[1])
+    assert await trim(batcher, bob, ids[1]) == 1
+    await plain_ack(batcher, bob, "", ids[0])
+    assert await trim(batcher, bob) == 1  # the head
+    await redis.delete(keys.account(bob))  # unknown to Redis: every group counts
+    await plain_ack(batcher, bob, "", ids[2])
+    assert await trim(batcher, bob, ids[2]) == 0

@@ -232,6 +232,15 @@ class Inbox:
             del self.stream[seq]
         return len(gone)
 
+    def _trim(self, call: Call) -> Any:  # the ids and the head the group is done with
+        low = min(self.pending) if self.pending else self.delivered_upto + 1
+        listed = {int(m.partition("-")[0]) for m in call.argv}
+        done = {s for s in listed if s <= self.delivered_upto and s not in self.pending}
+        gone = [s for s in self.stream if s < low or s in done]
+        for seq in gone:
+            del self.stream[seq]
+        return len(gone)
+
     def _expire(self, call: Call) -> Any:
         assert call.args[3] == "LT"  # an ack shortens a dedupe key, never lengthens it
         return 1

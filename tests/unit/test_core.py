@@ -20,7 +20,7 @@ from chatnode.core.actions import (
     StoreMessage,
     StoreReceipts,
 )
-from chatnode.core.socket import MAX_HELD_FRAMES, SocketCore
+from chatnode.core.socket import MAX_HELD_FRAMES, TRIM_BATCH, SocketCore
 from chatnode.errors import CloseCode, Unavailable, UnknownRecipient
 from tests.unit.corekit import (
     ME,
@@ -419,12 +419,80 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert calls[0].argv[2] == "p0,p1"
     feed(core, calls[0], ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["ACK_DEVICE", "EXPIRE", "EXPIRE"]
+    assert [name_of(c) for c in calls] == ["XACK", "EXPIRE", "EXPIRE"]  # the only device
     assert all(c.defer for c in calls)
     for call in calls:
         feed(core, call, model.answer(call))
-    assert model.entries() == [] and not core.ledger.out and core.ledger.acking is None
+    assert not core.ledger.out and core.ledger.acking is None
     assert written(core) == []  # an ack that goes through is not answered
+    assert model.entries() == ids  # acked, in the stream until the next trim
+    core.tick(core.node.clock.monotonic())
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["TRIM"]
+    assert list(calls[0].args) == [keys.inbox(ME), keys.account(ME)]
+    assert list(calls[0].argv) == ids
+    feed(core, calls[0], model.answer(calls[0]))
+    assert model.entries() == []
+    core.tick(core.node.clock.monotonic())
+    assert run(core, model) == []  # nothing acked since: no trim
+
+
+def test_a_trim_goes_at_once_when_trim_batch_ids_wait() -> None:
+    core, _ = opened()
+    core.trimmed_later([f"{i}-0" for i in range(TRIM_BATCH - 1)])
+    assert take(core)[0] == []
+    core.trimmed_later([f"{TRIM_BATCH}-0"])
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["TRIM"] and len(calls[0].argv) == TRIM_BATCH
+    assert core.to_trim == []
+
+
+def test_a_session_that_knows_several_devices_acks_with_the_script() -> None:
+    """lua.ACK_DEVICE deletes only what every listed device is done with; no trim."""
+    core, model = opened()
+    core.devices_now(2)
+    ids = delivered(core, model, 1)
+    receipt_id = model.receipt_from_peer(["s1"])
+    while model.pushes:
+        core.pushed(*parse_push(model.pushes.popleft()))
+    core.receive(orjson.dumps({"type": "ack", "msgIds": [receipt_id]}).decode())
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["ACK_DEVICE"]
+    assert list(calls[0].args) == [keys.inbox(ME), keys.account(ME)]
+    assert list(calls[0].argv) == [keys.GROUP, receipt_id]
+    feed(core, calls[0], model.answer(calls[0]))
+    core.tick(core.node.clock.monotonic())
+    assert run(core, model) == []
+    assert model.entries() == ids
+
+
+def acking_a_receipt() -> tuple[SocketCore, Inbox]:
+    """A one-device session that got a receipt and sent its ack."""
+    core, model = opened()
+    ids = [model.receipt_from_peer(["s1"])]
+    while model.pushes:
+        core.pushed(*parse_push(model.pushes.popleft()))
+    core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
+    return core, model
+
+
+def test_an_xack_answered_after_the_socket_ended_trims_at_its_reply() -> None:
+    core, model = acking_a_receipt()
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["XACK"]
+    core.ended()
+    assert run(core, model) == ["RELEASE"]  # nothing acked yet: no trim
+    feed(core, calls[0], model.answer(calls[0]))
+    assert run(core, model) == ["TRIM"]
+    assert model.entries() == []
+
+
+def test_a_socket_that_ends_trims_what_it_acked() -> None:
+    core, model = acking_a_receipt()
+    assert run(core, model) == ["XACK"]
+    core.ended()
+    assert run(core, model) == ["TRIM", "RELEASE"]
+    assert model.entries() == []
 
 
 def test_an_ack_removes_and_shortens_with_deferred_calls() -> None:
@@ -446,11 +514,11 @@ def test_an_ack_removes_and_shortens_with_deferred_calls() -> None:
     for call in calls:
         feed(core, call, ["ok"])
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["ACK_DEVICE", "EXPIRE", "EXPIRE", "EXPIRE"]
+    assert [name_of(c) for c in calls] == ["XACK", "EXPIRE", "EXPIRE", "EXPIRE"]
     assert all(c.defer for c in calls)  # one pipeline, with others
     ack, *shorten = calls
-    assert list(ack.args) == [keys.inbox(ME), keys.account(ME)]
-    assert ack.argv[0] == keys.GROUP and sorted(ack.argv[1:]) == sorted(acked)  # receipts too
+    assert list(ack.args[:3]) == ["XACK", keys.inbox(ME), keys.GROUP]
+    assert sorted(ack.args[3:]) == sorted(acked)  # receipts too
     assert [c.args for c in shorten] == [
         ("EXPIRE", keys.dedupe(ME, PEER, "p0"), 42, "LT"),
         ("EXPIRE", keys.dedupe(ME, PEER, "p1"), 42, "LT"),
@@ -458,7 +526,7 @@ def test_an_ack_removes_and_shortens_with_deferred_calls() -> None:
     ]
     for call in calls:
         feed(core, call, model.answer(call))
-    assert model.entries() == [] and core.ledger.acking is None and written(core) == []
+    assert core.ledger.acking is None and written(core) == []
 
 
 def test_an_ack_of_receipts_only_shortens_nothing() -> None:
@@ -468,8 +536,8 @@ def test_an_ack_of_receipts_only_shortens_nothing() -> None:
         core.pushed(*parse_push(model.pushes.popleft()))
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
-    assert [name_of(c) for c in calls] == ["ACK_DEVICE"]  # no receipt, no dedupe key
-    assert list(calls[0].argv[1:]) == ids
+    assert [name_of(c) for c in calls] == ["XACK"]  # no receipt, no dedupe key
+    assert list(calls[0].args[3:]) == ids
 
 
 def test_a_receipt_that_cannot_be_stored_keeps_the_entries_unacked() -> None:

@@ -254,7 +254,7 @@ class World:
                 out = []
                 for msg_id in ids:
                     fields = self.model._fields(seq(msg_id)[0])
-                    if fields is not None:
+                    if fields is not None and seq(msg_id)[0] in self.model.pending:
                         out.append(inbox.decode(msg_id, fields))
                 return out
             case StoreReceipts(_, _, ids):
