@@ -49,11 +49,12 @@ def _script(source: str, waits: bool = True) -> Script:
     return Script(source, waits)
 
 
-# Lua: trim_acked(inbox, acct, ids) deletes, of the entries `ids` (any order), those
-# every group an entry waits for is done with (delivered to it and not pending in it:
-# one XPENDING over the ids' range per group with entries pending), then the head of
-# the inbox every such group is done with (before its first pending entry, or else
-# the entry after its last-delivered id: one XTRIM MINID), and returns how many went.
+# Lua: trim_acked(inbox, acct, ids) deletes the head of the inbox every group an entry
+# waits for is done with (before the group's first pending entry, or else the entry
+# after its last-delivered id: one XTRIM MINID), then, of the entries `ids` (any order)
+# past that head (acked out of order), those every such group is done with (delivered
+# to it and not pending in it: one XPENDING over their range per group with entries
+# pending; XDEL), and returns how many went.
 # The groups an entry waits for are those of the devices the account value `acct`
 # lists (a listed device with no group is done with nothing), or, with no account,
 # every group the stream has: as lua.ACK_DEVICE. It reads them in the same script that
@@ -69,11 +70,6 @@ local function id_parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
-local function before(a, b)
-  local am, as = id_parts(a)
-  local bm, bs = id_parts(b)
-  return am < bm or (am == bm and as < bs)
-end
 local function waited_by(inbox, acct)
   local last, pending = groups_of(inbox)
   if not acct then return last, pending end
@@ -84,32 +80,7 @@ local function waited_by(inbox, acct)
   end
   return l, p
 end
-local function done_ids(inbox, last, pending, ids)
-  local out = {}
-  if next(last) == nil or #ids == 0 then return out end
-  local lo, hi = ids[1], ids[1]
-  for _, id in ipairs(ids) do
-    if before(id, lo) then lo = id end
-    if before(hi, id) then hi = id end
-  end
-  local held = {}  -- group -> set of its pending ids in [lo, hi]
-  for g, n in pairs(pending) do
-    if n > 0 and last[g] then
-      local set = {}
-      for _, e in ipairs(redis.call('XPENDING', inbox, g, lo, hi, n)) do set[e[1]] = true end
-      held[g] = set
-    end
-  end
-  for _, id in ipairs(ids) do
-    local done = true
-    for g, upto in pairs(last) do
-      if not upto or before(upto, id) or (held[g] and held[g][id]) then done = false; break end
-    end
-    if done then out[#out + 1] = id end
-  end
-  return out
-end
-local function trim_head(inbox, last, pending)
+local function trim_head(inbox, last, pending)  -- how many went, and the new head's id
   local lms, lseq = nil, nil
   for g, upto in pairs(last) do
     if not upto then return 0 end  -- a listed device with no group needs them all
@@ -123,13 +94,47 @@ local function trim_head(inbox, last, pending)
     if not lms or ms < lms or (ms == lms and seq < lseq) then lms, lseq = ms, seq end
   end
   if not lms then return 0 end
-  return redis.call('XTRIM', inbox, 'MINID', string.format('%d-%d', lms, lseq))
+  return redis.call('XTRIM', inbox, 'MINID', string.format('%d-%d', lms, lseq)), lms, lseq
 end
 local function trim_acked(inbox, acct, ids)
   local last, pending = waited_by(inbox, acct)
-  local gone, n = done_ids(inbox, last, pending, ids), 0
-  if #gone > 0 then n = redis.call('XDEL', inbox, unpack(gone)) end
-  return n + trim_head(inbox, last, pending)
+  local n, hms, hseq = trim_head(inbox, last, pending)
+  if not hms then return n end  -- no group, or a listed device with none: nothing is done
+  local rest, lo, hi = {}, nil, nil  -- the ids past the head (acked out of order)
+  for _, id in ipairs(ids) do
+    local ms, seq = id_parts(id)
+    if ms > hms or (ms == hms and seq >= hseq) then
+      rest[#rest + 1] = {id, ms, seq}
+      if not lo or ms < lo[2] or (ms == lo[2] and seq < lo[3]) then lo = rest[#rest] end
+      if not hi or ms > hi[2] or (ms == hi[2] and seq > hi[3]) then hi = rest[#rest] end
+    end
+  end
+  if #rest == 0 then return n end
+  local ups, held = {}, {}  -- each group's last-delivered id; its pending ids in [lo, hi]
+  for g, upto in pairs(last) do
+    local ms, seq = id_parts(upto)
+    ups[g] = {ms, seq}
+    if pending[g] > 0 then
+      local set = {}
+      for _, e in ipairs(redis.call('XPENDING', inbox, g, lo[1], hi[1], pending[g])) do
+        set[e[1]] = true
+      end
+      held[g] = set
+    end
+  end
+  local gone = {}
+  for _, r in ipairs(rest) do
+    local done = true
+    for g, up in pairs(ups) do
+      if r[2] > up[1] or (r[2] == up[1] and r[3] > up[2]) or (held[g] and held[g][r[1]]) then
+        done = false
+        break
+      end
+    end
+    if done then gone[#gone + 1] = r[1] end
+  end
+  if #gone > 0 then n = n + redis.call('XDEL', inbox, unpack(gone)) end
+  return n
 end
 """
 )
@@ -593,11 +598,9 @@ return #gone
 )
 
 # KEYS: inbox, account. ARGV: entry ids a session acked with a plain XACK
-# (core.acks). LUA_TRIM: XDEL of those every device is done with, then XTRIM of the
-# head every device is done with (what an earlier session acked and did not trim:
-# its TRIM was lost, or its node died). Sent at the redelivery sweep after plain
-# XACKs, when the socket ends, and when core.socket.TRIM_BATCH ids wait. Returns how
-# many went.
+# (core.acks). LUA_TRIM: XTRIM of the head every device is done with (with it, what an
+# earlier session acked and did not trim), then XDEL of those ids past it every device
+# is done with. Sent by core.socket.SocketCore.trim. Returns how many went.
 TRIM = _script(
     LUA_TRIM
     + """

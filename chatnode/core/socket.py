@@ -35,6 +35,7 @@ log = logs.get(__name__)
 
 MAX_HELD_FRAMES = 64  # frames waiting on a claim or a slow operation; then reading pauses
 TRIM_BATCH = 512  # ids acked with a plain XACK that one lua.TRIM takes at most
+TRIM_AFTER_S = 2.0  # a plain XACK's entries wait this long for a trim, then the next
 
 UNAVAILABLE = "Redis is unavailable, try again"
 
@@ -67,6 +68,7 @@ class SocketCore:
         "sid",
         "solo",
         "to_trim",
+        "trim_due",
         "wire",
     )
 
@@ -91,6 +93,7 @@ class SocketCore:
         self.session = keys.session(mobile, device_key)  # this device's name on the node
         self.solo = False  # the user's only device (CLAIM says): its acks are the first
         self.to_trim: list[str] = []  # ids acked with a plain XACK since the last lua.TRIM
+        self.trim_due: float | None = None  # when they are trimmed at the latest
         self.heard = False  # the device count came since (not from CLAIM)
         self.jti = jti
         self.expires_at = expires_at  # the token's exp: the socket closes with 4003 after it
@@ -360,20 +363,26 @@ class SocketCore:
     def tick(self, now: float) -> None:
         """The redelivery sweep."""
         self.delivery.tick(now, self.wire.paused)
-        self.trim()
+        if self.trim_due is not None and now >= self.trim_due:
+            self.trim()
 
     def trimmed_later(self, ids: list[str]) -> None:
-        """Entries a plain XACK acked: they leave the inbox at the next trim; at once
-        if TRIM_BATCH ids wait, or if the socket has ended (no sweep comes for it)."""
+        """Entries a plain XACK acked leave the inbox at a trim: with a later XACK's
+        reply once the first has waited TRIM_AFTER_S (so the sockets' trims spread
+        over time), else at the redelivery sweep after that; at once if TRIM_BATCH ids
+        wait or the socket has ended."""
         self.to_trim.extend(ids)
-        if self.closed or len(self.to_trim) >= TRIM_BATCH:
+        now = self.node.clock.monotonic()
+        if self.trim_due is None:
+            self.trim_due = now + TRIM_AFTER_S
+        if self.closed or len(self.to_trim) >= TRIM_BATCH or now >= self.trim_due:
             self.trim()
 
     def trim(self) -> None:
-        """Entries acked with a plain XACK leave the inbox (lua.TRIM): at each
-        redelivery sweep, when the socket ends, and as trimmed_later says. A trim that
+        """Entries acked with a plain XACK leave the inbox (lua.TRIM). A trim that
         fails gives its ids back to the next one while the socket lasts (at most
         TRIM_BATCH wait: past that the oldest are left to a later head trim)."""
+        self.trim_due = None
         if not self.to_trim:
             return
         ids, self.to_trim = self.to_trim, []
@@ -383,6 +392,8 @@ class SocketCore:
                 log.warning("trim_failed", user=self.mobile, error=type(reply).__name__)
                 if not self.closed:
                     self.to_trim = (ids + self.to_trim)[-TRIM_BATCH:]
+                    if self.trim_due is None:
+                        self.trim_due = self.node.clock.monotonic() + TRIM_AFTER_S
 
         self.emit(
             Call((keys.inbox(self.mobile), keys.account(self.mobile)), trimmed, lua.TRIM, ids)

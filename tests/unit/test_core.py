@@ -20,7 +20,7 @@ from chatnode.core.actions import (
     StoreMessage,
     StoreReceipts,
 )
-from chatnode.core.socket import MAX_HELD_FRAMES, TRIM_BATCH, SocketCore
+from chatnode.core.socket import MAX_HELD_FRAMES, TRIM_AFTER_S, TRIM_BATCH, SocketCore
 from chatnode.errors import CloseCode, Unavailable, UnknownRecipient
 from tests.unit.corekit import (
     ME,
@@ -411,7 +411,8 @@ def delivered(core: SocketCore, model: Inbox, n: int) -> list[str]:
 
 
 def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
-    core, model = opened()
+    clock = Clock()
+    core, model = opened(clock=clock)
     ids = delivered(core, model, 2)
     core.receive(orjson.dumps({"type": "ack", "msgIds": ids}).decode())
     calls, _ = take(core)
@@ -426,15 +427,40 @@ def test_an_ack_stores_receipts_first_then_removes_the_entries() -> None:
     assert not core.ledger.out and core.ledger.acking is None
     assert written(core) == []  # an ack that goes through is not answered
     assert model.entries() == ids  # acked, in the stream until the next trim
-    core.tick(core.node.clock.monotonic())
+    core.tick(clock.monotonic())
+    assert run(core, model) == []  # not due yet
+    clock.advance(TRIM_AFTER_S)
+    core.tick(clock.monotonic())
     calls, _ = take(core)
     assert [name_of(c) for c in calls] == ["TRIM"]
     assert list(calls[0].args) == [keys.inbox(ME), keys.account(ME)]
     assert list(calls[0].argv) == ids
     feed(core, calls[0], model.answer(calls[0]))
     assert model.entries() == []
-    core.tick(core.node.clock.monotonic())
+    clock.advance(TRIM_AFTER_S)
+    core.tick(clock.monotonic())
     assert run(core, model) == []  # nothing acked since: no trim
+
+
+def test_a_trim_rides_with_an_xack_answered_once_the_first_waited() -> None:
+    """Trims go at XACK replies once due, so the sockets' trims do not all fall on the
+    node's sweep; a failed trim gives its ids back to the next."""
+    clock = Clock()
+    core, _ = opened(clock=clock)
+    core.trimmed_later(["1-0"])
+    clock.advance(TRIM_AFTER_S / 2)
+    core.trimmed_later(["2-0"])
+    assert take(core)[0] == []
+    clock.advance(TRIM_AFTER_S / 2)
+    core.trimmed_later(["3-0"])
+    calls, _ = take(core)
+    assert [name_of(c) for c in calls] == ["TRIM"] and list(calls[0].argv) == ["1-0", "2-0", "3-0"]
+    assert core.to_trim == [] and core.trim_due is None
+    feed(core, calls[0], ConnectionError("lost"))
+    assert core.to_trim == ["1-0", "2-0", "3-0"] and core.trim_due is not None
+    clock.advance(TRIM_AFTER_S)
+    core.tick(clock.monotonic())
+    assert [list(c.argv) for c in take(core)[0]] == [["1-0", "2-0", "3-0"]]
 
 
 def test_a_trim_goes_at_once_when_trim_batch_ids_wait() -> None:
