@@ -60,8 +60,7 @@ def _script(source: str, waits: bool = True) -> Script:
 # every group the stream has: as lua.ACK_DEVICE. It reads them in the same script that
 # deletes, so a device linked at any moment keeps what it has not read. lua.TRIM runs
 # it on the ids a session acked with a plain XACK; a store whose inbox is full runs
-# it on the first FULL_SCAN entries before refusing (_when_full).
-FULL_SCAN = 256
+# its trim_head before refusing (_when_full).
 LUA_TRIM = (
     keys.LUA_DELIVERED
     + keys.LUA_DEVICES
@@ -142,17 +141,14 @@ end
 
 def _when_full(inbox: str, acct: str, limit: str, refuse: str) -> str:
     """Lua statements: `refuse` (a return) if the inbox `inbox` holds `limit` entries or
-    more once what every device is done with has gone (LUA_TRIM over its first
-    FULL_SCAN entries and its head, run only when the length alone reaches the limit;
-    `acct` is the account value). Lua expressions."""
+    more once the head every device is done with has gone (LUA_TRIM's trim_head, run
+    only when the length alone reaches the limit; `acct` is the account value). Lua
+    expressions. Only the head: a refused store costs a few commands more than an
+    XLEN, not a scan of the inbox."""
     return f"""
 if redis.call('XLEN', {inbox}) >= tonumber({limit}) then
 {LUA_TRIM}
-  local scan = {{}}
-  for _, e in ipairs(redis.call('XRANGE', {inbox}, '-', '+', 'COUNT', {FULL_SCAN})) do
-    scan[#scan + 1] = e[1]
-  end
-  trim_acked({inbox}, {acct}, scan)
+  trim_head({inbox}, waited_by({inbox}, {acct}))
   if redis.call('XLEN', {inbox}) >= tonumber({limit}) then {refuse} end
 end
 """
