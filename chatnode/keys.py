@@ -203,8 +203,17 @@ def parse_route(value: str | None) -> tuple[str, str] | None:
 
 
 # Lua for scripts that read an inbox's group: the id of the last entry its consumer
-# read (an entry after it was never delivered), or nil when the group is missing.
+# read (an entry after it was never delivered), or nil when the group is missing; and
+# id_cmp, comparing two stream ids (-1, 0, 1).
 LUA_DELIVERED = f"""
+local function id_cmp(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  if am ~= bm then if am < bm then return -1 end return 1 end
+  if as ~= bs then if as < bs then return -1 end return 1 end
+  return 0
+end
 -- name -> last-delivered id of every group of the inbox; and name -> how many entries
 -- are pending in it
 local function groups_of(inbox)

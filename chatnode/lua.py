@@ -65,10 +65,6 @@ LUA_TRIM = (
     keys.LUA_DELIVERED
     + keys.LUA_DEVICES
     + """
-local function id_parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
 local function waited_by(inbox, acct)
   local last, pending = groups_of(inbox)
   if not acct then return last, pending end
@@ -80,57 +76,53 @@ local function waited_by(inbox, acct)
   return l, p
 end
 local function trim_head(inbox, last, pending)  -- how many went, and the new head's id
-  local lms, lseq = nil, nil
+  local head = nil
   for g, upto in pairs(last) do
     if not upto then return 0 end  -- a listed device with no group needs them all
-    local ms, seq
+    local need
     if pending[g] > 0 then  -- its first pending entry
-      ms, seq = id_parts(redis.call('XPENDING', inbox, g)[2])
+      need = redis.call('XPENDING', inbox, g)[2]
     else  -- the entry after its last-delivered one
-      ms, seq = id_parts(upto)
-      seq = seq + 1
+      local ms, seq = string.match(upto, '^(%d+)-(%d+)$')
+      need = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
     end
-    if not lms or ms < lms or (ms == lms and seq < lseq) then lms, lseq = ms, seq end
+    if not head or id_cmp(need, head) < 0 then head = need end
   end
-  if not lms then return 0 end
-  return redis.call('XTRIM', inbox, 'MINID', string.format('%d-%d', lms, lseq)), lms, lseq
+  if not head then return 0 end
+  return redis.call('XTRIM', inbox, 'MINID', head), head
 end
 local function trim_acked(inbox, acct, ids)
   local last, pending = waited_by(inbox, acct)
-  local n, hms, hseq = trim_head(inbox, last, pending)
-  if not hms then return n end  -- no group, or a listed device with none: nothing is done
+  local n, head = trim_head(inbox, last, pending)
+  if not head then return n end  -- no group, or a listed device with none: nothing is done
   local rest, lo, hi = {}, nil, nil  -- the ids past the head (acked out of order)
   for _, id in ipairs(ids) do
-    local ms, seq = id_parts(id)
-    if ms > hms or (ms == hms and seq >= hseq) then
-      rest[#rest + 1] = {id, ms, seq}
-      if not lo or ms < lo[2] or (ms == lo[2] and seq < lo[3]) then lo = rest[#rest] end
-      if not hi or ms > hi[2] or (ms == hi[2] and seq > hi[3]) then hi = rest[#rest] end
+    if id_cmp(id, head) >= 0 then
+      rest[#rest + 1] = id
+      if not lo or id_cmp(id, lo) < 0 then lo = id end
+      if not hi or id_cmp(id, hi) > 0 then hi = id end
     end
   end
   if #rest == 0 then return n end
-  local ups, held = {}, {}  -- each group's last-delivered id; its pending ids in [lo, hi]
-  for g, upto in pairs(last) do
-    local ms, seq = id_parts(upto)
-    ups[g] = {ms, seq}
-    if pending[g] > 0 then
-      local set = {}
-      for _, e in ipairs(redis.call('XPENDING', inbox, g, lo[1], hi[1], pending[g])) do
-        set[e[1]] = true
+  local held = {}  -- each group's pending ids in [lo, hi]
+  for g, count in pairs(pending) do
+    if count > 0 then
+      held[g] = {}
+      for _, e in ipairs(redis.call('XPENDING', inbox, g, lo, hi, count)) do
+        held[g][e[1]] = true
       end
-      held[g] = set
     end
   end
   local gone = {}
-  for _, r in ipairs(rest) do
+  for _, id in ipairs(rest) do
     local done = true
-    for g, up in pairs(ups) do
-      if r[2] > up[1] or (r[2] == up[1] and r[3] > up[2]) or (held[g] and held[g][r[1]]) then
+    for g, upto in pairs(last) do
+      if id_cmp(id, upto) > 0 or (held[g] and held[g][id]) then
         done = false
         break
       end
     end
-    if done then gone[#gone + 1] = r[1] end
+    if done then gone[#gone + 1] = id end
   end
   if #gone > 0 then n = n + redis.call('XDEL', inbox, unpack(gone)) end
   return n
@@ -265,11 +257,7 @@ local group = ARGV[2]
 local upto = nil  -- the group's last-delivered id (false: no group), read once if needed
 local function delivered(id)  -- to the group: pending in it, or acked by it
   if upto == nil then upto = delivered_upto(KEYS[1], group) or false end
-  if not upto then return false end
-  local am, as = string.match(id, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(upto, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as <= bs)
+  return upto and id_cmp(id, upto) <= 0
 end
 for i = 3, #KEYS do
   local v = redis.call('GET', KEYS[i])
@@ -515,20 +503,13 @@ def typing_call(sender: str, to: str, state: str) -> tuple[list[str], list[Any]]
 
 # -- devices: which groups an entry waits for (docs/ARCHITECTURE.md, "Devices")
 
-# Lua comparing stream ids, and whether a group is done with an entry: it was delivered
-# to the group (at or before its last-delivered id) and is no longer pending in it.
+# Lua (after keys.LUA_DELIVERED) telling whether a group is done with an entry: it was
+# delivered to the group (at or before its last-delivered id) and is no longer pending
+# in it.
 LUA_ACKED = """
-local function cmp(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  if am ~= bm then if am < bm then return -1 end return 1 end
-  if as ~= bs then if as < bs then return -1 end return 1 end
-  return 0
-end
 local function done_with(inbox, last, pending, group, id)
   local upto = last[group]
-  if not upto or cmp(id, upto) > 0 then return false end
+  if not upto or id_cmp(id, upto) > 0 then return false end
   if pending[group] == 0 then return true end  -- nothing pending: no XPENDING to ask
   return redis.call('XPENDING', inbox, group, id, id, 1)[1] == nil
 end
